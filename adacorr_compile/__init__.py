@@ -1,0 +1,12 @@
+"""adacorr_compile: a torch.compile backend that caches Diffusion Transformer blocks.
+
+``torch.compile(model, backend="adacorr")`` rewrites each Transformer block into a
+cache-guarded region implementing AdaCorrection (arXiv 2602.13357).
+"""
+
+from .api import generation, regions, reset, stats
+from .backend import adacorr_backend
+from .config import AdaCorrConfig
+
+__all__ = ["AdaCorrConfig", "adacorr_backend", "generation", "regions", "reset", "stats"]
+__version__ = "0.1.0"

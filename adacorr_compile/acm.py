@@ -1,0 +1,44 @@
+"""Adaptive Correction Module: the paper's weight and blend as pure tensor functions.
+
+Paper (arXiv 2602.13357, Eq. 6-7 and Proposition 1):
+
+* ``lambda = clip(gamma * S, 0, 1)``
+* ``h_hat = (1 - lambda) * h_cached + lambda * h_fresh``
+* ``|| h - h_hat || <= (1 - lambda) * L * tau * S`` for an L-Lipschitz block reused with lag tau.
+
+``lambda`` may be a scalar (one decision for the batch) or a ``[B]`` vector (one
+per sample); it broadcasts over the remaining dimensions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def correction_weight(score: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """``lambda = clip(gamma * S, 0, 1)``; NaN scores map to 1 (recompute)."""
+    lam = (gamma * score).clamp(0.0, 1.0)
+    return torch.nan_to_num(lam, nan=1.0)
+
+
+def _per_batch(lam: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if lam.dim() == 0:
+        return lam.to(like.dtype)
+    return lam.to(like.dtype).reshape(lam.shape[0], *([1] * (like.dim() - 1)))
+
+
+def blend(cached: torch.Tensor, fresh: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """``(1 - lambda) * cached + lambda * fresh``."""
+    w = _per_batch(lam, fresh)
+    return cached + w * (fresh - cached)
+
+
+def corrected_cache(h: torch.Tensor, cached_residual: torch.Tensor) -> torch.Tensor:
+    """The offset-corrected cache: the current input plus the block's residual at its
+    last fresh compute, i.e. the cached output shifted by the input's offset."""
+    return h + cached_residual
+
+
+def error_bound(lam: torch.Tensor, lipschitz: float, lag: float, score: torch.Tensor) -> torch.Tensor:
+    """Proposition 1's bound ``(1 - lambda) * L * tau * S``."""
+    return (1.0 - lam) * lipschitz * lag * score

@@ -1,0 +1,182 @@
+"""AdaCorrConfig: every knob of the adacorr backend, defined once, validated.
+
+The method is AdaCorrection (Liu, Yu, Lengerich, Wu, arXiv 2602.13357): an
+Offset Estimation Module (OEM) scores how far a Transformer block's input moved
+since the last denoising step, an Adaptive Correction Module (ACM) turns the
+score into a weight ``lambda = clip(gamma * S, 0, 1)``, and the guarded region
+either reuses its offset-corrected cache or recomputes the block.
+
+Build a config from ``torch.compile(..., options={...})`` with
+:meth:`AdaCorrConfig.from_options`; an unknown key or a bad value raises a
+``ValueError`` that names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+SCORES = ("relative", "paper")
+POLICIES = ("adacorr", "interval", "first_block", "never")
+LOWERINGS = ("inductor", "eager", "tensorrt")
+DRIFT_REFERENCES = ("previous", "cached")
+DECISIONS = ("batch", "sample")
+INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass(frozen=True)
+class AdaCorrConfig:
+    """Options of the ``adacorr`` backend (``torch.compile(..., options=...)``).
+
+    Method (paper, section "OEM" and "ACM"):
+
+    gamma: ACM sensitivity; ``lambda = clip(gamma * S, 0, 1)``. Paper default 1.0.
+    spatial_weight: weight of the spatial-variation term in the offset score
+        (the paper's lambda in ``S = D_temp^2 + lambda * D_spat``). Paper default 1.0.
+    score: ``"paper"`` is the paper's score exactly; ``"relative"`` is its
+        scale-free variant (see :func:`adacorr_compile.oem.relative_offset_score`):
+        temporal drift relative to the token norm, spatial term gated by the drift,
+        so that an unchanged input scores 0 and scaling the hidden states changes
+        nothing.
+    drift_reference: the OEM compares the block input with the input of the
+        ``"previous"`` step (paper) or with the input at the block's last fresh
+        compute (``"cached"``: the drift the reused cache actually carries).
+
+    Decision:
+
+    policy: what decides reuse. ``"adacorr"``: reuse when lambda <=
+        ``reuse_threshold``. ``"interval"``: recompute every ``interval`` steps (FORA).
+        ``"first_block"``: the first region always computes; the others reuse when the
+        relative change of its residual is below ``first_block_threshold`` (FBCache).
+        ``"never"``: never reuse (the compiled model equals plain compilation).
+    correction: apply AdaCorrection on top of the policy. True: reuse returns the
+        offset-corrected cache ``input + cached residual`` and, for ``interval`` and
+        ``first_block``, a reuse is vetoed when lambda > ``reuse_threshold``.
+        False: the policy alone with its own reuse rule (``interval`` and ``adacorr``
+        return the cached block output as it was; ``first_block`` adds the cached
+        residual, as FBCache does).
+    reuse_threshold: lambda at or below which a region may reuse.
+    blend: on a compute step, return ``(1 - lambda) * corrected_cache + lambda * fresh``
+        (the paper's ACM blend) instead of the fresh output alone.
+    interval: recompute period of the ``interval`` policy (steps).
+    first_block_threshold: relative residual change threshold of ``first_block``.
+    warmup_steps: the first steps of a generation always compute.
+    max_consecutive_reuses: a region recomputes after this many reuses in a row.
+    final_steps: the last steps of a generation always compute (needs the step
+        count: ``generation(model, num_steps=N)``, ``reset(model, num_steps=N)``, or
+        the length of the previous generation).
+    decision: ``"batch"``: one decision per region for the whole batch (a
+        classifier-free-guidance pair shares it); ``"sample"``: one per sample, as a
+        mask over the batch (the block still runs on the whole batch when any sample
+        needs it).
+
+    Lowering:
+
+    lowering: ``"inductor"`` (default), ``"eager"`` (block bodies run as FX graphs,
+        useful for debugging and for counting executions) or ``"tensorrt"``
+        (torch-tensorrt for block bodies, Inductor for the rest; needs torch-tensorrt).
+    inductor_mode: Inductor mode for the compiled parts.
+    timestep_arg: name of the model's forward argument that carries the timestep;
+        when the timestep goes up between calls, a new generation starts.
+    min_blocks: fewer repeated blocks than this and the model compiles unguarded.
+    dump_graphs: log the FX graph before and after each pass (also the environment
+        variable ``ADACORR_DUMP_GRAPHS=1``).
+    """
+
+    gamma: float = 1.0
+    spatial_weight: float = 1.0
+    score: str = "relative"
+    drift_reference: str = "cached"
+    policy: str = "adacorr"
+    correction: bool = True
+    reuse_threshold: float = 0.05
+    blend: bool = False
+    interval: int = 3
+    first_block_threshold: float = 0.08
+    warmup_steps: int = 2
+    max_consecutive_reuses: int = 3
+    final_steps: int = 1
+    decision: str = "batch"
+    lowering: str = "inductor"
+    inductor_mode: str = "default"
+    timestep_arg: str = "timestep"
+    min_blocks: int = 2
+    dump_graphs: bool = field(default_factory=lambda: os.environ.get("ADACORR_DUMP_GRAPHS", "") not in ("", "0"))
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            _check_field(f.name, getattr(self, f.name))
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | "AdaCorrConfig" | None = None) -> "AdaCorrConfig":
+        """Build a config from ``torch.compile`` options; unknown keys raise ``ValueError``."""
+        if options is None:
+            return cls()
+        if isinstance(options, AdaCorrConfig):
+            return options
+        if not isinstance(options, Mapping):
+            raise ValueError(f"adacorr options must be a dict, got {type(options).__name__}")
+        known = {f.name for f in fields(cls)}
+        for key in options:
+            if key not in known:
+                raise ValueError(
+                    f"unknown adacorr option {key!r} (value {options[key]!r}); allowed options: {', '.join(sorted(known))}"
+                )
+        return cls(**dict(options))
+
+    def replace(self, **changes: Any) -> "AdaCorrConfig":
+        """A copy with some fields changed (validated)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def describe(cls) -> list[tuple[str, str, str]]:
+        """(name, default, allowed) rows for documentation and the CLI."""
+        rows = []
+        defaults = cls()
+        for f in fields(cls):
+            rows.append((f.name, repr(getattr(defaults, f.name)), _ALLOWED[f.name][1]))
+        return rows
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# name -> (predicate, description of what is allowed)
+_ALLOWED: dict[str, tuple[Any, str]] = {
+    "gamma": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "spatial_weight": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "score": (lambda v: v in SCORES, " | ".join(SCORES)),
+    "drift_reference": (lambda v: v in DRIFT_REFERENCES, " | ".join(DRIFT_REFERENCES)),
+    "policy": (lambda v: v in POLICIES, " | ".join(POLICIES)),
+    "correction": (lambda v: isinstance(v, bool), "True | False"),
+    "reuse_threshold": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "blend": (lambda v: isinstance(v, bool), "True | False"),
+    "interval": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    "first_block_threshold": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "warmup_steps": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+    "max_consecutive_reuses": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+    "final_steps": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+    "decision": (lambda v: v in DECISIONS, " | ".join(DECISIONS)),
+    "lowering": (lambda v: v in LOWERINGS, " | ".join(LOWERINGS)),
+    "inductor_mode": (lambda v: v in INDUCTOR_MODES, " | ".join(INDUCTOR_MODES)),
+    "timestep_arg": (lambda v: isinstance(v, str) and v.isidentifier(), "a Python identifier (the forward argument name)"),
+    "min_blocks": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    "dump_graphs": (lambda v: isinstance(v, bool), "True | False"),
+}
+
+
+def _check_field(name: str, value: Any) -> None:
+    ok, allowed = _ALLOWED[name]
+    try:
+        good = bool(ok(value))
+    except TypeError:
+        good = False
+    if not good:
+        raise ValueError(f"adacorr option {name!r} got {value!r} ({type(value).__name__}); expected {allowed}")

@@ -1,0 +1,1 @@
+"""Runtime of compiled models: per-model state, guarded regions, graph runners."""

@@ -1,0 +1,197 @@
+"""GuardedRegion: one Transformer block behind AdaCorrection's cache guard.
+
+Per call (one denoising step), with ``h`` the block's observed stream inputs:
+
+1. OEM: the offset score ``S`` of ``h`` against the reference input (the previous
+   step's, or the one at the last fresh compute), ACM: ``lambda = clip(gamma*S, 0, 1)``.
+2. Decision (:func:`adacorr_compile.policies.decide`, one host read): reuse or compute.
+3. Reuse: ``output = h + cached residual`` (offset-corrected cache), the block does
+   not run. Compute: ``y = Block(h)``, optionally blended with the corrected cache by
+   lambda, and the cache is refreshed with the fresh residual.
+
+Outside a graph runtime (shape propagation at compile time) the region is just its body.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .. import acm, oem
+from ..config import AdaCorrConfig
+from ..policies import Guards, decide, needs_lambda, read_to_host, relative_change
+from .state import GenerationState
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    path: str  # module path of the block, e.g. "transformer_blocks.3"
+    order: int  # position among the graph's regions
+    stream_pairs: tuple[tuple[int, int], ...]  # (input position, output position)
+    observed: tuple[int, ...]  # input positions the OEM watches
+    num_outputs: int
+    key: str  # structural key; equal keys share one compiled body
+
+
+@dataclass(frozen=True)
+class Active:
+    """What a region needs from the graph runtime during one step."""
+
+    state: GenerationState
+    graph_id: int
+    step: int
+
+
+ACTIVE: contextvars.ContextVar[Active | None] = contextvars.ContextVar("adacorr_active_step", default=None)
+
+
+class GuardedRegion(torch.nn.Module):
+    """A cache-guarded block (see module docstring)."""
+
+    def __init__(self, spec: RegionSpec, body: torch.fx.GraphModule, config: AdaCorrConfig) -> None:
+        super().__init__()
+        self.spec = spec
+        self.body = body  # the outlined FX graph (eager)
+        self.body_fn: Callable[..., Sequence[torch.Tensor]] = body  # replaced by the lowered body
+        self.config = config
+        self.executions = 0  # times the body actually ran through this region
+
+    def extra_repr(self) -> str:
+        return f"path={self.spec.path!r}, streams={list(self.spec.stream_pairs)}, key={self.spec.key}"
+
+    def forward(self, *args: Any) -> tuple[torch.Tensor, ...]:
+        active = ACTIVE.get()
+        if active is None:
+            return tuple(self.body_fn(*args))
+        return _guarded_call(self, args, active)
+
+
+def _per_sample(mask: list[bool], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(mask, device=like.device).reshape(len(mask), *([1] * (like.dim() - 1)))
+
+
+def _guarded_call(region: GuardedRegion, args: Sequence[Any], active: Active) -> tuple[torch.Tensor, ...]:
+    cfg, spec, state = region.config, region.spec, active.state
+    cache = state.cache(spec.path)
+    stats = state.region_stats(spec.path)
+    observed = [args[i] for i in spec.observed]
+    signature = tuple((tuple(t.shape), t.dtype, t.device) for t in observed)
+    if cache.signature != signature:
+        cache.clear()
+        cache.signature = signature
+    has_cache = cache.ref_in is not None
+    per_sample = cfg.decision == "sample"
+
+    lam = score = None
+    if has_cache:
+        reference = cache.prev_in if cfg.drift_reference == "previous" else cache.ref_in
+        score = oem.score(cfg.score, observed, reference, cfg.spatial_weight, per_sample)
+        lam = acm.correction_weight(score, cfg.gamma)
+
+    fb = state.first_block.setdefault(active.graph_id, {"similar": None, "ref": None})
+    guards = Guards(
+        step=active.step,
+        num_steps=state.expected_steps(),
+        consecutive_reuses=cache.consecutive,
+        has_cache=has_cache,
+        is_first_region=spec.order == 0,
+    )
+    verdict: list[bool] | str
+    forced = guards.forced(cfg)
+    if forced is not None:
+        verdict = forced
+    else:
+        wants_lam = needs_lambda(cfg)
+        host = read_to_host(([lam] if wants_lam else []) + [cache.valid])
+        if host[-1] < 0.5:
+            stats.nonfinite += 1
+            verdict = "non-finite cache"
+        else:
+            verdict = decide(cfg, guards, host[:-1] if wants_lam else None, fb["similar"])
+
+    batch = observed[0].shape[0] if observed else 1
+    mask = None if isinstance(verdict, str) else (verdict * batch if len(verdict) == 1 else verdict)
+
+    def reuse_values() -> list[torch.Tensor]:
+        if cfg.correction or cfg.policy == "first_block":
+            return [acm.corrected_cache(args[i], r) for (i, _), r in zip(spec.stream_pairs, cache.ref_res)]
+        return list(cache.ref_out)
+
+    if mask is not None and all(mask):
+        outs = _order_outputs(spec, reuse_values())
+        stats.reuses += 1
+        cache.consecutive += 1
+        stats.record(active.step, lam, score, 1.0)
+        if cfg.drift_reference == "previous":
+            cache.prev_in = observed
+        return tuple(outs)
+
+    region.executions += 1
+    fresh = list(region.body_fn(*args))
+    by_pair = [fresh[j] for _, j in spec.stream_pairs]
+    outs_paired = by_pair
+    if has_cache and (cfg.blend or (mask is not None and any(mask))):
+        cached = reuse_values()
+        if cfg.blend and lam is not None:
+            outs_paired = [acm.blend(c, f, lam) for c, f in zip(cached, by_pair)]
+        if mask is not None and any(mask):
+            m = _per_sample(mask, by_pair[0])
+            outs_paired = [torch.where(m, c, o) for c, o in zip(cached, outs_paired)]
+            stats.partial += 1
+    _refresh(cfg, spec, cache, args, observed, by_pair, mask if has_cache else None)
+    if cfg.policy == "first_block" and spec.order == 0:
+        _first_block_update(cfg, fb, cache.ref_res[0])
+    stats.computes += 1
+    cache.consecutive = 0
+    reused = 0.0 if mask is None else sum(mask) / len(mask)
+    stats.record(active.step, lam, score, reused)
+    return tuple(_order_outputs(spec, outs_paired))
+
+
+def _order_outputs(spec: RegionSpec, by_pair: list[torch.Tensor]) -> list[torch.Tensor]:
+    outs: list[Any] = [None] * spec.num_outputs
+    for (_, j), v in zip(spec.stream_pairs, by_pair):
+        outs[j] = v
+    return outs
+
+
+def _refresh(
+    cfg: AdaCorrConfig,
+    spec: RegionSpec,
+    cache: Any,
+    args: Sequence[Any],
+    observed: list[torch.Tensor],
+    fresh: list[torch.Tensor],
+    keep_mask: list[bool] | None,
+) -> None:
+    """Store the fresh residuals (or outputs) and inputs; samples in ``keep_mask`` keep theirs."""
+    residuals = [f - args[i] for (i, _), f in zip(spec.stream_pairs, fresh)]
+    outputs = list(fresh) if not (cfg.correction or cfg.policy == "first_block") else None
+    new_in = list(observed)
+    if keep_mask is not None and any(keep_mask):
+        def keep(old: list[torch.Tensor], new: list[torch.Tensor]) -> list[torch.Tensor]:
+            return [torch.where(_per_sample(keep_mask, n), o, n) for o, n in zip(old, new)]
+
+        residuals = keep(cache.ref_res, residuals)
+        outputs = keep(cache.ref_out, outputs) if outputs is not None else None
+        new_in = keep(cache.ref_in, new_in)
+    cache.ref_res = residuals
+    cache.ref_out = outputs
+    cache.ref_in = new_in
+    cache.prev_in = list(observed)
+    cache.valid = torch.stack([torch.isfinite(r).all() for r in residuals]).all()
+
+
+def _first_block_update(cfg: AdaCorrConfig, fb: dict, residual: torch.Tensor) -> None:
+    """FBCache: compare the first block's residual with the one at the last full step."""
+    ref = fb["ref"]
+    if ref is None or ref.shape != residual.shape:
+        fb["similar"] = False
+    else:
+        change = read_to_host([relative_change(residual, ref)])[0]
+        fb["similar"] = change < cfg.first_block_threshold
+    if not fb["similar"]:
+        fb["ref"] = residual

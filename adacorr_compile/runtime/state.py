@@ -1,0 +1,187 @@
+"""Runtime state, apart from config: cache tensors, step counters and statistics.
+
+One :class:`ModelState` per ``torch.compile`` call (two compiled models never
+share state). It holds a default :class:`GenerationState` and, per
+:func:`adacorr_compile.generation` context, a private one: the active state is
+looked up through a ``contextvars.ContextVar``, so two threads (or asyncio tasks)
+sampling with one compiled model in their own ``generation()`` contexts never see
+each other's cache. Caches are keyed by the block's module path, so they survive
+a recompilation (new graph, same blocks) and are shared by graph pieces of one
+model split by graph breaks.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..config import AdaCorrConfig
+
+logger = logging.getLogger("adacorr_compile")
+
+
+@dataclass
+class RegionCache:
+    """Cache of one guarded region for the current generation."""
+
+    prev_in: list[torch.Tensor] | None = None  # observed inputs at the previous call
+    ref_in: list[torch.Tensor] | None = None  # observed inputs at the last fresh compute
+    ref_res: list[torch.Tensor] | None = None  # per output: output - stream input, at the last compute
+    ref_out: list[torch.Tensor] | None = None  # per output: the output itself (correction=False)
+    valid: torch.Tensor | None = None  # 0-d bool tensor: the last compute was finite
+    consecutive: int = 0
+    signature: tuple | None = None
+
+    def clear(self) -> None:
+        self.prev_in = self.ref_in = self.ref_res = self.ref_out = self.valid = None
+        self.consecutive = 0
+        self.signature = None
+
+
+@dataclass
+class RegionStats:
+    """Counters of one region since the last reset, and its trace in the current generation."""
+
+    path: str
+    calls: int = 0
+    reuses: int = 0
+    computes: int = 0
+    partial: int = 0  # per-sample decisions: calls where some samples reused
+    nonfinite: int = 0  # computes forced or cache refreshes refused because of NaN/inf
+    lam_trace: list[torch.Tensor] = field(default_factory=list)  # per call (scalar or [B])
+    score_trace: list[torch.Tensor] = field(default_factory=list)
+    reuse_trace: list[float] = field(default_factory=list)  # fraction of samples reused per call
+    step_trace: list[int] = field(default_factory=list)
+    all_lams: list[torch.Tensor] = field(default_factory=list)  # since reset, for the mean
+    all_scores: list[torch.Tensor] = field(default_factory=list)
+
+    def record(self, step: int, lam: torch.Tensor | None, score: torch.Tensor | None, reused: float) -> None:
+        self.calls += 1
+        self.step_trace.append(step)
+        self.reuse_trace.append(reused)
+        if lam is not None and score is not None:
+            self.lam_trace.append(lam.detach())
+            self.score_trace.append(score.detach())
+            self.all_lams.append(lam.detach().float().mean())
+            self.all_scores.append(score.detach().float().mean())
+        else:
+            nan = torch.tensor(float("nan"))
+            self.lam_trace.append(nan)
+            self.score_trace.append(nan)
+
+    def new_generation(self) -> None:
+        self.lam_trace.clear()
+        self.score_trace.clear()
+        self.reuse_trace.clear()
+        self.step_trace.clear()
+
+    def summary(self) -> dict[str, Any]:
+        def last(trace: list[torch.Tensor]) -> float | None:
+            for v in reversed(trace):
+                x = float(v.float().mean())
+                if x == x:
+                    return x
+            return None
+
+        def mean(vals: list[torch.Tensor]) -> float | None:
+            return float(torch.stack([v.cpu() for v in vals]).mean()) if vals else None
+
+        return {
+            "path": self.path,
+            "calls": self.calls,
+            "reuses": self.reuses,
+            "computes": self.computes,
+            "partial": self.partial,
+            "nonfinite": self.nonfinite,
+            "last_lambda": last(self.lam_trace),
+            "mean_lambda": mean(self.all_lams),
+            "last_score": last(self.score_trace),
+            "mean_score": mean(self.all_scores),
+            "lambda_trace": [float(v.float().mean()) for v in self.lam_trace],
+            "score_trace": [float(v.float().mean()) for v in self.score_trace],
+            "reuse_trace": list(self.reuse_trace),
+        }
+
+
+class GenerationState:
+    """Everything that changes while sampling; one per generation context."""
+
+    def __init__(self, num_steps: int | None = None) -> None:
+        self.num_steps = num_steps  # told by the user
+        self.learned_steps: int | None = None  # length of the previous generation
+        self.steps: dict[int, int] = {}  # graph id -> calls in this generation
+        self.last_t: dict[int, float] = {}
+        self.signature: dict[int, tuple] = {}
+        self.caches: dict[str, RegionCache] = {}
+        self.stats: dict[str, RegionStats] = {}
+        self.first_block: dict[int, dict[str, Any]] = {}  # graph id -> FBCache state
+        self.generations = 0
+        self.lock = threading.RLock()
+
+    def cache(self, path: str) -> RegionCache:
+        c = self.caches.get(path)
+        if c is None:
+            c = self.caches[path] = RegionCache()
+        return c
+
+    def region_stats(self, path: str) -> RegionStats:
+        s = self.stats.get(path)
+        if s is None:
+            s = self.stats[path] = RegionStats(path)
+        return s
+
+    def expected_steps(self) -> int | None:
+        return self.num_steps if self.num_steps is not None else self.learned_steps
+
+    def new_generation(self, reason: str) -> None:
+        """Drop caches and counters of the generation; keep cumulative stats."""
+        done = max(self.steps.values(), default=0)
+        if done:
+            self.learned_steps = done
+            self.generations += 1
+        logger.debug("adacorr: new generation (%s) after %d steps", reason, done)
+        for c in self.caches.values():
+            c.clear()
+        for s in self.stats.values():
+            s.new_generation()
+        self.steps.clear()
+        self.last_t.clear()
+        self.signature.clear()
+        self.first_block.clear()
+
+    def reset(self, num_steps: int | None = None) -> None:
+        """Start afresh: caches, counters and statistics."""
+        self.new_generation("reset")
+        self.stats.clear()
+        self.learned_steps = None
+        self.generations = 0
+        self.num_steps = num_steps
+
+
+class ModelState:
+    """State of one compiled model: its config, graph runtimes and generation states."""
+
+    def __init__(self, config: AdaCorrConfig) -> None:
+        self.config = config
+        self.default = GenerationState()
+        self.active: contextvars.ContextVar[GenerationState | None] = contextvars.ContextVar(
+            f"adacorr_generation_{id(self)}", default=None
+        )
+        self.graphs: list[Any] = []  # GraphRuntime objects, in compile order
+        self.fallbacks: list[str] = []  # reasons of graphs compiled without regions
+
+    def current(self) -> GenerationState:
+        state = self.active.get()
+        return self.default if state is None else state
+
+    def regions(self) -> list[Any]:
+        seen: dict[str, Any] = {}
+        for g in self.graphs:
+            for r in g.regions:
+                seen.setdefault(r.spec.path, r)
+        return list(seen.values())

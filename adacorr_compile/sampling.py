@@ -1,0 +1,239 @@
+"""Standard sampling loops for the reference models (demo, benchmark, tests).
+
+Both samplers work with any callable model: an eager module, a
+``torch.compile``'d module, or a wrapper. Conventions the caching backend relies
+on:
+
+* exactly one model call per denoising step; classifier-free guidance is one
+  batched call on ``cat([x, x])`` with labels ``cat([y, null])``;
+* the timestep handed to the model strictly decreases within a generation (a
+  timestep that goes back up marks a new generation).
+
+DiT call: ``model(x_in, timestep=t_batch, class_labels=labels)`` returning an
+object with ``.sample`` (a ``Transformer2DModelOutput``), a tuple, or a tensor.
+Flux call: ``wrapper(x_in, timestep=t_batch, class_labels=labels)`` returning a
+tensor (the velocity), see :class:`adacorr_compile.reference.models.ClassConditionedFlux`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+logger = logging.getLogger("adacorr_compile.reference")
+
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+def _as_labels(class_labels: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+    if labels.numel() == 0:
+        raise ValueError("class_labels is empty")
+    return labels.to(device)
+
+
+def _model_device_dtype(model: Any) -> tuple[torch.device, torch.dtype]:
+    params = getattr(model, "parameters", None)
+    if callable(params):
+        for p in params():
+            return p.device, p.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def _output_tensor(out: Any) -> torch.Tensor:
+    if hasattr(out, "sample"):
+        return out.sample
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out
+
+
+def _dit_geometry(model: Any) -> tuple[int, int, int]:
+    """(null_class, channels, size) of a DiT or of what it wraps."""
+    from adacorr_compile.reference.models import NUM_CLASSES, _find_config
+
+    cfg = _find_config(model) or {}
+    null = int(cfg["num_embeds_ada_norm"]) - 1 if "num_embeds_ada_norm" in cfg else NUM_CLASSES
+    return null, int(cfg.get("in_channels", 3)), int(cfg.get("sample_size", 32))
+
+
+def _find_attr(model: Any, name: str, default: Any) -> Any:
+    """``model.<name>``, looking through ``torch.compile``'s ``_orig_mod`` wrapper."""
+    obj = model
+    for _ in range(4):
+        if obj is None:
+            break
+        val = getattr(obj, name, None)
+        if val is not None:
+            return val
+        obj = getattr(obj, "_orig_mod", None)
+    return default
+
+
+def make_dit_scheduler(scheduler: str = "ddim"):
+    """A fresh diffusers scheduler matching the DiT's training noise schedule."""
+    from diffusers import DDIMScheduler
+
+    from adacorr_compile.reference.models import DIT_SCHEDULER_CONFIG
+
+    if scheduler != "ddim":
+        raise ValueError(f"unknown scheduler {scheduler!r}; supported: 'ddim'")
+    return DDIMScheduler(**DIT_SCHEDULER_CONFIG)
+
+
+def _progress(iterable, enabled: bool, desc: str):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False)
+
+
+@torch.no_grad()
+def sample_dit(
+    model: Any,
+    class_labels: Sequence[int] | torch.Tensor,
+    num_steps: int = 50,
+    guidance_scale: float = 4.0,
+    seed: int = 0,
+    scheduler: str = "ddim",
+    progress: bool = False,
+    callback: StepCallback | None = None,
+    *,
+    null_class: int | None = None,
+    image_size: int | None = None,
+    channels: int | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """DDIM (eta=0) sampling of a class-conditional DiT with batched CFG.
+
+    Returns images [B, C, H, W] in [-1, 1] (float32, CPU-independent of the
+    model's device: same device as the model). ``callback(step_index, t, x)``
+    is called after each step with the updated sample. Geometry and the null
+    class are read from the model's diffusers config when not given.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    null_default, c_default, s_default = _dit_geometry(model)
+    null_class = null_default if null_class is None else int(null_class)
+    channels = c_default if channels is None else int(channels)
+    image_size = s_default if image_size is None else int(image_size)
+    p_device, p_dtype = _model_device_dtype(model)
+    device = torch.device(device) if device is not None else p_device
+    dtype = dtype or p_dtype
+
+    labels = _as_labels(class_labels, device)
+    b = labels.shape[0]
+    labels_in = torch.cat([labels, torch.full_like(labels, null_class)])
+
+    sched = make_dit_scheduler(scheduler)
+    sched.set_timesteps(num_steps, device=device)
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    x = torch.randn((b, channels, image_size, image_size), generator=gen, dtype=torch.float32)
+    x = (x * sched.init_noise_sigma).to(device=device, dtype=dtype)
+
+    for i, t in enumerate(_progress(sched.timesteps, progress, "DiT DDIM")):
+        x_in = torch.cat([x, x])
+        t_batch = torch.full((2 * b,), int(t), dtype=torch.long, device=device)
+        out = _output_tensor(model(x_in, timestep=t_batch, class_labels=labels_in))
+        eps_cond, eps_uncond = out.float().chunk(2)
+        eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+        x = sched.step(eps, t, x.float(), eta=0.0).prev_sample.to(dtype)
+        if callback is not None:
+            callback(i, t, x)
+    return x.float().clamp(-1.0, 1.0)
+
+
+def flux_timesteps(num_steps: int) -> torch.Tensor:
+    """Flow times 1 -> 0 (``num_steps + 1`` values, uniform)."""
+    return torch.linspace(1.0, 0.0, num_steps + 1)
+
+
+@torch.no_grad()
+def sample_flux(
+    wrapper: Any,
+    class_labels: Sequence[int] | torch.Tensor,
+    num_steps: int = 50,
+    guidance_scale: float = 4.0,
+    seed: int = 0,
+    progress: bool = False,
+    callback: StepCallback | None = None,
+    *,
+    null_class: int | None = None,
+    image_size: int | None = None,
+    channels: int = 3,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Euler rectified-flow sampling (noise at t=1 to data at t=0) with batched CFG.
+
+    The model is called once per step as ``wrapper(x_in, timestep=t_batch,
+    class_labels=labels)`` with ``t_batch`` a float tensor [2B] holding the
+    current flow time, and must return the velocity ``noise - data`` in the
+    layout of ``x_in`` ([2B, C, H, W]). Returns images in [-1, 1].
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    from adacorr_compile.reference.models import NUM_CLASSES
+
+    if null_class is None:
+        null_class = int(_find_attr(wrapper, "num_classes", NUM_CLASSES))
+    if image_size is None:
+        image_size = int(_find_attr(wrapper, "image_size", 32))
+    p_device, p_dtype = _model_device_dtype(wrapper)
+    device = torch.device(device) if device is not None else p_device
+    dtype = dtype or p_dtype
+
+    labels = _as_labels(class_labels, device)
+    b = labels.shape[0]
+    labels_in = torch.cat([labels, torch.full_like(labels, null_class)])
+
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    x = torch.randn((b, channels, image_size, image_size), generator=gen, dtype=torch.float32)
+    x = x.to(device=device, dtype=dtype)
+    ts = flux_timesteps(num_steps)
+    for i in _progress(range(num_steps), progress, "Flux Euler"):
+        t, t_next = float(ts[i]), float(ts[i + 1])
+        x_in = torch.cat([x, x])
+        t_batch = torch.full((2 * b,), t, dtype=dtype, device=device)
+        v = _output_tensor(wrapper(x_in, timestep=t_batch, class_labels=labels_in)).float()
+        v_cond, v_uncond = v.chunk(2)
+        v = v_uncond + guidance_scale * (v_cond - v_uncond)
+        x = (x.float() + (t_next - t) * v).to(dtype)
+        if callback is not None:
+            callback(i, ts[i], x)
+    return x.float().clamp(-1.0, 1.0)
+
+
+def image_grid(images: torch.Tensor, nrow: int, pad: int = 2, pad_value: float = 1.0) -> np.ndarray:
+    """[N, C, H, W] in [-1, 1] -> HxWx3 (or HxW) float array in [0, 1]."""
+    imgs = ((images.detach().float().cpu().clamp(-1, 1) + 1.0) / 2.0).numpy()
+    n, c, h, w = imgs.shape
+    nrow = max(1, min(int(nrow), n))
+    ncol_rows = (n + nrow - 1) // nrow
+    grid = np.full((c, ncol_rows * (h + pad) + pad, nrow * (w + pad) + pad), pad_value, dtype=np.float32)
+    for k in range(n):
+        r, col = divmod(k, nrow)
+        y0, x0 = pad + r * (h + pad), pad + col * (w + pad)
+        grid[:, y0:y0 + h, x0:x0 + w] = imgs[k]
+    grid = grid.transpose(1, 2, 0)
+    return grid[..., 0] if c == 1 else grid
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, scale: int = 1) -> Path:
+    """Save images ([N, C, H, W] in [-1, 1]) as a PNG grid with ``nrow`` images per row."""
+    from matplotlib.image import imsave
+
+    grid = image_grid(images, nrow)
+    if scale > 1:
+        grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    imsave(str(path), grid, cmap="gray" if grid.ndim == 2 else None, vmin=0.0, vmax=1.0)
+    logger.info("saved %d images to %s", images.shape[0], path)
+    return path
