@@ -5,8 +5,9 @@ cache-guarded region implementing AdaCorrection (arXiv 2602.13357).
 """
 
 from .api import generation, regions, reset, stats
+from .report import report
 from .backend import adacorr_backend
 from .config import AdaCorrConfig
 
-__all__ = ["AdaCorrConfig", "adacorr_backend", "generation", "regions", "reset", "stats"]
+__all__ = ["AdaCorrConfig", "adacorr_backend", "generation", "regions", "report", "reset", "stats"]
 __version__ = "0.1.0"

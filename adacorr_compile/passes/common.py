@@ -30,6 +30,7 @@ class Block:
     stream_pairs: list[tuple[int, int]] = field(default_factory=list)  # (input pos, output pos), same shape
     observed: list[int] = field(default_factory=list)  # input positions the OEM watches
     key: str = ""  # structural key: equal keys share one compiled body
+    input_names: list[str] = field(default_factory=list)  # names in the traced graph, before outlining
 
     def describe(self) -> dict[str, Any]:
         def shape(n: fx.Node) -> list[int] | None:
@@ -41,9 +42,9 @@ class Block:
             "path": self.path,
             "class": self.cls_name,
             "streams": [
-                {"input": self.inputs[i].name, "output_index": o, "shape": shape(self.inputs[i])} for i, o in self.stream_pairs
+                {"input": self.input_names[i], "output_index": o, "shape": shape(self.inputs[i])} for i, o in self.stream_pairs
             ],
-            "side_inputs": [{"name": self.inputs[i].name, "shape": shape(self.inputs[i])} for i in side],
+            "side_inputs": [{"name": self.input_names[i], "shape": shape(self.inputs[i])} for i in side],
             "parameters": len(self.param_inputs),
             "nodes": len(self.nodes),
         }

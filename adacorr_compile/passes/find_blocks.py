@@ -164,6 +164,7 @@ def find_blocks(gm: fx.GraphModule, config: AdaCorrConfig) -> fx.GraphModule:
                 inputs=inputs,
                 outputs=outputs,
                 param_inputs={i for i, n in enumerate(inputs) if _is_param(n, examples.get(n))},
+                input_names=[n.name for n in inputs],
             )
             fam_blocks.append(block)
         fam_blocks.sort(key=lambda b: order[b.nodes[0]])

@@ -39,6 +39,7 @@ class GraphRuntime:
         self.input_indices = list(input_indices)  # non-parameter tensor inputs
         self.timestep_index = timestep_index
         self.bodies_compiled = bodies_compiled
+        self.paths = {r.spec.path for r in self.regions}
         model.graphs.append(self)
 
     def __call__(self, *args: Any) -> Any:
@@ -55,6 +56,12 @@ class GraphRuntime:
         return out
 
     def _begin_step(self, state: GenerationState, args: Sequence[Any]) -> None:
+        if self.id not in state.steps and any(
+            g is not self and state.steps.get(g.id, 0) > 0 and g.paths & self.paths for g in self.model.graphs
+        ):
+            # Dynamo recompiled the same blocks for new input shapes or dtypes
+            logger.info("adacorr: graph %d replaces graph(s) with the same blocks (new shapes or dtypes): new generation", self.id)
+            state.new_generation("recompiled for new input shapes")
         signature = tuple((tuple(args[i].shape), args[i].dtype) for i in self.input_indices)
         previous = state.signature.get(self.id)
         if previous is not None and previous != signature:

@@ -1,0 +1,64 @@
+"""The ``adacorr`` command: inspect (and, with the reference models, demo/bench/export)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Any, Callable, Sequence
+
+import torch
+
+logger = logging.getLogger("adacorr_compile")
+
+
+def _load_factory(spec: str) -> Callable[[], tuple[torch.nn.Module, Callable[..., dict[str, Any]]]]:
+    from .tiny import FAMILIES
+
+    if spec in FAMILIES:
+        return FAMILIES[spec][0]
+    if ":" not in spec:
+        raise SystemExit(f"--model {spec!r}: expected one of {', '.join(FAMILIES)} or 'package.module:factory'")
+    mod, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(mod), attr)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Compile a model with the adacorr backend, run one step, print what the passes found."""
+    from .config import AdaCorrConfig
+    from .report import format_report, report
+
+    factory = _load_factory(args.model)
+    model, inputs = factory()
+    options = {"lowering": "eager", "dump_graphs": args.dump_graphs}
+    AdaCorrConfig.from_options(options)
+    compiled = torch.compile(model, backend="adacorr", options=options)
+    with torch.no_grad():
+        compiled(**inputs(0, 500.0))
+    print(format_report(report(compiled)))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="adacorr", description="AdaCorrection cache-guarded torch.compile backend")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="show the guarded regions the backend finds in a model")
+    p.add_argument("--model", default="dit", help="dit | pixart | sd3 | flux (tiny configs) or package.module:factory "
+                   "(a function returning (model, inputs) with inputs(step, t) -> forward kwargs)")
+    p.add_argument("--dump-graphs", action="store_true", help="log the FX graph before and after each pass")
+    p.set_defaults(func=cmd_inspect)
+    for extra in ("demo", "bench", "export"):
+        try:
+            importlib.import_module(f".cli_{extra}", __package__).add_parser(sub)
+        except ModuleNotFoundError:
+            pass
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if (args.verbose or getattr(args, "dump_graphs", False)) else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+import math
+
+import pytest
+import torch
+
+from adacorr_compile import acm, oem
+
+
+def _loops(h, prev):
+    """Direct computation of the paper's formulas with Python loops."""
+    B, P, D = h.shape
+    temp = spat = 0.0
+    for b in range(B):
+        for i in range(P):
+            temp += math.sqrt(sum((h[b, i, d].item() - prev[b, i, d].item()) ** 2 for d in range(D)))
+            mean = sum(h[b, i, d].item() for d in range(D)) / D
+            var = sum((h[b, i, d].item() - mean) ** 2 for d in range(D)) / D
+            spat += math.sqrt(var)
+    return temp / (B * P), spat / (B * P)
+
+
+def test_paper_equations_match_direct_formula():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 5, 6, generator=g, dtype=torch.float64)
+    prev = h + 0.1 * torch.randn(2, 5, 6, generator=g, dtype=torch.float64)
+    d_temp, d_spat = _loops(h, prev)
+    assert oem.temporal_deviation(h, prev).item() == pytest.approx(d_temp, rel=1e-10)
+    assert oem.spatial_variation(h).item() == pytest.approx(d_spat, rel=1e-10)
+    s = oem.paper_offset_score(h, prev, spatial_weight=0.7)
+    assert s.item() == pytest.approx(d_temp**2 + 0.7 * d_spat, rel=1e-10)
+
+
+def test_per_sample_values_average_to_batch_value():
+    h, prev = torch.randn(3, 4, 8), torch.randn(3, 4, 8)
+    per = oem.temporal_deviation(h, prev, per_sample=True)
+    assert per.shape == (3,)
+    assert per.mean().item() == pytest.approx(oem.temporal_deviation(h, prev).item(), rel=1e-6)
+    assert oem.relative_offset_score(h, prev, per_sample=True).shape == (3,)
+
+
+def test_streams_pool_tokens():
+    a, b = torch.randn(2, 3, 4), torch.randn(2, 5, 4)
+    pa, pb = a + 1, b - 2
+    joint = oem.temporal_deviation([a, b], [pa, pb])
+    cat = oem.temporal_deviation(torch.cat([a, b], 1), torch.cat([pa, pb], 1))
+    assert joint.item() == pytest.approx(cat.item(), rel=1e-6)
+
+
+def test_relative_score_is_scale_free_and_zero_without_drift():
+    h = torch.randn(2, 7, 16)
+    prev = h + 0.05 * torch.randn(2, 7, 16)
+    s = oem.relative_offset_score(h, prev)
+    for c in (1e-3, 3.0, 250.0):
+        assert oem.relative_offset_score(c * h, c * prev).item() == pytest.approx(s.item(), rel=1e-4)
+    assert oem.relative_offset_score(h, h).item() == 0.0
+    # the paper's score is not scale-free, and is nonzero without drift
+    assert oem.paper_offset_score(10 * h, 10 * prev).item() != pytest.approx(oem.paper_offset_score(h, prev).item(), rel=1e-2)
+    assert oem.paper_offset_score(h, h).item() > 0
+
+
+def test_relative_score_grows_with_drift():
+    h = torch.randn(2, 7, 16)
+    noise = torch.randn(2, 7, 16)
+    scores = [oem.relative_offset_score(h + e * noise, h).item() for e in (0.01, 0.05, 0.2)]
+    assert scores == sorted(scores) and scores[0] > 0
+
+
+def test_lambda_is_clipped_and_nan_safe():
+    s = torch.tensor([-1.0, 0.2, 0.5, 3.0, float("nan")])
+    lam = acm.correction_weight(s, gamma=2.0)
+    assert lam.tolist() == pytest.approx([0.0, 0.4, 1.0, 1.0, 1.0])
+
+
+def test_blend_matches_formula_scalar_and_per_sample():
+    cached, fresh = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    lam = torch.tensor(0.3)
+    assert torch.allclose(acm.blend(cached, fresh, lam), 0.7 * cached + 0.3 * fresh, atol=1e-6)
+    lam2 = torch.tensor([0.0, 1.0])
+    out = acm.blend(cached, fresh, lam2)
+    assert torch.equal(out[0], cached[0]) and torch.allclose(out[1], fresh[1])
+
+
+def test_corrected_cache_and_bound():
+    h, r = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    assert torch.equal(acm.corrected_cache(h, r), h + r)
+    assert acm.error_bound(torch.tensor(0.25), 2.0, 3.0, torch.tensor(0.5)).item() == pytest.approx(0.75 * 2 * 3 * 0.5)
+
+
+def test_score_dispatch_rejects_unknown():
+    with pytest.raises(ValueError, match="score variant"):
+        oem.score("other", torch.zeros(1, 1, 2), torch.zeros(1, 1, 2))

@@ -1,0 +1,37 @@
+from adacorr_compile import AdaCorrConfig
+from adacorr_compile.policies import Guards, decide
+
+
+def g(step=5, num_steps=None, consecutive=0, has_cache=True, first=False):
+    return Guards(step=step, num_steps=num_steps, consecutive_reuses=consecutive, has_cache=has_cache, is_first_region=first)
+
+
+def test_guards_force_compute():
+    cfg = AdaCorrConfig(warmup_steps=2, final_steps=2, max_consecutive_reuses=3)
+    assert decide(cfg, g(has_cache=False), [0.0], None) == "empty cache"
+    assert decide(cfg, g(step=1), [0.0], None) == "warm-up"
+    assert decide(cfg, g(step=8, num_steps=10), [0.0], None) == "final steps"
+    assert decide(cfg, g(step=7, num_steps=10), [0.0], None) == [True]
+    assert decide(cfg, g(consecutive=3), [0.0], None) == "max consecutive reuses"
+    assert decide(cfg.replace(policy="never"), g(), [0.0], None) == "policy never"
+
+
+def test_adacorr_threshold_per_sample():
+    cfg = AdaCorrConfig(reuse_threshold=0.1)
+    assert decide(cfg, g(), [0.05, 0.1, 0.2], None) == [True, True, False]
+
+
+def test_interval_pattern_and_correction_veto():
+    cfg = AdaCorrConfig(policy="interval", interval=3, warmup_steps=2, correction=False, max_consecutive_reuses=10)
+    verdicts = [decide(cfg, g(step=s), None, None) for s in range(2, 9)]
+    assert verdicts == ["policy", [True], [True], "policy", [True], [True], "policy"]
+    vetoing = cfg.replace(correction=True, reuse_threshold=0.1)
+    assert decide(vetoing, g(step=3), [0.5], None) == [False]
+    assert decide(vetoing, g(step=3), [0.05], None) == [True]
+
+
+def test_first_block_policy():
+    cfg = AdaCorrConfig(policy="first_block", correction=False)
+    assert decide(cfg, g(first=True), None, True) == "first block"
+    assert decide(cfg, g(), None, True) == [True]
+    assert decide(cfg, g(), None, False) == "policy"

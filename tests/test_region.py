@@ -1,0 +1,89 @@
+"""GuardedRegion driven directly: reuse and blend outputs against their formulas."""
+
+import torch
+import torch.fx as fx
+
+from adacorr_compile import AdaCorrConfig, acm, oem
+from adacorr_compile.runtime.region import ACTIVE, Active, GuardedRegion, RegionSpec
+from adacorr_compile.runtime.state import GenerationState
+
+
+class Body(torch.nn.Module):
+    def forward(self, h, cond):
+        return (torch.tanh(h) * 2 + cond,)
+
+
+def make_region(**options):
+    cfg = AdaCorrConfig.from_options({"warmup_steps": 1, "max_consecutive_reuses": 5, **options})
+    body = fx.symbolic_trace(Body())
+    spec = RegionSpec(path="blocks.0", order=0, stream_pairs=((0, 0),), observed=(0,), num_outputs=1, key="k")
+    region = GuardedRegion(spec, body, cfg)
+    return region, cfg, GenerationState()
+
+
+def call(region, state, step, *args):
+    token = ACTIVE.set(Active(state, 0, step))
+    try:
+        return region(*args)[0]
+    finally:
+        ACTIVE.reset(token)
+
+
+def test_reuse_step_is_input_plus_cached_residual_exactly():
+    region, cfg, state = make_region(reuse_threshold=1.0)
+    h0, cond = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    y0 = call(region, state, 0, h0, cond)
+    residual = y0 - h0
+    h1 = h0 + 0.01
+    y1 = call(region, state, 1, h1, cond)
+    assert region.executions == 1  # second call skipped the body
+    assert torch.equal(y1, h1 + residual)
+    assert state.stats["blocks.0"].reuses == 1 and state.stats["blocks.0"].computes == 1
+
+
+def test_compute_step_blends_by_lambda():
+    region, cfg, state = make_region(reuse_threshold=0.0, blend=True, gamma=1.0)
+    h0, cond = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    y0 = call(region, state, 0, h0, cond)
+    h1 = h0 + 0.3 * torch.randn(2, 4, 8)
+    y1 = call(region, state, 1, h1, cond)
+    assert region.executions == 2
+    lam = acm.correction_weight(oem.relative_offset_score(h1, h0), 1.0)
+    assert 0 < lam.item() < 1
+    fresh = Body()(h1, cond)[0]
+    expected = (1 - lam) * (h1 + (y0 - h0)) + lam * fresh
+    assert torch.allclose(y1, expected, atol=1e-6)
+
+
+def test_no_correction_reuses_stale_output():
+    region, cfg, state = make_region(policy="interval", interval=2, correction=False)
+    h0, cond = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    y0 = call(region, state, 0, h0, cond)
+    y1 = call(region, state, 1, h0 + 1.0, cond)  # step 1: (1-1)%2==0 -> compute
+    y2 = call(region, state, 2, h0 + 2.0, cond)  # reuse: the cached output as it was
+    assert region.executions == 2 and torch.equal(y2, y1)
+    assert not torch.equal(y0, y1)
+
+
+def test_per_sample_decisions_mix_reuse_and_compute():
+    region, cfg, state = make_region(reuse_threshold=0.02, decision="sample")
+    h0, cond = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    y0 = call(region, state, 0, h0, cond)
+    h1 = h0.clone()
+    h1[1] += 0.5 * torch.randn(4, 8)  # sample 1 drifts, sample 0 does not
+    y1 = call(region, state, 1, h1, cond)
+    fresh = Body()(h1, cond)[0]
+    assert torch.equal(y1[0], (h1 + (y0 - h0))[0])  # reused
+    assert torch.allclose(y1[1], fresh[1])  # computed
+    assert state.stats["blocks.0"].partial == 1
+
+
+def test_nonfinite_output_forces_recompute():
+    region, cfg, state = make_region(reuse_threshold=1.0)
+    h0, cond = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    bad = cond.clone()
+    bad[0, 0, 0] = float("nan")
+    call(region, state, 0, h0, bad)  # residual poisoned with NaN
+    y = call(region, state, 1, h0, cond)
+    assert region.executions == 2 and torch.isfinite(y).all()
+    assert state.stats["blocks.0"].nonfinite == 1

@@ -1,0 +1,184 @@
+"""End to end: numbers against plain torch.compile/eager, real skipping, no recompiles, generations."""
+
+import threading
+
+import pytest
+import torch
+
+import adacorr_compile
+from adacorr_compile.tiny import FAMILIES
+
+
+def run_loop(compiled, inputs, steps=10, start=900.0, batch=2):
+    outs = []
+    with torch.no_grad():
+        for k in range(steps):
+            t = start - k * (start / steps)
+            outs.append(compiled(**inputs(k, t, batch), return_dict=False)[0])
+    return outs
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_never_reuse_equals_plain_torch_compile(family):
+    model, inputs = FAMILIES[family][0]()
+    plain = torch.compile(model)  # Inductor
+    ours = torch.compile(model, backend="adacorr", options={"policy": "never"})
+    a = run_loop(plain, inputs, steps=3)
+    b = run_loop(ours, inputs, steps=3)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5)
+    s = adacorr_compile.stats(ours)
+    assert s["totals"]["reuses"] == 0 and s["totals"]["computes"] == 3 * len(FAMILIES[family][1])
+
+
+@pytest.mark.parametrize("family", ["dit", "flux"])
+def test_never_reuse_eager_lowering_is_exact(family):
+    model, inputs = FAMILIES[family][0]()
+    ours = torch.compile(model, backend="adacorr", options={"policy": "never", "lowering": "eager"})
+    with torch.no_grad():
+        for k in range(3):
+            kw = inputs(k, 900.0 - 100 * k)
+            assert torch.equal(ours(**kw, return_dict=False)[0], model(**kw, return_dict=False)[0])
+
+
+def test_skipping_is_real_and_counted():
+    model, inputs = FAMILIES["dit"][0]()
+    fast = torch.compile(model, backend="adacorr", options={"lowering": "eager"})
+    run_loop(fast, inputs, steps=1)  # compile
+    adacorr_compile.reset(fast)
+    regions = adacorr_compile.regions(fast)
+    executed = []
+    hooks = [r.body.register_forward_hook(lambda m, a, o: executed.append(1)) for r in regions]
+    try:
+        run_loop(fast, inputs, steps=20)
+    finally:
+        for h in hooks:
+            h.remove()
+    s = adacorr_compile.stats(fast)
+    totals = s["totals"]
+    assert totals["calls"] == 20 * 4
+    assert totals["reuses"] > 0
+    assert len(executed) == totals["computes"] == 20 * 4 - totals["reuses"]
+    for r in s["regions"]:
+        assert len(r["lambda_trace"]) == 20 and r["mean_lambda"] is not None
+        assert r["reuse_trace"][:2] == [0.0, 0.0]  # warm-up steps computed
+
+
+def test_reused_output_stays_close_to_eager():
+    model, inputs = FAMILIES["dit"][0]()
+    fast = torch.compile(model, backend="adacorr")
+    ours = run_loop(fast, inputs, steps=20)
+    with torch.no_grad():
+        ref = [model(**inputs(k, 900.0 - k * 45.0), return_dict=False)[0] for k in range(20)]
+    assert adacorr_compile.stats(fast)["totals"]["reuses"] > 0
+    rel = max(((a - b).norm() / b.norm()).item() for a, b in zip(ours, ref))
+    assert rel < 0.1
+
+
+def test_no_recompile_over_sampling_loop():
+    model, inputs = FAMILIES["flux"][0]()
+    fast = torch.compile(model, backend="adacorr")
+    run_loop(fast, inputs, steps=1)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        run_loop(fast, inputs, steps=30)  # raises on any recompile
+        run_loop(fast, inputs, steps=5)  # a second generation too
+    assert adacorr_compile.stats(fast)["totals"]["reuses"] > 0
+
+
+def test_generations_timestep_reset_and_shape_change():
+    model, inputs = FAMILIES["dit"][0]()
+    fast = torch.compile(model, backend="adacorr", options={"lowering": "eager"})
+    run_loop(fast, inputs, steps=6)
+    s = adacorr_compile.stats(fast)
+    assert s["steps"] == 6 and s["generations"] == 0
+    run_loop(fast, inputs, steps=4)  # timestep goes back up: new generation
+    s = adacorr_compile.stats(fast)
+    assert s["steps"] == 4 and s["generations"] == 1
+    assert s["regions"][0]["reuse_trace"][0] == 0.0  # first step of a generation computes
+    run_loop(fast, inputs, steps=2, start=100.0, batch=3)  # new batch size: new generation
+    s = adacorr_compile.stats(fast)
+    assert s["steps"] == 2 and s["generations"] == 2
+    adacorr_compile.reset(fast)
+    s = adacorr_compile.stats(fast)
+    assert s["steps"] == 0 and s["totals"]["calls"] == 0
+
+
+def test_generation_context_is_private_and_exception_safe():
+    model, inputs = FAMILIES["dit"][0]()
+    fast = torch.compile(model, backend="adacorr", options={"lowering": "eager"})
+    run_loop(fast, inputs, steps=3)
+    outside = adacorr_compile.stats(fast)["totals"]["calls"]
+    with pytest.raises(RuntimeError):
+        with adacorr_compile.generation(fast, num_steps=5):
+            run_loop(fast, inputs, steps=5)
+            inside = adacorr_compile.stats(fast)
+            assert inside["totals"]["calls"] == 5 * 4 and inside["steps"] == 5
+            raise RuntimeError("boom")
+    assert adacorr_compile.stats(fast)["totals"]["calls"] == outside
+
+
+def test_two_compiled_models_do_not_share_state():
+    model, inputs = FAMILIES["dit"][0]()
+    a = torch.compile(model, backend="adacorr", options={"lowering": "eager"})
+    b = torch.compile(model, backend="adacorr", options={"lowering": "eager", "policy": "never"})
+    run_loop(a, inputs, steps=8)
+    run_loop(b, inputs, steps=3)
+    assert adacorr_compile.stats(a)["totals"]["calls"] == 8 * 4
+    assert adacorr_compile.stats(b)["totals"]["calls"] == 3 * 4
+    assert adacorr_compile.stats(b)["totals"]["reuses"] == 0
+
+
+def test_threads_in_separate_generations_do_not_mix():
+    model, inputs = FAMILIES["dit"][0]()
+    fast = torch.compile(model, backend="adacorr", options={"lowering": "eager"})
+    run_loop(fast, inputs, steps=1)
+    results = {}
+    barrier = threading.Barrier(2)
+
+    def worker(name, offset):
+        with adacorr_compile.generation(fast):
+            outs = []
+            with torch.no_grad():
+                for k in range(8):
+                    barrier.wait()  # interleave the steps of the two threads
+                    kw = inputs(k, 900.0 - 100 * k)
+                    kw["hidden_states"] = kw["hidden_states"] + offset
+                    outs.append(fast(**kw, return_dict=False)[0])
+            results[name] = (outs, adacorr_compile.stats(fast))
+
+    threads = [threading.Thread(target=worker, args=(n, o)) for n, o in (("a", 0.0), ("b", 5.0))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # each thread alone, for reference
+    solo = {}
+    for name, offset in (("a", 0.0), ("b", 5.0)):
+        with adacorr_compile.generation(fast):
+            with torch.no_grad():
+                outs = []
+                for k in range(8):
+                    kw = inputs(k, 900.0 - 100 * k)
+                    kw["hidden_states"] = kw["hidden_states"] + offset
+                    outs.append(fast(**kw, return_dict=False)[0])
+            solo[name] = outs
+    for name in ("a", "b"):
+        assert results[name][1]["steps"] == 8 and results[name][1]["totals"]["calls"] == 32
+        for x, y in zip(results[name][0], solo[name]):
+            assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("policy", ["interval", "first_block"])
+@pytest.mark.parametrize("correction", [True, False])
+def test_policies_reuse_in_a_loop(policy, correction):
+    model, inputs = FAMILIES["dit"][0]()
+    fast = torch.compile(
+        model, backend="adacorr",
+        options={"lowering": "eager", "policy": policy, "correction": correction, "reuse_threshold": 1.0,
+                 "first_block_threshold": 1.0},
+    )
+    run_loop(fast, inputs, steps=12)
+    s = adacorr_compile.stats(fast)
+    assert s["totals"]["reuses"] > 0
+    if policy == "first_block":
+        assert s["regions"][0]["reuses"] == 0  # the first block always computes
