@@ -31,7 +31,7 @@ class Guards:
     """Why a region must compute regardless of the policy (host values)."""
 
     step: int  # 0-based step within the generation
-    num_steps: int | None  # known length of the generation, if any
+    steps_left: int | None  # steps after this one in the generation, if known or predictable
     consecutive_reuses: int
     has_cache: bool
     is_first_region: bool
@@ -43,7 +43,7 @@ class Guards:
             return "policy never"
         if self.step < config.warmup_steps:
             return "warm-up"
-        if self.num_steps is not None and self.step >= self.num_steps - config.final_steps:
+        if self.steps_left is not None and self.steps_left < config.final_steps:
             return "final steps"
         if self.consecutive_reuses >= config.max_consecutive_reuses:
             return "max consecutive reuses"

@@ -97,3 +97,198 @@ FAMILIES = {
     "sd3": (tiny_sd3, ["transformer_blocks.%d" % i for i in range(3)]),
     "flux": (tiny_flux, ["transformer_blocks.0", "transformer_blocks.1"] + ["single_transformer_blocks.%d" % i for i in range(3)]),
 }
+
+
+def tiny_sana(num_layers: int = 3):
+    from diffusers import SanaTransformer2DModel
+
+    torch.manual_seed(0)
+    model = SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=num_layers,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=12,
+        sample_size=8, patch_size=1,
+    ).eval()
+
+    def inputs(step: int, t: float, batch: int = 2):
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(batch, 4, 8, 8, generator=g) + 0.01 * step
+        return dict(hidden_states=x, encoder_hidden_states=torch.randn(batch, 5, 12, generator=g), timestep=torch.full((batch,), t))
+
+    return model, inputs
+
+
+def tiny_hunyuan_dit(num_layers: int = 4):
+    from diffusers import HunyuanDiT2DModel
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed
+
+    torch.manual_seed(0)
+    model = HunyuanDiT2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, patch_size=2, sample_size=8, hidden_size=16,
+        num_layers=num_layers, cross_attention_dim=16, cross_attention_dim_t5=16, pooled_projection_dim=16, text_len=5,
+        text_len_t5=6, use_style_cond_and_image_meta_size=False,
+    ).eval()
+    rope = get_2d_rotary_pos_embed(8, ((0, 0), (4, 4)), (4, 4), use_real=True)
+
+    def inputs(step: int, t: float, batch: int = 2):
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(batch, 4, 8, 8, generator=g) + 0.01 * step
+        return dict(
+            hidden_states=x, timestep=torch.full((batch,), t),
+            encoder_hidden_states=torch.randn(batch, 5, 16, generator=g), text_embedding_mask=torch.ones(batch, 5),
+            encoder_hidden_states_t5=torch.randn(batch, 6, 16, generator=g), text_embedding_mask_t5=torch.ones(batch, 6),
+            image_rotary_emb=rope,
+        )
+
+    return model, inputs
+
+
+def tiny_cogvideox(num_layers: int = 3):
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(0)
+    model = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=16, text_embed_dim=12,
+        num_layers=num_layers, sample_width=8, sample_height=8, sample_frames=5, patch_size=2, max_text_seq_length=6,
+    ).eval()
+
+    def inputs(step: int, t: float, batch: int = 2):
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(batch, 2, 4, 8, 8, generator=g) + 0.01 * step
+        return dict(hidden_states=x, encoder_hidden_states=torch.randn(batch, 6, 12, generator=g), timestep=torch.full((batch,), t))
+
+    return model, inputs
+
+
+def tiny_wan(num_layers: int = 3):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, text_dim=12,
+        freq_dim=16, ffn_dim=32, num_layers=num_layers, rope_max_seq_len=32,
+    ).eval()
+
+    def inputs(step: int, t: float, batch: int = 2):
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(batch, 4, 2, 8, 8, generator=g) + 0.01 * step
+        return dict(hidden_states=x, timestep=torch.full((batch,), t), encoder_hidden_states=torch.randn(batch, 6, 12, generator=g))
+
+    return model, inputs
+
+
+def tiny_hunyuan_video(num_layers: int = 2, num_single_layers: int = 2):
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    model = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=num_layers,
+        num_single_layers=num_single_layers, num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=False,
+        text_embed_dim=12, pooled_projection_dim=10, rope_axes_dim=(2, 2, 4),
+    ).eval()
+
+    def inputs(step: int, t: float, batch: int = 2):
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(batch, 4, 1, 8, 8, generator=g) + 0.01 * step
+        return dict(
+            hidden_states=x, timestep=torch.full((batch,), t), encoder_hidden_states=torch.randn(batch, 6, 12, generator=g),
+            encoder_attention_mask=torch.ones(batch, 6), pooled_projections=torch.randn(batch, 10, generator=g),
+        )
+
+    return model, inputs
+
+
+def tiny_ltx_video(num_layers: int = 3):
+    from diffusers import LTXVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    model = LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
+        cross_attention_dim=16, num_layers=num_layers, caption_channels=12,
+    ).eval()
+
+    def inputs(step: int, t: float, batch: int = 2):
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(batch, 2 * 4 * 4, 8, generator=g) + 0.01 * step
+        return dict(
+            hidden_states=x, encoder_hidden_states=torch.randn(batch, 6, 12, generator=g), timestep=torch.full((batch,), t),
+            encoder_attention_mask=torch.ones(batch, 6), num_frames=2, height=4, width=4,
+        )
+
+    return model, inputs
+
+
+class _PlainBlock(torch.nn.Module):
+    """An adaLN-Zero DiT block written with plain torch (no diffusers)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.norm1 = torch.nn.LayerNorm(dim, elementwise_affine=False)
+        self.attn = torch.nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm2 = torch.nn.LayerNorm(dim, elementwise_affine=False)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 4 * dim), torch.nn.GELU(approximate="tanh"), torch.nn.Linear(4 * dim, dim))
+        self.ada = torch.nn.Linear(dim, 6 * dim)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        s1, b1, g1, s2, b2, g2 = self.ada(torch.nn.functional.silu(c)).unsqueeze(1).chunk(6, dim=-1)
+        h = self.norm1(x) * (1 + s1) + b1
+        x = x + g1 * self.attn(h, h, h, need_weights=False)[0]
+        h = self.norm2(x) * (1 + s2) + b2
+        return x + g2 * self.mlp(h)
+
+
+class PlainDiT(torch.nn.Module):
+    """A minimal DiT in plain torch: patchify, timestep embedding, N blocks, unpatchify."""
+
+    def __init__(self, dim: int = 32, depth: int = 4, heads: int = 2, channels: int = 4, patch: int = 2) -> None:
+        super().__init__()
+        self.patch = patch
+        self.embed = torch.nn.Conv2d(channels, dim, patch, patch)
+        self.t_embed = torch.nn.Sequential(torch.nn.Linear(1, dim), torch.nn.SiLU(), torch.nn.Linear(dim, dim))
+        self.blocks = torch.nn.ModuleList([_PlainBlock(dim, heads) for _ in range(depth)])
+        self.out = torch.nn.Linear(dim, channels * patch * patch)
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, return_dict: bool = True):
+        b, c, hh, ww = hidden_states.shape
+        x = self.embed(hidden_states).flatten(2).transpose(1, 2)
+        cond = self.t_embed(timestep.float()[:, None] / 1000.0)
+        for block in self.blocks:
+            x = block(x, cond)
+        x = self.out(x).reshape(b, hh // self.patch, ww // self.patch, c, self.patch, self.patch)
+        out = x.permute(0, 3, 1, 4, 2, 5).reshape(b, c, hh, ww)
+        return (out,)
+
+
+def tiny_plain(depth: int = 4):
+    torch.manual_seed(0)
+    model = PlainDiT(depth=depth).eval()
+
+    def inputs(step: int, t: float, batch: int = 2):
+        g = torch.Generator().manual_seed(1)
+        return dict(hidden_states=torch.randn(batch, 4, 8, 8, generator=g) + 0.01 * step, timestep=torch.full((batch,), t))
+
+    return model, inputs
+
+
+class _NestedBlock(_PlainBlock):
+    forward = torch.compiler.nested_compile_region(_PlainBlock.forward)
+
+
+def tiny_nested_region(depth: int = 4):
+    """PlainDiT whose blocks' forward is a ``torch.compiler.nested_compile_region``."""
+    model, inputs = tiny_plain(depth)
+    for block in model.blocks:
+        block.__class__ = _NestedBlock
+    return model, inputs
+
+
+EXTRA_FAMILIES = {
+    "sana": (tiny_sana, ["transformer_blocks.%d" % i for i in range(3)]),
+    "hunyuan_dit": (tiny_hunyuan_dit, ["blocks.%d" % i for i in range(4)]),
+    "cogvideox": (tiny_cogvideox, ["transformer_blocks.%d" % i for i in range(3)]),
+    "wan": (tiny_wan, ["blocks.%d" % i for i in range(3)]),
+    "hunyuan_video": (tiny_hunyuan_video, ["transformer_blocks.0", "transformer_blocks.1", "single_transformer_blocks.0", "single_transformer_blocks.1"]),
+    "ltx_video": (tiny_ltx_video, ["transformer_blocks.%d" % i for i in range(3)]),
+    "plain": (tiny_plain, ["blocks.%d" % i for i in range(4)]),
+    "nested_region": (tiny_nested_region, ["blocks.%d" % i for i in range(4)]),
+}
+ALL_FAMILIES = {**FAMILIES, **EXTRA_FAMILIES}

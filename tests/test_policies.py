@@ -3,7 +3,8 @@ from adacorr_compile.policies import Guards, decide
 
 
 def g(step=5, num_steps=None, consecutive=0, has_cache=True, first=False):
-    return Guards(step=step, num_steps=num_steps, consecutive_reuses=consecutive, has_cache=has_cache, is_first_region=first)
+    left = None if num_steps is None else num_steps - 1 - step
+    return Guards(step=step, steps_left=left, consecutive_reuses=consecutive, has_cache=has_cache, is_first_region=first)
 
 
 def test_guards_force_compute():

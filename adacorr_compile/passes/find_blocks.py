@@ -72,9 +72,12 @@ def _is_convex(nodes: set[fx.Node], order: dict[fx.Node, int]) -> bool:
 
 
 def _same(a: object, b: object) -> bool:
+    """Same shape and dtype, and token-shaped (``[B, tokens..., channels]``, rank >= 3):
+    a Transformer block's stream, not a vector such as an embedding MLP's."""
     return (
         isinstance(a, torch.Tensor)
         and isinstance(b, torch.Tensor)
+        and a.dim() >= 3
         and tuple(a.shape) == tuple(b.shape)
         and a.dtype == b.dtype
     )
@@ -127,9 +130,17 @@ def find_blocks(gm: fx.GraphModule, config: AdaCorrConfig) -> fx.GraphModule:
             members[found[0]].append(node)
             classes[found[0]] = found[1]
 
-    families: dict[str, list[str]] = defaultdict(list)
+    families: dict[str, list[str]] = defaultdict(list)  # "<container>" or "<container>[<class>]"
     for path in members:
-        families[path.rsplit(".", 1)[0]].append(path)
+        container = path.rsplit(".", 1)[0]
+        families[(container, classes[path])].append(path)
+    # one class per container keeps the plain name; a mixed container is split per class
+    per_container = defaultdict(int)
+    for container, _ in families:
+        per_container[container] += 1
+    families = {
+        (c if per_container[c] == 1 else f"{c}[{cls}]"): paths for (c, cls), paths in families.items()
+    }
 
     blocks: list[Block] = []
     for family, paths in families.items():
@@ -174,7 +185,7 @@ def find_blocks(gm: fx.GraphModule, config: AdaCorrConfig) -> fx.GraphModule:
             pairs = _pair_streams(block, nxt, prev)
             if pairs is None:
                 shapes = [tuple(getattr(example_value(o), "shape", ())) for o in block.outputs]
-                info.skip(block.path, f"an output (shapes {shapes}) has no input of the same shape and dtype to be its residual stream")
+                info.skip(block.path, f"an output (shapes {shapes}) has no token-shaped input (rank >= 3) of the same shape and dtype to be its residual stream")
                 continue
             block.stream_pairs = pairs
             paired = {i for i, _ in pairs}

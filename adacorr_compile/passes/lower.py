@@ -93,7 +93,8 @@ def _partition(gm: fx.GraphModule) -> dict[fx.Node, int]:
             current += 1
             part[node] = current
             current += 1
-        elif node.op == "call_function" and node.target is operator.getitem and node.args[0] in part and _is_region(node.args[0]):
+        elif node.op == "call_function" and node.target is operator.getitem and node.args[0] in part:
+            # keep tuple-valued nodes and their getitems together: pieces exchange tensors only
             part[node] = part[node.args[0]]
         else:
             part[node] = current

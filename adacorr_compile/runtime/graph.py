@@ -75,5 +75,7 @@ class GraphRuntime:
             if last is not None and value > last + 1e-6 * max(1.0, abs(last)):
                 state.new_generation(f"timestep went up ({last:g} -> {value:g})")
                 state.signature[self.id] = signature
+            elif last is not None and value < last:
+                state.t_spacing[self.id] = last - value
             state.last_t[self.id] = value
         state.steps.setdefault(self.id, 0)

@@ -94,7 +94,7 @@ def _guarded_call(region: GuardedRegion, args: Sequence[Any], active: Active) ->
     fb = state.first_block.setdefault(active.graph_id, {"similar": None, "ref": None})
     guards = Guards(
         step=active.step,
-        num_steps=state.expected_steps(),
+        steps_left=state.steps_left(active.graph_id, active.step),
         consecutive_reuses=cache.consecutive,
         has_cache=has_cache,
         is_first_region=spec.order == 0,

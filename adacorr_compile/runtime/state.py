@@ -116,6 +116,7 @@ class GenerationState:
         self.learned_steps: int | None = None  # length of the previous generation
         self.steps: dict[int, int] = {}  # graph id -> calls in this generation
         self.last_t: dict[int, float] = {}
+        self.t_spacing: dict[int, float] = {}  # graph id -> last timestep decrement
         self.signature: dict[int, tuple] = {}
         self.caches: dict[str, RegionCache] = {}
         self.stats: dict[str, RegionStats] = {}
@@ -135,8 +136,19 @@ class GenerationState:
             s = self.stats[path] = RegionStats(path)
         return s
 
-    def expected_steps(self) -> int | None:
-        return self.num_steps if self.num_steps is not None else self.learned_steps
+    def steps_left(self, graph_id: int, step: int) -> int | None:
+        """Steps after ``step`` in this generation: from ``num_steps`` if the user gave it;
+        else extrapolated from the timestep (it falls by about the same amount each step
+        and ends near 0: ``floor(t / spacing)`` steps remain); else from the length of
+        the previous generation; else unknown."""
+        if self.num_steps is not None:
+            return self.num_steps - 1 - step
+        t, dt = self.last_t.get(graph_id), self.t_spacing.get(graph_id)
+        if t is not None and dt is not None and dt > 0 and t >= 0:
+            return int(t / dt + 1e-6) if t / dt < 1e6 else None
+        if self.learned_steps is not None:
+            return self.learned_steps - 1 - step
+        return None
 
     def new_generation(self, reason: str) -> None:
         """Drop caches and counters of the generation; keep cumulative stats."""
@@ -151,6 +163,7 @@ class GenerationState:
             s.new_generation()
         self.steps.clear()
         self.last_t.clear()
+        self.t_spacing.clear()
         self.signature.clear()
         self.first_block.clear()
 
