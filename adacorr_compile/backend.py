@@ -67,7 +67,8 @@ def _timestep_index(gm: fx.GraphModule, name: str) -> int | None:
         grapharg = n.meta.get("grapharg")
         source = getattr(getattr(grapharg, "source", None), "name", "")
         source = source() if callable(source) else source
-        if source == f"L[{name!r}]" or n.name == f"l_{name}_":
+        # a forward argument, possibly behind a decorator's **kwargs (SD3)
+        if source in (f"L[{name!r}]", f"L['kwargs'][{name!r}]") or n.name in (f"l_{name}_", f"l_kwargs_{name}_"):
             return i
     return None
 

@@ -56,6 +56,16 @@ def _is_param(node: fx.Node, example: object) -> bool:
     return "._parameters[" in source or "._buffers[" in source
 
 
+def _is_module_attr(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A ``get_attr`` of a submodule (e.g. the subgraph of an ``invoke_subgraph`` call)."""
+    if node.op != "get_attr":
+        return False
+    obj = gm
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part, None)
+    return isinstance(obj, torch.nn.Module)
+
+
 def _is_convex(nodes: set[fx.Node], order: dict[fx.Node, int]) -> bool:
     """True when no path leaves ``nodes`` and comes back into them."""
     first = min(order[n] for n in nodes)
@@ -159,6 +169,8 @@ def find_blocks(gm: fx.GraphModule, config: AdaCorrConfig) -> fx.GraphModule:
             seen: set[fx.Node] = set()
             for n in nodes:
                 for d in n.all_input_nodes:
+                    if _is_module_attr(gm, d):
+                        continue  # a subgraph (nested_compile_region): copied into the body
                     if d not in node_set and d not in seen:
                         seen.add(d)
                         inputs.append(d)

@@ -60,8 +60,13 @@ def _outline(gm: fx.GraphModule, block: Block) -> fx.GraphModule:
         ph = graph.placeholder(f"in{i}_{inp.name}")
         ph.meta = dict(inp.meta)
         env[inp] = ph
+    def arg(a: fx.Node) -> fx.Node:
+        if a not in env:  # a module-valued get_attr shared by several blocks: copy it
+            env[a] = graph.node_copy(a)
+        return env[a]
+
     for n in block.nodes:
-        env[n] = graph.node_copy(n, lambda a: env[a])
+        env[n] = graph.node_copy(n, arg)
     graph.output(tuple(env[o] for o in block.outputs))
     body = fx.GraphModule(gm, graph, class_name="AdaCorrBlockBody")
     body.graph.lint()
@@ -94,6 +99,9 @@ def outline_blocks(gm: fx.GraphModule, config: AdaCorrConfig) -> fx.GraphModule:
                         user.replace_input_with(out, item)
         for n in reversed(block.nodes):
             graph.erase_node(n)
+    for node in list(graph.nodes):  # shared subgraph attributes now copied into the bodies
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
     gm = legalize_graph(gm)  # installs a new, topologically sorted graph
     gm.graph.lint()
     gm.recompile()

@@ -105,12 +105,13 @@ def _guarded_call(region: GuardedRegion, args: Sequence[Any], active: Active) ->
         verdict = forced
     else:
         wants_lam = needs_lambda(cfg)
-        host = read_to_host(([lam] if wants_lam else []) + [cache.valid])
-        if host[-1] < 0.5:
+        # one read: lambda (if the policy needs it), the cache is finite, the score is finite
+        host = read_to_host(([lam] if wants_lam else []) + [cache.valid, torch.isfinite(score).all()])
+        if host[-2] < 0.5 or host[-1] < 0.5:
             stats.nonfinite += 1
-            verdict = "non-finite cache"
+            verdict = "non-finite cache" if host[-2] < 0.5 else "non-finite input"
         else:
-            verdict = decide(cfg, guards, host[:-1] if wants_lam else None, fb["similar"])
+            verdict = decide(cfg, guards, host[:-2] if wants_lam else None, fb["similar"])
 
     batch = observed[0].shape[0] if observed else 1
     mask = None if isinstance(verdict, str) else (verdict * batch if len(verdict) == 1 else verdict)

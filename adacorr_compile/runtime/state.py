@@ -13,6 +13,7 @@ model split by graph breaks.
 from __future__ import annotations
 
 import contextvars
+import math
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -139,13 +140,15 @@ class GenerationState:
     def steps_left(self, graph_id: int, step: int) -> int | None:
         """Steps after ``step`` in this generation: from ``num_steps`` if the user gave it;
         else extrapolated from the timestep (it falls by about the same amount each step
-        and ends near 0: ``floor(t / spacing)`` steps remain); else from the length of
+        and the last call is at most one spacing above 0: ``ceil(t / spacing) - 1`` steps
+        remain; DDIM's last call is at t=1 with spacing 20, a flow-matching Euler
+        sampler's at t=1/N with spacing 1/N); else from the length of
         the previous generation; else unknown."""
         if self.num_steps is not None:
             return self.num_steps - 1 - step
         t, dt = self.last_t.get(graph_id), self.t_spacing.get(graph_id)
         if t is not None and dt is not None and dt > 0 and t >= 0:
-            return int(t / dt + 1e-6) if t / dt < 1e6 else None
+            return math.ceil(t / dt - 1e-3) - 1 if t / dt < 1e6 else None
         if self.learned_steps is not None:
             return self.learned_steps - 1 - step
         return None

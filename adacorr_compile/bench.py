@@ -1,0 +1,263 @@
+"""Measurement harness for the reference models: used by ``adacorr demo`` and
+``benchmarks/run_benchmark.py``.
+
+A :class:`Method` turns the reference model into the callable a sampler runs
+(uncached eager, uncached Inductor, our backend with some options, or a peer
+such as diffusers' own cache hooks). :func:`run_method` samples a fixed batch
+with it, counts the block evaluations that really ran, and times repeated
+generations; :func:`quality` compares images with the uncached output of the
+same seeds (PSNR, SSIM) and with held-out real data (Frechet distance in the
+reference classifier's feature space, class accuracy).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+import adacorr_compile
+
+logger = logging.getLogger("adacorr_compile.bench")
+
+
+@dataclass
+class Method:
+    name: str
+    kind: str  # "baseline" | "ours" | "peer"
+    build: Callable[[Any], Any]  # reference model -> callable for the sampler
+    lowering: str  # "eager" or "inductor": the uncached run of the same lowering is its speed reference
+    policy: str | None = None
+    correction: bool | None = None
+    setting: float | None = None  # the swept value (threshold, interval)
+    options: dict[str, Any] = field(default_factory=dict)
+    cleanup: Callable[[Any], None] | None = None
+
+
+@dataclass
+class Run:
+    method: Method
+    images: torch.Tensor
+    seconds: list[float]
+    block_calls: int
+    block_evals: int
+    stats: dict[str, Any] | None
+    compile_seconds: float
+
+    @property
+    def median_seconds(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def skipped_fraction(self) -> float:
+        return 1.0 - self.block_evals / self.block_calls if self.block_calls else 0.0
+
+
+def transformer_of(model: Any) -> torch.nn.Module:
+    """The diffusers transformer inside a reference model (itself for DiT)."""
+    return getattr(model, "transformer", model)
+
+
+def with_transformer(model: Any, transformer: Any) -> Any:
+    """A shallow copy of a wrapper model whose ``transformer`` is replaced (DiT: the new model)."""
+    if not hasattr(model, "transformer"):
+        return transformer
+    new = copy.copy(model)
+    new._modules = dict(model._modules)
+    new._modules["transformer"] = transformer
+    return new
+
+
+def block_modules(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+    """The Transformer blocks (children of ModuleLists named *blocks) in order."""
+    blocks = []
+    for name, child in transformer.named_children():
+        if isinstance(child, torch.nn.ModuleList) and name.endswith("blocks"):
+            blocks.extend(child)
+    return blocks
+
+
+class BlockCounter:
+    """Counts block evaluations that really ran in eager code: a forward hook on each
+    block's first submodule (a skipped block never reaches its submodules, even when
+    a cache hook wraps the block's own forward)."""
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        self.count = 0
+        self.handles = []
+        for block in block_modules(transformer):
+            first = next(block.children())
+            self.handles.append(first.register_forward_hook(self._hook))
+
+    def _hook(self, *_: Any) -> None:
+        self.count += 1
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def ours(name: str, options: dict[str, Any], setting: float | None = None) -> Method:
+    options = {"lowering": "inductor", **options}
+
+    def build(model: Any) -> Any:
+        compiled = torch.compile(transformer_of(model), backend="adacorr", options=options)
+        return with_transformer(model, compiled)
+
+    return Method(name, "ours", build, options["lowering"], options.get("policy", "adacorr"),
+                  options.get("correction", True), setting, options)
+
+
+def eager_baseline() -> Method:
+    return Method("uncached eager", "baseline", lambda m: m, "eager")
+
+
+def inductor_baseline() -> Method:
+    return Method("uncached inductor", "baseline", lambda m: with_transformer(m, torch.compile(transformer_of(m))), "inductor")
+
+
+def diffusers_cache(name: str, make_config: Callable[[], Any], setting: float | None = None) -> Method:
+    """A diffusers cache hook (``transformer.enable_cache(config)``), eager."""
+
+    def build(model: Any) -> Any:
+        transformer_of(model).enable_cache(make_config())
+        return model
+
+    def cleanup(model: Any) -> None:
+        transformer_of(model).disable_cache()
+
+    return Method(name, "peer", build, "eager", name.split(" ")[0], None, setting, cleanup=cleanup)
+
+
+def _stats_of(fn: Any) -> dict[str, Any] | None:
+    target = transformer_of(fn)
+    try:
+        return adacorr_compile.stats(target)
+    except TypeError:
+        return None
+
+
+def run_method(
+    method: Method,
+    model: Any,
+    sampler: Callable[..., torch.Tensor],
+    labels: list[int],
+    steps: int,
+    seed: int,
+    reps: int = 1,
+    progress: bool = False,
+) -> Run:
+    """Sample ``labels`` once for quality and work counts, then ``reps - 1`` more
+    times for timing (the first generation after a compile is timed only if it is
+    not the one that compiled)."""
+    fn = method.build(model)
+    counter = BlockCounter(transformer_of(model))
+    try:
+        t0 = time.perf_counter()
+        if method.lowering != "eager":  # compile outside the timed runs
+            sampler(fn, labels[:1], num_steps=2, seed=seed)
+        compile_seconds = time.perf_counter() - t0
+        stats_target = _stats_of(fn)
+        if stats_target is not None:
+            adacorr_compile.reset(transformer_of(fn))
+        counter.count = 0
+        seconds = []
+        t0 = time.perf_counter()
+        images = sampler(fn, labels, num_steps=steps, seed=seed, progress=progress)
+        seconds.append(time.perf_counter() - t0)
+        eager_evals = counter.count
+        stats = _stats_of(fn)
+        for _ in range(reps - 1):
+            t0 = time.perf_counter()
+            sampler(fn, labels, num_steps=steps, seed=seed)
+            seconds.append(time.perf_counter() - t0)
+    finally:
+        counter.close()
+        if method.cleanup is not None:
+            method.cleanup(model)
+    n_blocks = len(block_modules(transformer_of(model)))
+    calls = n_blocks * steps
+    if stats is not None and stats["totals"]["calls"]:
+        # compiled code runs no Python hooks: count from the runtime; the
+        # calls must add up to one per block per step
+        totals = stats["totals"]
+        evals = totals["computes"]
+        assert totals["calls"] == calls, (totals["calls"], calls)
+    else:
+        evals = eager_evals if method.lowering == "eager" else calls
+    return Run(method, images.detach().float().cpu(), seconds, calls, evals, stats, compile_seconds)
+
+
+def psnr_ssim(images: torch.Tensor, reference: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-image PSNR (dB) and SSIM of images in [-1, 1] against the reference (scikit-image)."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    psnr, ssim = [], []
+    for a, b in zip(images.clamp(-1, 1).numpy(), reference.clamp(-1, 1).numpy()):
+        a_hwc, b_hwc = np.moveaxis(a, 0, -1), np.moveaxis(b, 0, -1)
+        if np.array_equal(a_hwc, b_hwc):
+            psnr.append(float("inf"))
+        else:
+            psnr.append(float(peak_signal_noise_ratio(b_hwc, a_hwc, data_range=2.0)))
+        ssim.append(float(structural_similarity(b_hwc, a_hwc, data_range=2.0, channel_axis=-1)))
+    return psnr, ssim
+
+
+def quality(
+    images: torch.Tensor,
+    reference: torch.Tensor,
+    labels: list[int],
+    classifier: Any = None,
+    real_features: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Fidelity to the uncached output (PSNR, SSIM: mean and worst) and, given the
+    reference classifier, class accuracy and the Frechet distance to real data."""
+    psnr, ssim = psnr_ssim(images, reference)
+    finite = [p for p in psnr if np.isfinite(p)]
+    out = {
+        "psnr_mean": float(np.mean(finite)) if finite else float("inf"),
+        "psnr_min": float(min(psnr)),
+        "ssim_mean": float(np.mean(ssim)),
+        "ssim_min": float(min(ssim)),
+    }
+    if classifier is not None:
+        from .reference.classifier import class_accuracy, extract_features, frechet_distance
+
+        out["class_accuracy"] = float(class_accuracy(classifier, images, torch.tensor(labels)))
+        if real_features is not None:
+            out["fid_proxy"] = float(frechet_distance(extract_features(classifier, images), real_features))
+    return out
+
+
+def lambda_heatmap(stats: dict[str, Any], path: str, title: str) -> None:
+    """Layer x step heatmaps of lambda and of the offset score, with reuse marks (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    regions = stats["regions"]
+    lam = np.array([r["lambda_trace"] for r in regions], dtype=float)
+    score = np.array([r["score_trace"] for r in regions], dtype=float)
+    reuse = np.array([r["reuse_trace"] for r in regions], dtype=float)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 0.35 * len(regions) + 2.2), constrained_layout=True)
+    for ax, data, name, cmap in (
+        (axes[0], lam, "lambda = clip(gamma * S, 0, 1)", "magma"),
+        (axes[1], score, "offset score S", "viridis"),
+        (axes[2], reuse, "reused (1) / computed (0)", "Greys"),
+    ):
+        im = ax.imshow(np.ma.masked_invalid(data), aspect="auto", cmap=cmap, interpolation="nearest")
+        ax.set_title(name)
+        ax.set_xlabel("denoising step")
+        ax.set_yticks(range(len(regions)))
+        ax.set_yticklabels([r["path"] for r in regions], fontsize=7)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

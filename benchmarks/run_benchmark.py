@@ -1,0 +1,225 @@
+"""Quality/speed benchmark of every caching method on the reference models.
+
+    python benchmarks/run_benchmark.py                 # both reference models, full sweep
+    python benchmarks/run_benchmark.py --model dit --quick
+
+For each method (same model, seeds, classes and steps): the fraction of block
+evaluations skipped (counted), the wall-clock speedup against the uncached run of
+the same lowering (median of --reps generations, same process), PSNR/SSIM against
+the uncached images of the same seeds, and the Frechet distance (FID proxy) and
+class accuracy from the reference classifier. Writes
+benchmarks/results/benchmark_<model>.{json,md}, pareto_<model>.png and
+lambda_heatmap_<model>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from adacorr_compile import bench
+from adacorr_compile.reference import HELDOUT_SEED, load_reference_classifier, load_reference_dit, load_reference_flux, make_dataset
+from adacorr_compile.reference.classifier import extract_features
+from adacorr_compile.sampling import sample_dit, sample_flux
+
+RESULTS = Path(__file__).resolve().parent / "results"
+logger = logging.getLogger("adacorr_compile.bench")
+
+
+def methods_for(model_name: str, quick: bool) -> list[bench.Method]:
+    m: list[bench.Method] = [bench.eager_baseline(), bench.inductor_baseline(), bench.ours("ours caching off", {"policy": "never"})]
+    thresholds = [0.05, 0.1] if quick else [0.02, 0.05, 0.1, 0.2]
+    for thr in thresholds:
+        m.append(bench.ours(f"adacorr thr={thr}", {"reuse_threshold": thr}, thr))
+    for thr in ([0.1] if quick else [0.05, 0.1, 0.2]):
+        m.append(bench.ours(f"adacorr (no correction) thr={thr}", {"reuse_threshold": thr, "correction": False}, thr))
+    if not quick:
+        m.append(bench.ours("adacorr thr=0.1 blend", {"reuse_threshold": 0.1, "blend": True}, 0.1))
+        m.append(bench.ours("adacorr thr=0.1 drift=previous", {"reuse_threshold": 0.1, "drift_reference": "previous"}, 0.1))
+        for gamma in (0.01, 0.1):
+            m.append(bench.ours(f"adacorr paper score gamma={gamma} thr=0.1", {"score": "paper", "gamma": gamma, "reuse_threshold": 0.1}, gamma))
+    for n in ([2, 4] if quick else [2, 3, 4, 6]):
+        for corr in (False, True):
+            label = "interval" + (" + AdaCorrection" if corr else "")
+            m.append(bench.ours(f"{label} N={n}", {"policy": "interval", "interval": n, "correction": corr,
+                                                    "reuse_threshold": 0.2, "max_consecutive_reuses": n}, n))
+    for thr in ([0.1, 0.3] if quick else [0.05, 0.1, 0.2, 0.3]):
+        for corr in (False, True):
+            label = "first_block" + (" + AdaCorrection" if corr else "")
+            m.append(bench.ours(f"{label} thr={thr}", {"policy": "first_block", "first_block_threshold": thr, "correction": corr,
+                                                        "reuse_threshold": 0.2, "max_consecutive_reuses": 50}, thr))
+    if model_name == "flux":
+        m += peer_methods(quick)
+    return m
+
+
+def peer_methods(quick: bool) -> list[bench.Method]:
+    """diffusers' own cache hooks, on the same Flux transformer (eager)."""
+    out: list[bench.Method] = []
+    try:
+        from diffusers import FirstBlockCacheConfig
+
+        for thr in ([0.1, 0.3] if quick else [0.05, 0.1, 0.2, 0.3]):
+            out.append(bench.diffusers_cache(f"diffusers FirstBlockCache thr={thr}", partial(FirstBlockCacheConfig, threshold=thr), thr))
+    except ImportError as exc:  # pragma: no cover - depends on the installed diffusers
+        logger.warning("diffusers FirstBlockCacheConfig unavailable: %s", exc)
+    try:
+        from diffusers import TaylorSeerCacheConfig
+
+        for interval in ([3] if quick else [2, 3, 5]):
+            out.append(bench.diffusers_cache(
+                f"diffusers TaylorSeer interval={interval}",
+                partial(TaylorSeerCacheConfig, cache_interval=interval, disable_cache_before_step=2), interval))
+    except (ImportError, TypeError) as exc:  # pragma: no cover
+        logger.warning("diffusers TaylorSeerCacheConfig unavailable: %s", exc)
+    return out
+
+
+def real_features(classifier, n: int = 500):
+    images, _ = make_dataset(n, seed=HELDOUT_SEED)
+    return extract_features(classifier, images)
+
+
+def run(model_name: str, args: argparse.Namespace) -> dict:
+    torch.manual_seed(0)
+    model = load_reference_dit() if model_name == "dit" else load_reference_flux()
+    sampler = partial(sample_dit if model_name == "dit" else sample_flux, guidance_scale=args.guidance)
+    classifier = load_reference_classifier()
+    feats = real_features(classifier)
+    labels = [i % 10 for i in range(args.images)]
+    methods = methods_for(model_name, args.quick)
+    if args.only:
+        methods = [m for m in methods if m.kind == "baseline" or any(s in m.name for s in args.only)]
+    runs: list[bench.Run] = []
+    for k, method in enumerate(methods):
+        t0 = time.perf_counter()
+        try:
+            runs.append(bench.run_method(method, model, sampler, labels, args.steps, args.seed, reps=args.reps))
+        except Exception as exc:  # a peer that cannot run is reported, not fatal
+            logger.warning("%s failed: %s: %s", method.name, type(exc).__name__, exc)
+            continue
+        logger.warning("[%d/%d] %s: %.1f s", k + 1, len(methods), method.name, time.perf_counter() - t0)
+    reference = runs[0].images  # uncached eager, same seeds
+    base_time = {r.method.lowering: r.median_seconds for r in runs if r.method.kind == "baseline"}
+    rows = []
+    for r in runs:
+        q = bench.quality(r.images, reference, labels, classifier, feats)
+        rows.append({
+            "method": r.method.name, "kind": r.method.kind, "policy": r.method.policy, "correction": r.method.correction,
+            "setting": r.method.setting, "lowering": r.method.lowering, "options": r.method.options,
+            "seconds": r.seconds, "median_seconds": r.median_seconds,
+            "speedup": base_time[r.method.lowering] / r.median_seconds,
+            "speedup_vs_eager": base_time["eager"] / r.median_seconds,
+            "skipped": r.skipped_fraction, "block_calls": r.block_calls, "block_evals": r.block_evals,
+            "compile_seconds": r.compile_seconds, **q,
+        })
+    heat = next((r for r in runs if r.method.name == args.heatmap_method), None)
+    if heat is not None and heat.stats is not None:
+        bench.lambda_heatmap(heat.stats, str(RESULTS / f"lambda_heatmap_{model_name}.png"),
+                             f"reference {model_name}: {heat.method.name}, {args.steps} steps")
+    return {
+        "model": model_name, "steps": args.steps, "images": len(labels), "labels": labels, "seed": args.seed,
+        "guidance": args.guidance, "reps": args.reps, "threads": torch.get_num_threads(),
+        "device": f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
+        "torch": torch.__version__, "command": " ".join(sys.argv), "rows": rows,
+    }
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"### Reference {result['model']}: {result['images']} images, {result['steps']} steps, CFG {result['guidance']}, "
+        f"{result['device']}, median of {result['reps']}",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        "| method | lowering | blocks skipped | speedup (same lowering) | PSNR mean / worst (dB) | SSIM mean / worst | FID proxy | class acc |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in result["rows"]:
+        psnr = "exact" if r["psnr_min"] == float("inf") else f"{r['psnr_mean']:.1f} / {r['psnr_min']:.1f}"
+        lines.append(
+            f"| {r['method']} | {r['lowering']} | {r['skipped']:.1%} | {r['speedup']:.2f}x | {psnr} | "
+            f"{r['ssim_mean']:.3f} / {r['ssim_min']:.3f} | {r.get('fid_proxy', float('nan')):.2f} | {r.get('class_accuracy', float('nan')):.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def pareto(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[str, list[dict]] = {}
+    for r in result["rows"]:
+        if r["kind"] == "baseline" or r["method"] == "ours caching off":
+            key = r["method"]
+        else:
+            key = r["method"].rsplit(" ", 1)[0] if r["setting"] is not None else r["method"]
+        groups.setdefault(key, []).append(r)
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6), constrained_layout=True)
+    for ax, metric, label in ((axes[0], "psnr_mean", "PSNR vs uncached (dB), higher is better"),
+                              (axes[1], "fid_proxy", "FID proxy vs real data, lower is better")):
+        for key, rows in groups.items():
+            rows = sorted(rows, key=lambda r: r["skipped"])
+            xs = [r["skipped"] for r in rows]
+            ys = [min(r[metric], 60.0) for r in rows]
+            marker = "s" if rows[0]["kind"] == "ours" and rows[0]["correction"] else ("^" if rows[0]["kind"] == "peer" else "o")
+            ax.plot(xs, ys, marker=marker, linestyle="-" if len(rows) > 1 else "none", label=key)
+        ax.set_xlabel("fraction of block evaluations skipped (counted)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"reference {result['model']}: quality vs work saved ({result['steps']} steps)")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(8, 6), constrained_layout=True)
+    for key, rows in groups.items():
+        rows = sorted(rows, key=lambda r: r["speedup"])
+        marker = "s" if rows[0]["kind"] == "ours" and rows[0]["correction"] else ("^" if rows[0]["kind"] == "peer" else "o")
+        ax.plot([r["speedup"] for r in rows], [min(r["psnr_mean"], 60.0) for r in rows], marker=marker,
+                linestyle="-" if len(rows) > 1 else "none", label=key)
+    ax.set_xlabel("wall-clock speedup vs uncached run of the same lowering (same process)")
+    ax.set_ylabel("PSNR vs uncached (dB), capped at 60")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.savefig(path.with_name(path.stem + "_speed.png"), dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["dit", "flux", "both"], default="both")
+    parser.add_argument("--images", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--quick", action="store_true", help="fewer settings per policy")
+    parser.add_argument("--only", nargs="*", help="run only methods whose name contains one of these (plus baselines)")
+    parser.add_argument("--heatmap-method", default="adacorr thr=0.1")
+    parser.add_argument("--tag", default="", help="suffix for the result files")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for name in (["dit", "flux"] if args.model == "both" else [args.model]):
+        result = run(name, args)
+        stem = f"benchmark_{name}{args.tag}"
+        (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
+        md = markdown(result)
+        (RESULTS / f"{stem}.md").write_text(md)
+        pareto(result, RESULTS / f"pareto_{name}{args.tag}.png")
+        print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
