@@ -157,7 +157,8 @@ def run_method(
     times for timing (the first generation after a compile is timed only if it is
     not the one that compiled)."""
     fn = method.build(model)
-    counter = BlockCounter(transformer_of(model))
+    # hooks only on eager runs: Dynamo would trace them (and guard on their counter)
+    counter = BlockCounter(transformer_of(model)) if method.lowering == "eager" else None
     try:
         t0 = time.perf_counter()
         if method.lowering != "eager":  # compile outside the timed runs
@@ -166,19 +167,21 @@ def run_method(
         stats_target = _stats_of(fn)
         if stats_target is not None:
             adacorr_compile.reset(transformer_of(fn))
-        counter.count = 0
+        if counter is not None:
+            counter.count = 0
         seconds = []
         t0 = time.perf_counter()
         images = sampler(fn, labels, num_steps=steps, seed=seed, progress=progress)
         seconds.append(time.perf_counter() - t0)
-        eager_evals = counter.count
+        eager_evals = counter.count if counter is not None else None
         stats = _stats_of(fn)
         for _ in range(reps - 1):
             t0 = time.perf_counter()
             sampler(fn, labels, num_steps=steps, seed=seed)
             seconds.append(time.perf_counter() - t0)
     finally:
-        counter.close()
+        if counter is not None:
+            counter.close()
         if method.cleanup is not None:
             method.cleanup(model)
     n_blocks = len(block_modules(transformer_of(model)))
@@ -190,7 +193,7 @@ def run_method(
         evals = totals["computes"]
         assert totals["calls"] == calls, (totals["calls"], calls)
     else:
-        evals = eager_evals if method.lowering == "eager" else calls
+        evals = eager_evals if eager_evals is not None else calls
     return Run(method, images.detach().float().cpu(), seconds, calls, evals, stats, compile_seconds)
 
 
