@@ -36,26 +36,24 @@ logger = logging.getLogger("adacorr_compile.bench")
 
 def methods_for(model_name: str, quick: bool) -> list[bench.Method]:
     m: list[bench.Method] = [bench.eager_baseline(), bench.inductor_baseline(), bench.ours("ours caching off", {"policy": "never"})]
-    thresholds = [0.05, 0.1] if quick else [0.02, 0.05, 0.1, 0.2]
-    for thr in thresholds:
+    veto = 0.08  # lambda above which "X + AdaCorrection" vetoes a reuse
+    for thr in ([0.03, 0.05] if quick else [0.02, 0.03, 0.05, 0.08]):
         m.append(bench.ours(f"adacorr thr={thr}", {"reuse_threshold": thr}, thr))
-    for thr in ([0.1] if quick else [0.05, 0.1, 0.2]):
+    for thr in ([0.05] if quick else [0.03, 0.05]):
         m.append(bench.ours(f"adacorr (no correction) thr={thr}", {"reuse_threshold": thr, "correction": False}, thr))
     if not quick:
-        m.append(bench.ours("adacorr thr=0.1 blend", {"reuse_threshold": 0.1, "blend": True}, 0.1))
-        m.append(bench.ours("adacorr thr=0.1 drift=previous", {"reuse_threshold": 0.1, "drift_reference": "previous"}, 0.1))
-        for gamma in (0.01, 0.1):
-            m.append(bench.ours(f"adacorr paper score gamma={gamma} thr=0.1", {"score": "paper", "gamma": gamma, "reuse_threshold": 0.1}, gamma))
-    for n in ([2, 4] if quick else [2, 3, 4, 6]):
+        m.append(bench.ours("adacorr blend thr=0.05", {"reuse_threshold": 0.05, "blend": True}, 0.05))
+        m.append(bench.ours("adacorr paper score gamma=0.01 thr=0.05", {"score": "paper", "gamma": 0.01, "reuse_threshold": 0.05}, 0.01))
+    for n in ([2, 4] if quick else [2, 3, 4]):
         for corr in (False, True):
             label = "interval" + (" + AdaCorrection" if corr else "")
             m.append(bench.ours(f"{label} N={n}", {"policy": "interval", "interval": n, "correction": corr,
-                                                    "reuse_threshold": 0.2, "max_consecutive_reuses": n}, n))
-    for thr in ([0.1, 0.3] if quick else [0.05, 0.1, 0.2, 0.3]):
+                                                    "reuse_threshold": veto, "max_consecutive_reuses": n}, n))
+    for thr in ([0.1, 0.3] if quick else [0.1, 0.2, 0.3]):
         for corr in (False, True):
             label = "first_block" + (" + AdaCorrection" if corr else "")
             m.append(bench.ours(f"{label} thr={thr}", {"policy": "first_block", "first_block_threshold": thr, "correction": corr,
-                                                        "reuse_threshold": 0.2, "max_consecutive_reuses": 50}, thr))
+                                                        "reuse_threshold": veto, "max_consecutive_reuses": 50}, thr))
     if model_name == "flux":
         m += peer_methods(quick)
     return m
@@ -67,14 +65,14 @@ def peer_methods(quick: bool) -> list[bench.Method]:
     try:
         from diffusers import FirstBlockCacheConfig
 
-        for thr in ([0.1, 0.3] if quick else [0.05, 0.1, 0.2, 0.3]):
+        for thr in ([0.1, 0.3] if quick else [0.1, 0.2, 0.3]):
             out.append(bench.diffusers_cache(f"diffusers FirstBlockCache thr={thr}", partial(FirstBlockCacheConfig, threshold=thr), thr))
     except ImportError as exc:  # pragma: no cover - depends on the installed diffusers
         logger.warning("diffusers FirstBlockCacheConfig unavailable: %s", exc)
     try:
         from diffusers import TaylorSeerCacheConfig
 
-        for interval in ([3] if quick else [2, 3, 5]):
+        for interval in ([3] if quick else [2, 4]):
             out.append(bench.diffusers_cache(
                 f"diffusers TaylorSeer interval={interval}",
                 partial(TaylorSeerCacheConfig, cache_interval=interval, disable_cache_before_step=2), interval))
@@ -205,10 +203,13 @@ def main() -> int:
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--quick", action="store_true", help="fewer settings per policy")
     parser.add_argument("--only", nargs="*", help="run only methods whose name contains one of these (plus baselines)")
-    parser.add_argument("--heatmap-method", default="adacorr thr=0.1")
+    parser.add_argument("--heatmap-method", default="adacorr thr=0.05")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--tag", default="", help="suffix for the result files")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     RESULTS.mkdir(parents=True, exist_ok=True)
     for name in (["dit", "flux"] if args.model == "both" else [args.model]):
         result = run(name, args)
