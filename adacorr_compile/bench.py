@@ -103,8 +103,8 @@ class BlockCounter:
             h.remove()
 
 
-def ours(name: str, options: dict[str, Any], setting: float | None = None) -> Method:
-    options = {"lowering": "inductor", **options}
+def ours(name: str, options: dict[str, Any], setting: float | None = None, lowering: str = "inductor") -> Method:
+    options = {"lowering": lowering, **options}
 
     def build(model: Any) -> Any:
         compiled = torch.compile(transformer_of(model), backend="adacorr", options=options)
