@@ -96,3 +96,68 @@ def decide(
         assert lam is not None
         return [x <= config.reuse_threshold for x in lam]
     return [True] * units
+
+
+STEPS_UNKNOWN = 1 << 62  # ``steps_left`` as a tensor when the host's value is None
+
+
+def decide_tensor(
+    config: AdaCorrConfig,
+    step: torch.Tensor,
+    steps_left: torch.Tensor,
+    consecutive: torch.Tensor,
+    has_cache: torch.Tensor,
+    valid: torch.Tensor,
+    is_first_region: bool,
+    lam: torch.Tensor | None,
+    first_block_similar: torch.Tensor | None,
+    score: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """In-graph twin of :meth:`Guards.forced` + :func:`decide` + the region's non-finite
+    checks, for ``decision="batch"``: ``(reuse, nonfinite)``, two 0-d bool tensors.
+
+    Used where the decision must live inside a traced graph (ONNX ``If``, ``torch.cond``):
+    ``step``, ``steps_left``, ``consecutive`` are 0-d int64 (``steps_left`` is
+    :data:`STEPS_UNKNOWN` where the host's is None); ``has_cache``, ``valid`` (the cache
+    is finite) are 0-d bool; ``lam`` a 0-d float (ignored where :func:`needs_lambda` is
+    False); ``first_block_similar`` a 0-d bool for ``first_block``; ``score`` the OEM
+    score, whose non-finiteness forces a compute as on the host ("non-finite input").
+    The config is static: its branches are resolved in Python, only values are tensors.
+    ``nonfinite`` is True where no guard forced a compute but the cache or the score is
+    not finite (the host's ``stats.nonfinite``).
+    """
+    if config.decision != "batch":
+        raise NotImplementedError("decide_tensor supports decision='batch' only")
+    has_cache = has_cache.to(torch.bool)
+    false = torch.zeros_like(has_cache)
+    forced = ~has_cache
+    if config.policy == "never":
+        forced = ~false
+    forced = forced | (step < config.warmup_steps)
+    forced = forced | (steps_left < config.final_steps)
+    forced = forced | (consecutive >= config.max_consecutive_reuses)
+    if config.policy == "first_block" and is_first_region:
+        forced = ~false
+    finite = valid.to(torch.bool)
+    if score is not None:
+        finite = finite & torch.isfinite(score).all()
+    nonfinite = ~forced & ~finite
+    if config.policy == "never" or (config.policy == "first_block" and is_first_region):
+        return false, nonfinite  # always forced: the policy is not consulted
+    lam_ok = None
+    if needs_lambda(config):
+        assert lam is not None, "lambda is needed by this policy"
+        lam_ok = lam <= config.reuse_threshold
+    if config.policy == "adacorr":
+        proposed = lam_ok
+    else:
+        if config.policy == "interval":
+            proposed = torch.remainder(step - config.warmup_steps, config.interval) != 0
+        elif config.policy == "first_block":
+            assert first_block_similar is not None, "first_block needs the first block's verdict"
+            proposed = first_block_similar.to(torch.bool)
+        else:  # pragma: no cover - validated by AdaCorrConfig
+            raise ValueError(f"unknown policy {config.policy!r}")
+        if config.correction:
+            proposed = proposed & lam_ok
+    return ~forced & finite & proposed, nonfinite

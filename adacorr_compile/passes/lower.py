@@ -125,7 +125,9 @@ class _PartCompiler(fx.Interpreter):
             return _PartCompiler(sub, self.config).run_with_bodies(self.bodies, *args)
         out = sub(*args)
         if any(n.op == "call_function" or n.op == "call_method" or n.op == "call_module" for n in sub.graph.nodes):
-            compiled = compile_graph(sub, list(args), self.config, f"glue {target}")
+            # TensorRT is for block bodies; the glue between them goes through Inductor
+            glue_config = self.config.replace(lowering="inductor") if self.config.lowering == "tensorrt" else self.config
+            compiled = compile_graph(sub, list(args), glue_config, f"glue {target}")
             setattr(self.module, target, compiled)
         return out
 

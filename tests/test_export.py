@@ -1,0 +1,301 @@
+"""Export: the ONNX step graph against the PyTorch backend, its structure, the runner, the CLI.
+
+Each export costs tens of seconds on CPU (torch.export, then the exporter's decomposition
+retraces every ``torch.cond``), so each is made once per module and each family
+exercises another policy. TensorRT itself is not installable on CPU: those tests skip
+with the reason; what can be checked without it (the parser's known restrictions) is
+checked on every export.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+import onnx  # noqa: E402
+
+import adacorr_compile  # noqa: E402
+from adacorr_compile import AdaCorrConfig  # noqa: E402
+from adacorr_compile.export import OnnxRunner, bench_onnxruntime, check_tensorrt_patterns, read_metadata, to_onnx  # noqa: E402
+from adacorr_compile.export.onnx import expected_if_nodes, initial_state  # noqa: E402
+from adacorr_compile.export.tensorrt import (  # noqa: E402
+    TensorRTUnavailable,
+    compile_with_torch_tensorrt,
+    tensorrt_available,
+    to_tensorrt,
+    torch_tensorrt_available,
+)
+from adacorr_compile.policies import STEPS_UNKNOWN, Guards, decide, decide_tensor, needs_lambda  # noqa: E402
+from adacorr_compile.tiny import tiny_dit, tiny_flux, tiny_pixart, tiny_sd3  # noqa: E402
+
+STEPS = 8
+
+# family -> (factory, options, dynamic): one policy per family. Thresholds are chosen so
+# that the 8-step loop both reuses and computes, away from the measured values (SD3's
+# first-block relative changes run 0.18-0.40; 0.25 gives both verdicts with a margin of
+# >= 0.008). The backend runs with the same options.
+CASES = {
+    "dit": (tiny_dit, {}, "batch"),  # adacorr defaults; the backend lowers with Inductor (the default)
+    "pixart": (lambda: tiny_pixart(num_layers=2), {"policy": "interval", "correction": True, "reuse_threshold": 0.5}, "tokens"),
+    "sd3": (lambda: tiny_sd3(num_layers=2), {"policy": "first_block", "correction": False, "first_block_threshold": 0.25}, "all"),
+    "flux": (lambda: tiny_flux(num_layers=2, num_single_layers=2),
+             {"blend": True, "drift_reference": "previous", "reuse_threshold": 0.1}, "tokens"),
+}
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """family -> (model, inputs, options, onnx path, ExportResult), made on first use."""
+    made = {}
+    root = tmp_path_factory.mktemp("onnx")
+
+    def get(family):
+        if family not in made:
+            factory, options, dynamic = CASES[family]
+            model, inputs = factory()
+            path = root / f"{family}.onnx"
+            with torch.no_grad():
+                result = to_onnx(model, inputs(0, 900.0), path, config=options, dynamic=dynamic)
+            made[family] = (model, inputs, options, str(path), result)
+        return made[family]
+
+    return get
+
+
+def timesteps(steps=STEPS, start=900.0):
+    return [start - k * (start / steps) for k in range(steps)]
+
+
+# --------------------------------------------------------------------------- decision twin
+
+
+def _host_verdict(cfg, guards, lam, similar, valid, score_finite):
+    """What runtime/region.py does with decision='batch': (reuse, counted as non-finite)."""
+    if guards.forced(cfg) is not None:
+        return False, False
+    if not valid or not score_finite:
+        return False, True
+    verdict = decide(cfg, guards, [lam] if needs_lambda(cfg) else None, similar)
+    return (not isinstance(verdict, str) and all(verdict)), False
+
+
+def test_decide_tensor_matches_host_decide():
+    configs = [
+        AdaCorrConfig(policy=p, correction=c, warmup_steps=2, final_steps=1, max_consecutive_reuses=2, interval=3, reuse_threshold=0.1)
+        for p in ("adacorr", "interval", "first_block", "never")
+        for c in (True, False)
+    ]
+    checked = 0
+    for cfg, step, left, consecutive, first, lam, similar, finite in itertools.product(
+        configs, (0, 1, 2, 3, 4, 5), (None, 0, 1, 4), (0, 2), (True, False), (0.05, 0.1, 0.5), (True, False),
+        ("ok", "cache", "input"),
+    ):
+        has_cache = step > 0
+        guards = Guards(step=step, steps_left=left, consecutive_reuses=consecutive, has_cache=has_cache, is_first_region=first)
+        valid, score_ok = finite != "cache", finite != "input"
+        want = _host_verdict(cfg, guards, lam, similar, valid, score_ok)
+        reuse, nonfinite = decide_tensor(
+            cfg,
+            torch.tensor(step),
+            torch.tensor(STEPS_UNKNOWN if left is None else left),
+            torch.tensor(consecutive),
+            torch.tensor(has_cache),
+            torch.tensor(valid),
+            first,
+            torch.tensor(lam),
+            torch.tensor(similar),
+            torch.tensor(0.01 if score_ok else math.nan),
+        )
+        assert (bool(reuse), bool(nonfinite)) == want, (cfg.policy, cfg.correction, step, left, consecutive, first, lam, similar, finite)
+        checked += 1
+    assert checked > 5000
+
+
+# --------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_onnxruntime_matches_backend_step_by_step(family, exports):
+    model, inputs, options, path, result = exports(family)
+    runner = OnnxRunner(path)
+    backend_options = dict(options) if family == "dit" else {"lowering": "eager", **options}
+    compiled = torch.compile(model, backend="adacorr", options=backend_options)
+    with torch.no_grad():
+        for k, t in enumerate(timesteps()):
+            kw = inputs(k, t)
+            want = compiled(**kw, return_dict=False)[0]
+            got = runner(**kw)[0]
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5, msg=lambda m: f"{family} step {k}: {m}")
+    ours, theirs = runner.stats(), adacorr_compile.stats(compiled)
+    assert [r["path"] for r in ours["regions"]] == [r["path"] for r in theirs["regions"]] == result.regions
+    for a, b in zip(ours["regions"], theirs["regions"]):
+        assert a["reuse_trace"] == b["reuse_trace"], (a["path"], a["reuse_trace"], b["reuse_trace"])
+        assert (a["calls"], a["reuses"], a["computes"], a["nonfinite"]) == (b["calls"], b["reuses"], b["computes"], b["nonfinite"])
+        np.testing.assert_allclose(a["lambda_trace"], b["lambda_trace"], rtol=1e-4, atol=1e-6)
+    assert 0 < ours["totals"]["reuses"] < ours["totals"]["calls"], "the loop must both reuse and compute"
+    assert ours["steps"] == STEPS
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_graph_structure_and_tensorrt_patterns(family, exports):
+    _, _, options, path, result = exports(family)
+    onnx.checker.check_model(path, full_check=True)
+    proto = onnx.load(path)
+    report = check_tensorrt_patterns(proto, expect_if=expected_if_nodes(AdaCorrConfig.from_options(options), len(result.regions)))
+    assert report["problems"] == []
+    assert "Attention" not in report["ops"] and report["opset"] < 23
+    regions = len(result.regions)
+    assert regions >= 2 and report["if_nodes"] == regions - (options.get("policy") == "first_block")
+    assert [n.op_type for n in proto.graph.node].count("If") == report["if_nodes"]  # one per region, top level
+    meta = read_metadata(proto)
+    names = {i.name for i in proto.graph.input}
+    assert {s["name"] for s in meta["states"]} <= names and "adacorr_step" in names
+    assert {s["name"] + "_next" for s in meta["states"]} <= {o.name for o in proto.graph.output}
+
+
+def test_pattern_check_flags_what_tensorrt_rejects():
+    from onnx import TensorProto, helper
+
+    def branch(name, rank):
+        out = helper.make_tensor_value_info(name, TensorProto.FLOAT, [2] * rank)
+        return helper.make_graph([helper.make_node("Constant", [], [name], value_floats=[0.0])], name, [], [out])
+
+    cond = helper.make_tensor_value_info("c", TensorProto.BOOL, [])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    nodes = [
+        helper.make_node("If", ["c"], ["y"], then_branch=branch("same", 1), else_branch=branch("same", 2)),
+        helper.make_node("Attention", ["y", "y", "y"], ["z"]),
+    ]
+    graph = helper.make_graph(nodes, "g", [cond], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    problems = " ".join(check_tensorrt_patterns(model, expect_if=2)["problems"])
+    assert "Attention" in problems and "not distinct" in problems and "ranks 1 vs 2" in problems and "expected 2 If" in problems
+
+
+# --------------------------------------------------------------------------- runner
+
+
+def test_runner_dynamic_batch_generations_and_reset(exports):
+    model, inputs, _, path, result = exports("dit")
+    assert result.dynamic["hidden_states"] == [0]
+    runner = OnnxRunner(path)
+    with torch.no_grad():
+        for k, t in enumerate(timesteps(4)):
+            runner(**inputs(k, t))
+        assert runner.stats()["steps"] == 4 and runner.stats()["generations"] == 0
+        runner(**inputs(0, 900.0))  # timestep went up: new generation
+        s = runner.stats()
+        assert s["steps"] == 1 and s["generations"] == 1 and s["regions"][0]["reuse_trace"] == [0.0]
+        kw = inputs(0, 500.0, batch=3)  # new batch size: new generation, state resized
+        got = runner(**kw)[0]
+        torch.testing.assert_close(got, model(**kw, return_dict=False)[0], rtol=1e-4, atol=2e-5)
+        assert runner.stats()["generations"] == 2 and runner.state()["adacorr_r0_ref_in_0"].shape[0] == 3
+    runner.reset(num_steps=5)
+    s = runner.stats()
+    assert s["steps"] == 0 and s["totals"]["calls"] == 0 and s["generations"] == 0
+
+
+def test_runner_state_buffers_are_distinct(exports):
+    _, inputs, _, path, _ = exports("dit")
+    meta = read_metadata(path)
+    from adacorr_compile.export.onnx import StateSpec
+
+    states = [StateSpec(**s) for s in meta["states"]]
+    shapes = {k: tuple(v.shape) for k, v in inputs(0, 900.0).items()}
+    init = list(initial_state(states, shapes).values())
+    for a, b in itertools.combinations(init, 2):
+        assert not np.shares_memory(a, b)
+
+
+def test_dynamic_tokens(exports):
+    """Flux and PixArt are exported with dynamic="tokens", SD3 with "all" (latent H, W too):
+    other token counts run, with state shapes derived from the inputs' (SD3: (H/2)*(W/2))."""
+    model, inputs, _, path, result = exports("flux")
+    assert result.dynamic["hidden_states"] == [0, 1] and result.dynamic["img_ids"] == [0]
+    kw = inputs(0, 900.0)
+    kw["hidden_states"] = torch.cat([kw["hidden_states"], kw["hidden_states"].flip(1)], 1)  # 32 image tokens
+    kw["img_ids"] = torch.cat([kw["img_ids"], kw["img_ids"] + 4.0], 0)
+    with torch.no_grad():
+        got = OnnxRunner(path)(**kw)[0]  # first step: every region computes
+        torch.testing.assert_close(got, model(**kw, return_dict=False)[0], rtol=1e-4, atol=2e-5)
+    model, inputs, _, path, result = exports("sd3")
+    assert result.dynamic["hidden_states"] == [0, 2, 3] and result.dynamic["encoder_hidden_states"] == [0, 1]
+    kw = inputs(0, 900.0, batch=3)
+    kw["hidden_states"] = torch.nn.functional.interpolate(kw["hidden_states"], size=(12, 16))  # 48 image tokens
+    kw["encoder_hidden_states"] = torch.cat([kw["encoder_hidden_states"]] * 2, 1)
+    with torch.no_grad():
+        runner = OnnxRunner(path)
+        got = runner(**kw)[0]
+        torch.testing.assert_close(got, model(**kw, return_dict=False)[0], rtol=1e-4, atol=2e-5)
+    assert runner.state()["adacorr_r0_ref_res_0"].shape == (3, 48, 16)
+    model, inputs, _, path, result = exports("pixart")
+    assert result.dynamic["encoder_hidden_states"] == [0, 1]
+    kw = inputs(0, 900.0)
+    kw["encoder_hidden_states"] = torch.cat([kw["encoder_hidden_states"]] * 2, 1)  # 10 text tokens
+    with torch.no_grad():
+        got = OnnxRunner(path)(**kw)[0]
+        torch.testing.assert_close(got, model(**kw, return_dict=False)[0], rtol=1e-4, atol=2e-5)
+
+
+# --------------------------------------------------------------------------- CLI and benchmark
+
+
+def test_cli_export_uncached_and_bench(tmp_path, exports, capsys):
+    from adacorr_compile.cli import main
+    from adacorr_compile.cli_export import parse_option
+
+    assert parse_option("reuse_threshold=0.1") == ("reuse_threshold", 0.1)
+    assert parse_option("correction=false") == ("correction", False)
+    assert parse_option("policy=interval") == ("policy", "interval")
+    with pytest.raises(SystemExit, match="reuse_threshold"):
+        main(["export", "onnx", "--model", "dit", "--out", str(tmp_path / "x.onnx"), "--option", "reuse_threshold=7"])
+    plain = tmp_path / "dit_plain.onnx"
+    # the factory route (package.module:factory), uncached: the baseline of the benchmark
+    assert main(["export", "onnx", "--model", "adacorr_compile.tiny:tiny_dit", "--out", str(plain), "--no-cache"]) == 0
+    assert '"if_nodes": 0' in capsys.readouterr().out
+    model, inputs, _, cached, _ = exports("dit")
+    with torch.no_grad():
+        kw = inputs(0, 900.0)
+        torch.testing.assert_close(OnnxRunner(plain)(**kw)[0], model(**kw, return_dict=False)[0], rtol=1e-4, atol=2e-5)
+    result = bench_onnxruntime(plain, cached, inputs, steps=6, repeats=1)
+    assert result["uncached"]["median_ms"] > 0 and result["cached"]["mean_ms"] > 0 and 0 < result["reuse_fraction"] < 1
+
+
+# --------------------------------------------------------------------------- TensorRT
+
+
+@pytest.mark.skipif(torch_tensorrt_available(), reason="torch-tensorrt is installed: the missing-package error cannot be provoked")
+def test_torch_tensorrt_lowering_names_the_missing_package():
+    gm = torch.fx.symbolic_trace(torch.nn.Linear(4, 4))
+    with pytest.raises(TensorRTUnavailable, match="lowering='tensorrt' needs torch-tensorrt: pip install torch-tensorrt"):
+        compile_with_torch_tensorrt(gm, [torch.zeros(2, 4)], "body")
+
+
+@pytest.mark.skipif(tensorrt_available(), reason="tensorrt is installed: the missing-package error cannot be provoked")
+def test_to_tensorrt_names_the_missing_package(tmp_path):
+    with pytest.raises(TensorRTUnavailable, match="pip install tensorrt"):
+        to_tensorrt(tmp_path / "missing.onnx", tmp_path / "x.engine")
+
+
+@pytest.mark.skipif(not tensorrt_available() or not torch.cuda.is_available(),
+                    reason="TensorRT engine build needs the tensorrt package and a CUDA GPU (neither is available here)")
+def test_tensorrt_engine_builds_from_step_graph(exports, tmp_path):
+    from adacorr_compile.export.tensorrt import profiles_for
+
+    _, inputs, _, path, _ = exports("dit")
+    meta = read_metadata(path)
+
+    def shapes(b):
+        kw = inputs(0, 900.0, batch=b)
+        return {n: list(kw[n].shape) for n in meta["model_inputs"]}
+
+    engine = to_tensorrt(path, tmp_path / "dit.engine", profiles_for(meta, shapes(1), shapes(2), shapes(4)))
+    assert (tmp_path / "dit.engine").stat().st_size > 0 and engine.endswith("dit.engine")
