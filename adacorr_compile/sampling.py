@@ -7,7 +7,10 @@ on:
 * exactly one model call per denoising step; classifier-free guidance is one
   batched call on ``cat([x, x])`` with labels ``cat([y, null])``;
 * the timestep handed to the model strictly decreases within a generation (a
-  timestep that goes back up marks a new generation).
+  timestep that goes back up marks a new generation);
+* when a diffusers cache is enabled on the model (``enable_cache``), each call
+  runs inside ``cache_context("cond", ...)`` and the cache state is reset at the
+  start and end of every generation, as diffusers' pipelines do.
 
 DiT call: ``model(x_in, timestep=t_batch, class_labels=labels)`` returning an
 object with ``.sample`` (a ``Transformer2DModelOutput``), a tuple, or a tensor.
@@ -17,6 +20,7 @@ tensor (the velocity), see :class:`adacorr_compile.reference.models.ClassConditi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -74,6 +78,50 @@ def _find_attr(model: Any, name: str, default: Any) -> Any:
     return default
 
 
+def _cache_owner(model: Any) -> Any:
+    """The diffusers model under ``model`` with a diffusers cache enabled, or None.
+
+    Looks at the model itself, ``torch.compile``'s ``_orig_mod`` and a
+    ``.transformer`` attribute (:class:`ClassConditionedFlux`).
+    """
+    todo, seen = [model], 0
+    while todo and seen < 8:
+        obj = todo.pop(0)
+        seen += 1
+        if obj is None:
+            continue
+        if getattr(obj, "is_cache_enabled", False) is True and hasattr(obj, "cache_context"):
+            return obj
+        todo += [getattr(obj, "_orig_mod", None), getattr(obj, "transformer", None)]
+    return None
+
+
+class _DiffusersCacheSteps:
+    """Per-generation bookkeeping for diffusers' own cache hooks
+    (``transformer.enable_cache(...)``): resets their state at the start and end
+    of a generation and wraps each model call in ``cache_context``. A no-op when
+    no diffusers cache is enabled."""
+
+    def __init__(self, model: Any, num_steps: int):
+        self.owner = _cache_owner(model)
+        self.num_steps = num_steps
+
+    def __enter__(self) -> "_DiffusersCacheSteps":
+        if self.owner is not None:
+            self.owner._reset_stateful_cache()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.owner is not None:
+            self.owner._reset_stateful_cache()
+
+    def step(self, index: int, timestep: Any):
+        if self.owner is None:
+            return contextlib.nullcontext()
+        return self.owner.cache_context("cond", step_index=index, num_inference_steps=self.num_steps,
+                                        timestep=timestep)
+
+
 def make_dit_scheduler(scheduler: str = "ddim"):
     """A fresh diffusers scheduler matching the DiT's training noise schedule."""
     from diffusers import DDIMScheduler
@@ -112,8 +160,8 @@ def sample_dit(
 ) -> torch.Tensor:
     """DDIM (eta=0) sampling of a class-conditional DiT with batched CFG.
 
-    Returns images [B, C, H, W] in [-1, 1] (float32, CPU-independent of the
-    model's device: same device as the model). ``callback(step_index, t, x)``
+    Returns images [B, C, H, W] in [-1, 1] (float32, on the model's device).
+    The initial noise is drawn on the CPU from ``seed``. ``callback(step_index, t, x)``
     is called after each step with the updated sample. Geometry and the null
     class are read from the model's diffusers config when not given.
     """
@@ -137,15 +185,17 @@ def sample_dit(
     x = torch.randn((b, channels, image_size, image_size), generator=gen, dtype=torch.float32)
     x = (x * sched.init_noise_sigma).to(device=device, dtype=dtype)
 
-    for i, t in enumerate(_progress(sched.timesteps, progress, "DiT DDIM")):
-        x_in = torch.cat([x, x])
-        t_batch = torch.full((2 * b,), int(t), dtype=torch.long, device=device)
-        out = _output_tensor(model(x_in, timestep=t_batch, class_labels=labels_in))
-        eps_cond, eps_uncond = out.float().chunk(2)
-        eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-        x = sched.step(eps, t, x.float(), eta=0.0).prev_sample.to(dtype)
-        if callback is not None:
-            callback(i, t, x)
+    with _DiffusersCacheSteps(model, num_steps) as cache:
+        for i, t in enumerate(_progress(sched.timesteps, progress, "DiT DDIM")):
+            x_in = torch.cat([x, x])
+            t_batch = torch.full((2 * b,), int(t), dtype=torch.long, device=device)
+            with cache.step(i, t):
+                out = _output_tensor(model(x_in, timestep=t_batch, class_labels=labels_in))
+            eps_cond, eps_uncond = out.float().chunk(2)
+            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+            x = sched.step(eps, t, x.float(), eta=0.0).prev_sample.to(dtype)
+            if callback is not None:
+                callback(i, t, x)
     return x.float().clamp(-1.0, 1.0)
 
 
@@ -197,16 +247,18 @@ def sample_flux(
     x = torch.randn((b, channels, image_size, image_size), generator=gen, dtype=torch.float32)
     x = x.to(device=device, dtype=dtype)
     ts = flux_timesteps(num_steps)
-    for i in _progress(range(num_steps), progress, "Flux Euler"):
-        t, t_next = float(ts[i]), float(ts[i + 1])
-        x_in = torch.cat([x, x])
-        t_batch = torch.full((2 * b,), t, dtype=dtype, device=device)
-        v = _output_tensor(wrapper(x_in, timestep=t_batch, class_labels=labels_in)).float()
-        v_cond, v_uncond = v.chunk(2)
-        v = v_uncond + guidance_scale * (v_cond - v_uncond)
-        x = (x.float() + (t_next - t) * v).to(dtype)
-        if callback is not None:
-            callback(i, ts[i], x)
+    with _DiffusersCacheSteps(wrapper, num_steps) as cache:
+        for i in _progress(range(num_steps), progress, "Flux Euler"):
+            t, t_next = float(ts[i]), float(ts[i + 1])
+            x_in = torch.cat([x, x])
+            t_batch = torch.full((2 * b,), t, dtype=dtype, device=device)
+            with cache.step(i, t):
+                v = _output_tensor(wrapper(x_in, timestep=t_batch, class_labels=labels_in)).float()
+            v_cond, v_uncond = v.chunk(2)
+            v = v_uncond + guidance_scale * (v_cond - v_uncond)
+            x = (x.float() + (t_next - t) * v).to(dtype)
+            if callback is not None:
+                callback(i, ts[i], x)
     return x.float().clamp(-1.0, 1.0)
 
 

@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -144,8 +145,10 @@ def forward_time_cfg16(fn) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def time_budgeted_train(name, model, loss_fn, images, labels, args, budget_s, seed):
-    """Train ``model`` with AdamW + EMA until ``budget_s`` seconds have passed."""
+def time_budgeted_train(name, model, loss_fn, images, labels, args, budget_s, seed, checkpoint=None):
+    """Train ``model`` with AdamW + EMA until ``budget_s`` seconds have passed.
+
+    ``checkpoint(ema_model, info)`` is called every ``args.checkpoint_every`` minutes."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -157,6 +160,7 @@ def time_budgeted_train(name, model, loss_fn, images, labels, args, budget_s, se
     pos = 0
     step = 0
     t_start = time.perf_counter()
+    last_ckpt = t_start
     window: list[float] = []
     history: list[tuple[int, float, float]] = []
     while True:
@@ -171,9 +175,18 @@ def time_budgeted_train(name, model, loss_fn, images, labels, args, budget_s, se
         lr = lr_at(elapsed / budget_s, args.lr, step, args.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
-        loss = loss_fn(train_model, images[idx], labels[idx], gen)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        try:
+            loss = loss_fn(train_model, images[idx], labels[idx], gen)
+            loss.backward()
+        except Exception:  # torch.compile failure on the first step: fall back to eager
+            if step > 0 or train_model is model:
+                raise
+            logger.exception("%s: torch.compile failed, training eagerly", name)
+            train_model = model
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(train_model, images[idx], labels[idx], gen)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         ema.update(model)
@@ -184,6 +197,10 @@ def time_budgeted_train(name, model, loss_fn, images, labels, args, budget_s, se
             history.append((step, round(time.perf_counter() - t_start, 1), mean))
             logger.info("%s step %d  t=%.0fs  loss %.4f  lr %.2e", name, step, time.perf_counter() - t_start, mean, lr)
             window = []
+        if checkpoint is not None and time.perf_counter() - last_ckpt >= args.checkpoint_every * 60:
+            checkpoint(ema.model, {"steps": step, "wall_s": round(time.perf_counter() - t_start, 1),
+                                   "partial": True})
+            last_ckpt = time.perf_counter()
     wall = time.perf_counter() - t_start
     tail = [h[2] for h in history[-3:]] or window
     final_loss = sum(tail) / max(len(tail), 1)
@@ -236,7 +253,9 @@ def train_classifier(args, images, labels, held_x, held_y, out: Path) -> dict:
     return info
 
 
-def dit_loss_fn(alphas_cumprod: torch.Tensor, null_class: int, p_uncond: float):
+def dit_loss_fn(alphas_cumprod: torch.Tensor, null_class: int, p_uncond: float, min_snr: float):
+    """Epsilon MSE; with ``min_snr > 0`` each sample is weighted by min(SNR, gamma) / SNR
+    (Min-SNR-gamma weighting), which down-weights the easy low-noise steps."""
     def loss_fn(model, x0, y, gen):
         b = x0.shape[0]
         t = torch.randint(0, alphas_cumprod.shape[0], (b,), generator=gen)
@@ -246,7 +265,11 @@ def dit_loss_fn(alphas_cumprod: torch.Tensor, null_class: int, p_uncond: float):
         drop = torch.rand(b, generator=gen) < p_uncond
         y = torch.where(drop, torch.full_like(y, null_class), y)
         pred = model(xt, timestep=t, class_labels=y).sample
-        return F.mse_loss(pred, noise)
+        per_sample = (pred - noise).square().mean(dim=(1, 2, 3))
+        if min_snr > 0:
+            snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+            per_sample = per_sample * (snr.clamp(max=min_snr) / snr)
+        return per_sample.mean()
     return loss_fn
 
 
@@ -272,14 +295,20 @@ def train_dit(args, images, labels, out: Path, budget_s: float) -> dict:
     nparams = models_mod.count_parameters(model)
     logger.info("DiT: %d parameters, budget %.0fs", nparams, budget_s)
     alphas_cumprod = make_dit_scheduler().alphas_cumprod.float()
-    loss_fn = dit_loss_fn(alphas_cumprod, data_mod.NUM_CLASSES, args.p_uncond)
-    ema_model, info = time_budgeted_train("dit", model, loss_fn, images, labels, args, budget_s, args.seed + 21)
-    info["parameters"] = nparams
-    info["objective"] = "DDPM epsilon-prediction MSE, uniform t in [0, 1000), label dropout %.2f" % args.p_uncond
-    size = save_fp16(ema_model, out / "dit.safetensors")
-    write_json(out / "dit_config.json", {"model": cfg, "num_classes": data_mod.NUM_CLASSES,
-                                         "null_class": data_mod.NUM_CLASSES,
-                                         "scheduler": models_mod.DIT_SCHEDULER_CONFIG, "training": info})
+    loss_fn = dit_loss_fn(alphas_cumprod, data_mod.NUM_CLASSES, args.p_uncond, args.min_snr)
+
+    def save(ema_model, info):
+        info["parameters"] = nparams
+        info["objective"] = ("DDPM epsilon-prediction MSE (Min-SNR-%g weighting), uniform t in [0, 1000), "
+                             "label dropout %.2f" % (args.min_snr, args.p_uncond))
+        write_json(out / "dit_config.json", {"model": cfg, "num_classes": data_mod.NUM_CLASSES,
+                                             "null_class": data_mod.NUM_CLASSES,
+                                             "scheduler": models_mod.DIT_SCHEDULER_CONFIG, "training": info})
+        return save_fp16(ema_model, out / "dit.safetensors")
+
+    ema_model, info = time_budgeted_train("dit", model, loss_fn, images, labels, args, budget_s, args.seed + 21,
+                                          checkpoint=save)
+    size = save(ema_model, info)
     logger.info("DiT saved (%d bytes)", size)
     return info
 
@@ -292,14 +321,21 @@ def train_flux(args, images, labels, out: Path, budget_s: float) -> dict:
     nparams = models_mod.count_parameters(model)
     logger.info("Flux: %d parameters, budget %.0fs", nparams, budget_s)
     loss_fn = flux_loss_fn(data_mod.NUM_CLASSES, args.p_uncond)
-    ema_model, info = time_budgeted_train("flux", model, loss_fn, images, labels, args, budget_s, args.seed + 31)
-    info["parameters"] = nparams
-    info["objective"] = ("rectified flow: x_t=(1-t)x0+t*noise, target noise-x0, t~logit-normal(0,1), "
-                         "label dropout %.2f" % args.p_uncond)
-    size = save_fp16(ema_model, out / "flux.safetensors")
-    write_json(out / "flux_config.json", {"model": cfg, "num_classes": data_mod.NUM_CLASSES,
-                                          "null_class": data_mod.NUM_CLASSES, "num_text_tokens": model.num_text_tokens,
-                                          "image_size": model.image_size, "patch": model.patch, "training": info})
+
+    def save(ema_model, info):
+        info["parameters"] = nparams
+        info["objective"] = ("rectified flow: x_t=(1-t)x0+t*noise, target noise-x0, t~logit-normal(0,1), "
+                             "label dropout %.2f" % args.p_uncond)
+        write_json(out / "flux_config.json", {"model": cfg, "num_classes": data_mod.NUM_CLASSES,
+                                              "null_class": data_mod.NUM_CLASSES,
+                                              "num_text_tokens": model.num_text_tokens,
+                                              "image_size": model.image_size, "patch": model.patch,
+                                              "training": info})
+        return save_fp16(ema_model, out / "flux.safetensors")
+
+    ema_model, info = time_budgeted_train("flux", model, loss_fn, images, labels, args, budget_s, args.seed + 31,
+                                          checkpoint=save)
+    size = save(ema_model, info)
     logger.info("Flux saved (%d bytes)", size)
     return info
 
@@ -349,8 +385,10 @@ def write_summary(path: Path, cmd: str, total_s: float, out: Path) -> None:
     clf, dit, flux = meta("classifier"), meta("dit"), meta("flux")
     lines = ["# Reference checkpoints: training log", "",
              "Reproduce (from the repo root, CPU, fixed seeds):", "", "```", cmd, "```", "",
-             f"- machine: {platform.machine()}, torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads",
+             f"- machine: {platform.machine()} ({os.cpu_count()} CPU cores, shared), torch {torch.__version__}; "
+             + (f"DiT and Flux trained side by side, one process with {args_ns.worker_threads} thread(s) each"
+                if args_ns.parallel else f"{args_ns.threads} threads, models trained one after the other")
+             + (", training step under torch.compile" if args_ns.compile else ""),
              f"- total wall time of this run: {total_s / 60:.1f} min", "",
              "Data: synthetic glyphs (digits 0-9 in DejaVu Sans regular/bold, random size 16-26 px, "
              "position, rotation +-20 deg, foreground/background colours), 3x32x32 in [-1, 1]; "
@@ -408,16 +446,24 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=REPO / "adacorr_compile/reference/weights")
     p.add_argument("--results", type=Path, default=REPO / "benchmarks/results")
-    p.add_argument("--minutes", type=float, default=28.0, help="total budget for DiT + Flux training")
+    p.add_argument("--minutes", type=float, default=40.0,
+                   help="wall-clock budget for diffusion training: each model's budget when they train in "
+                        "parallel (default), split between them with --no-parallel")
+    p.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=True,
+                   help="train DiT and Flux side by side, one single-threaded process each")
+    p.add_argument("--worker-threads", type=int, default=1)
+    p.add_argument("--worker", choices=["dit", "flux"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--checkpoint-every", type=float, default=10.0, help="minutes between EMA checkpoints")
     p.add_argument("--only", nargs="*", choices=["classifier", "dit", "flux"], default=None)
     p.add_argument("--skip-eval", action="store_true")
     p.add_argument("--train-size", type=int, default=40000)
     p.add_argument("--heldout-size", type=int, default=5000)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--ema-decay", type=float, default=0.995)
     p.add_argument("--p-uncond", type=float, default=0.1)
+    p.add_argument("--min-snr", type=float, default=5.0, help="Min-SNR-gamma loss weighting for the DiT (0 = off)")
     p.add_argument("--max-steps", type=int, default=0, help="stop earlier than the time budget (0 = no limit)")
     p.add_argument("--classifier-epochs", type=int, default=1)
     p.add_argument("--classifier-train-size", type=int, default=24000)
@@ -425,7 +471,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="torch.compile the training forward/backward")
     args = p.parse_args(argv)
     args_ns = args
@@ -442,34 +488,52 @@ def main(argv=None) -> None:
     logger.info("rendered %d train + %d held-out images in %.1fs", images.shape[0], held_x.shape[0],
                 time.perf_counter() - t0)
 
-    if "classifier" in only:
+    if "classifier" in only and not args.worker:
         k = min(args.classifier_train_size, images.shape[0])
         train_classifier(args, images[:k], labels[:k], held_x, held_y, args.out)
-    n_diff = len(only & {"dit", "flux"})
-    budget = args.minutes * 60.0 / max(n_diff, 1)
-    if "dit" in only:
-        train_dit(args, images, labels, args.out, budget)
-    if "flux" in only:
-        train_flux(args, images, labels, args.out, budget)
-
+    kinds = [k for k in ("dit", "flux") if k in only]
+    if args.worker:
+        kinds = [args.worker]
     evals: dict = {}
-    fid_floor = None
-    if not args.skip_eval:
-        classifier = clf_mod.load_reference_classifier(args.out)
-        fid_floor = clf_mod.fid_proxy(classifier, held_x[2000:2000 + 10 * args.eval_per_class], held_x[:2000])
-        for kind in ("dit", "flux"):
-            if (args.out / f"{kind}.safetensors").exists():
+    if len(kinds) > 1 and args.parallel:
+        # One single-threaded worker per model, side by side (train + eval each).
+        procs = []
+        for kind in kinds:
+            cmd = [sys.executable, str(Path(__file__).resolve()), *(argv if argv is not None else sys.argv[1:]),
+                   "--worker", kind, "--threads", str(args.worker_threads)]
+            logger.info("starting worker: %s", kind)
+            procs.append((kind, subprocess.Popen(cmd)))
+        failed = [kind for kind, proc in procs if proc.wait() != 0]
+        if failed:
+            raise SystemExit(f"worker(s) failed: {failed}")
+    else:
+        budget = args.minutes * 60.0 / max(len(kinds), 1)
+        trainers = {"dit": train_dit, "flux": train_flux}
+        for kind in kinds:
+            trainers[kind](args, images, labels, args.out, budget)
+        if not args.skip_eval:
+            classifier = clf_mod.load_reference_classifier(args.out)
+            n_eval = 10 * args.eval_per_class
+            fid_floor = clf_mod.fid_proxy(classifier, held_x[2000:2000 + n_eval], held_x[:2000])
+            for kind in kinds:
                 evals[kind] = evaluate(kind, args.out, args.results, classifier, held_x, args)
                 evals[kind]["fid_floor"] = round(fid_floor, 3)
                 meta_path = args.out / f"{kind}_config.json"
                 meta = json.loads(meta_path.read_text())
                 meta["eval"] = evals[kind]
                 write_json(meta_path, meta)
+    if args.worker:
+        return
     total = time.perf_counter() - t_all
     cmd = "python benchmarks/train_reference.py " + " ".join(
         a if not a.startswith(str(REPO)) else os.path.relpath(a, REPO) for a in (argv or sys.argv[1:]))
     write_summary(args.results / "train_reference.md", cmd, total, args.out)
-    print(json.dumps({"total_min": round(total / 60, 1), **evals}, indent=2))
+    summary = {"total_min": round(total / 60, 1)}
+    for kind in ("dit", "flux"):
+        meta_path = args.out / f"{kind}_config.json"
+        if meta_path.exists():
+            summary[kind] = json.loads(meta_path.read_text()).get("eval")
+    print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

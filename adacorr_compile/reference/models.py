@@ -49,9 +49,9 @@ DIT_SCHEDULER_CONFIG: dict[str, Any] = {
 
 
 def dit_config(num_classes: int = NUM_CLASSES) -> dict[str, Any]:
-    """Config of the reference DiT: 8 blocks, hidden 128 (4 heads x 32)."""
+    """Config of the reference DiT: 8 blocks, hidden 96 (3 heads x 32)."""
     return {
-        "num_attention_heads": 4,
+        "num_attention_heads": 3,
         "attention_head_dim": 32,
         "in_channels": 3,
         "out_channels": 3,
@@ -103,7 +103,7 @@ def dit_null_class(model) -> int:
 
 
 def flux_config() -> dict[str, Any]:
-    """Config of the reference Flux transformer: 2 double + 6 single blocks, hidden 128."""
+    """Config of the reference Flux transformer: 2 double + 6 single blocks, hidden 96."""
     return {
         "patch_size": 1,
         "in_channels": 12,  # 2x2 patches of RGB, packed outside the transformer
@@ -111,7 +111,7 @@ def flux_config() -> dict[str, Any]:
         "num_layers": 2,
         "num_single_layers": 6,
         "attention_head_dim": 32,
-        "num_attention_heads": 4,
+        "num_attention_heads": 3,
         "joint_attention_dim": 64,
         "pooled_projection_dim": 64,
         "guidance_embeds": False,
