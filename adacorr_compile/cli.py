@@ -14,12 +14,12 @@ logger = logging.getLogger("adacorr_compile")
 
 
 def _load_factory(spec: str) -> Callable[[], tuple[torch.nn.Module, Callable[..., dict[str, Any]]]]:
-    from .tiny import FAMILIES
+    from .tiny import ALL_FAMILIES
 
-    if spec in FAMILIES:
-        return FAMILIES[spec][0]
+    if spec in ALL_FAMILIES:
+        return ALL_FAMILIES[spec][0]
     if ":" not in spec:
-        raise SystemExit(f"--model {spec!r}: expected one of {', '.join(FAMILIES)} or 'package.module:factory'")
+        raise SystemExit(f"--model {spec!r}: expected one of {', '.join(ALL_FAMILIES)} or 'package.module:factory'")
     mod, _, attr = spec.partition(":")
     return getattr(importlib.import_module(mod), attr)
 
@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="show the guarded regions the backend finds in a model")
-    p.add_argument("--model", default="dit", help="dit | pixart | sd3 | flux (tiny configs) or package.module:factory "
+    p.add_argument("--model", default="dit", help="a tiny config (dit, pixart, sd3, flux, sana, hunyuan_dit, cogvideox, wan, hunyuan_video, ltx_video, plain, nested_region) or package.module:factory "
                    "(a function returning (model, inputs) with inputs(step, t) -> forward kwargs)")
     p.add_argument("--dump-graphs", action="store_true", help="log the FX graph before and after each pass")
     p.set_defaults(func=cmd_inspect)
