@@ -7,7 +7,7 @@ from typing import Any, Iterator
 
 from .config import AdaCorrConfig
 from .runtime.graph import GraphRuntime
-from .runtime.state import GenerationState, ModelState
+from .runtime.state import GenerationState, ModelState, summarize
 
 
 def _model_state(compiled: Any) -> ModelState:
@@ -50,20 +50,10 @@ def stats(compiled: Any) -> dict[str, Any]:
     """
     model = _model_state(compiled)
     state = model.current()
-    order = [r.spec.path for r in model.regions()]
-    regions = [state.stats[p].summary() for p in order if p in state.stats]
-    calls = sum(r["calls"] for r in regions)
-    reuses = sum(r["reuses"] for r in regions)
+    report = summarize(state, [r.spec.path for r in model.regions()])
+    report["totals"]["bodies_compiled"] = sum(g.bodies_compiled for g in model.graphs)
     return {
-        "regions": regions,
-        "totals": {
-            "regions": len(order),
-            "calls": calls,
-            "reuses": reuses,
-            "computes": sum(r["computes"] for r in regions),
-            "reuse_fraction": reuses / calls if calls else 0.0,
-            "bodies_compiled": sum(g.bodies_compiled for g in model.graphs),
-        },
+        **report,
         "steps": max(state.steps.values(), default=0),
         "generations": state.generations,
         "fallbacks": list(model.fallbacks),

@@ -156,6 +156,9 @@ def run_method(
     """Sample ``labels`` once for quality and work counts, then ``reps - 1`` more
     times for timing (the first generation after a compile is timed only if it is
     not the one that compiled)."""
+    # every method compiles the same forward anew: without a reset Dynamo would hit
+    # its recompile limit after a few methods and silently run the rest eagerly
+    torch._dynamo.reset()
     fn = method.build(model)
     # hooks only on eager runs: Dynamo would trace them (and guard on their counter)
     counter = BlockCounter(transformer_of(model)) if method.lowering == "eager" else None
@@ -166,6 +169,8 @@ def run_method(
         compile_seconds = time.perf_counter() - t0
         stats_target = _stats_of(fn)
         if stats_target is not None:
+            if stats_target["fallbacks"] or not stats_target["totals"]["regions"]:
+                raise RuntimeError(f"{method.name}: compiled without guards: {stats_target['fallbacks']}")
             adacorr_compile.reset(transformer_of(fn))
         if counter is not None:
             counter.count = 0

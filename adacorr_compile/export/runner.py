@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..policies import STEPS_UNKNOWN
-from ..runtime.state import GenerationState
+from ..runtime.state import GenerationState, summarize
 from .onnx import StateSpec, initial_state, read_metadata
 
 logger = logging.getLogger("adacorr_compile")
@@ -205,18 +205,8 @@ class OnnxRunner:
 
     def stats(self) -> dict[str, Any]:
         """Per-region statistics with the keys of :func:`adacorr_compile.stats`."""
-        regions = [self._gen.stats[p].summary() for p in self.regions if p in self._gen.stats]
-        calls = sum(r["calls"] for r in regions)
-        reuses = sum(r["reuses"] for r in regions)
         return {
-            "regions": regions,
-            "totals": {
-                "regions": len(regions),
-                "calls": calls,
-                "reuses": reuses,
-                "computes": sum(r["computes"] for r in regions),
-                "reuse_fraction": reuses / calls if calls else 0.0,
-            },
+            **summarize(self._gen, list(self.regions)),
             "steps": self.steps,
             "generations": self._gen.generations,
         }

@@ -179,6 +179,24 @@ class GenerationState:
         self.num_steps = num_steps
 
 
+def summarize(state: GenerationState, paths: list[str]) -> dict[str, Any]:
+    """Per-region summaries (in ``paths`` order) and totals: the core of ``stats()``,
+    shared by the compiled model and the ONNX runner."""
+    regions = [state.stats[p].summary() for p in paths if p in state.stats]
+    calls = sum(r["calls"] for r in regions)
+    reuses = sum(r["reuses"] for r in regions)
+    return {
+        "regions": regions,
+        "totals": {
+            "regions": len(paths),
+            "calls": calls,
+            "reuses": reuses,
+            "computes": sum(r["computes"] for r in regions),
+            "reuse_fraction": reuses / calls if calls else 0.0,
+        },
+    }
+
+
 class ModelState:
     """State of one compiled model: its config, graph runtimes and generation states."""
 
