@@ -1,5 +1,6 @@
 """GuardedRegion driven directly: reuse and blend outputs against their formulas."""
 
+import pytest
 import torch
 import torch.fx as fx
 
@@ -87,3 +88,67 @@ def test_nonfinite_output_forces_recompute():
     y = call(region, state, 1, h0, cond)
     assert region.executions == 2 and torch.isfinite(y).all()
     assert state.stats["blocks.0"].nonfinite == 1
+
+
+def _streams(seed):
+    g = torch.Generator().manual_seed(seed)
+    img = torch.randn(4, 8, 6, generator=g) * 3.0
+    txt = torch.randn(4, 6, 3, generator=g).transpose(1, 2)  # [4, 3, 6], not contiguous
+    return [img, txt]
+
+
+def test_region_math_compiled_by_inductor_matches_the_formulas():
+    from adacorr_compile.runtime.fused import RegionMath
+
+    for options in ({}, {"score": "paper", "gamma": 0.5}, {"decision": "sample", "spatial_weight": 0.3}):
+        cfg = AdaCorrConfig.from_options(options)
+        fused, eager = RegionMath(cfg), RegionMath(cfg.replace(lowering="eager"))
+        h, ref = _streams(0), _streams(1)
+        valid = torch.tensor(True)
+        with torch.no_grad():
+            s_c, l_c, host_c = fused.measure(h, ref, valid)
+            s_e, l_e, host_e = eager.measure(h, ref, valid)
+            s_c2, _, _ = fused.measure(_streams(2), ref, valid)  # same signature: no new kernel
+        expected = oem.score(cfg.score, h, ref, cfg.spatial_weight, cfg.decision == "sample")
+        assert fused.compiled_kernels == 1 and eager.compiled_kernels == 0
+        torch.testing.assert_close(s_c, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(s_e, expected, rtol=0, atol=0)
+        torch.testing.assert_close(l_c, acm.correction_weight(expected, cfg.gamma), rtol=1e-5, atol=1e-6)
+        assert host_c.tolist()[-2:] == [1.0, 1.0]
+        torch.testing.assert_close(host_c, host_e, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(s_c2, oem.score(cfg.score, _streams(2), ref, cfg.spatial_weight,
+                                                   cfg.decision == "sample"), rtol=1e-5, atol=1e-6)
+        # the host vector reports a non-finite cache and a non-finite score
+        bad = _streams(3)
+        bad[0][1, 2, 3] = float("nan")
+        with torch.no_grad():
+            host = fused.measure(bad, ref, torch.tensor(False))[2].tolist()
+        assert host[-2:] == [0.0, 0.0]
+
+
+def test_region_math_refresh_residuals_and_finiteness():
+    from adacorr_compile.runtime.fused import RegionMath
+
+    math = RegionMath(AdaCorrConfig())
+    x, f = _streams(4), _streams(5)
+    with torch.no_grad():
+        res, valid = math.refresh(f, x)
+        assert bool(valid) and len(res) == 2
+        for r, a, b in zip(res, f, x):
+            torch.testing.assert_close(r, a - b, rtol=0, atol=1e-6)
+        f[1][0, 0, 0] = float("inf")
+        assert not bool(math.refresh(f, x)[1])
+    assert math.compiled_kernels == 1
+
+
+def test_guarded_region_under_inductor_lowering_uses_compiled_math():
+    region, cfg, state = make_region(reuse_threshold=1.0, lowering="inductor")
+    h0, cond = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    with torch.no_grad():
+        y0 = call(region, state, 0, h0, cond)
+        y1 = call(region, state, 1, h0 + 0.01, cond)
+    assert region.executions == 1 and region.math.compiled_kernels == 2  # measure + refresh
+    torch.testing.assert_close(y1, h0 + 0.01 + (y0 - h0), rtol=0, atol=1e-6)
+    stats = state.region_stats("blocks.0").summary()
+    expected = acm.correction_weight(oem.score(cfg.score, [h0 + 0.01], [h0], cfg.spatial_weight), cfg.gamma)
+    assert stats["mean_lambda"] == pytest.approx(float(expected), rel=1e-4)

@@ -5,7 +5,9 @@ Emits: a split GraphModule whose children are, in order, glue pieces (compiled
 by Inductor, or left as FX graphs for ``lowering="eager"``) and region pieces (a
 region call and the ``getitem`` of its outputs, run by Python so that the region
 can decide per step). Each region's ``body_fn`` is its lowered body; bodies with
-equal structural keys share one compiled function (parameters are inputs). Shapes
+equal structural keys share one compiled function (parameters are inputs). The
+regions share one :class:`RegionMath`, which compiles their per-step score and
+refresh math on first use, once per input signature. Shapes
 for compilation come from Dynamo's fake tensors (symbolic when the graph is
 dynamic), so nothing runs on real data at compile time.
 """
@@ -22,6 +24,7 @@ import torch.fx as fx
 from torch.fx.passes.split_module import split_module
 
 from ..config import AdaCorrConfig
+from ..runtime.fused import RegionMath
 from ..runtime.region import GuardedRegion
 from .common import analysis
 
@@ -108,9 +111,10 @@ def _is_region(node: Any) -> bool:
 class _PartCompiler(fx.Interpreter):
     """Walks the split graph on fake inputs and lowers each piece it meets."""
 
-    def __init__(self, split: fx.GraphModule, config: AdaCorrConfig) -> None:
+    def __init__(self, split: fx.GraphModule, config: AdaCorrConfig, math: RegionMath) -> None:
         super().__init__(split)
         self.config = config
+        self.math = math
         self.bodies: dict[str, Callable[..., Any]] = {}
 
     def call_module(self, target: str, args: Any, kwargs: Any) -> Any:
@@ -120,9 +124,10 @@ class _PartCompiler(fx.Interpreter):
             if key not in self.bodies:
                 self.bodies[key] = compile_graph(sub.body, list(args), self.config, f"body {sub.spec.path}")
             sub.body_fn = self.bodies[key]
+            sub.math = self.math
             return tuple(sub.body(*args))
         if any(isinstance(m, GuardedRegion) for m in sub.children()):
-            return _PartCompiler(sub, self.config).run_with_bodies(self.bodies, *args)
+            return _PartCompiler(sub, self.config, self.math).run_with_bodies(self.bodies, *args)
         out = sub(*args)
         if any(n.op == "call_function" or n.op == "call_method" or n.op == "call_module" for n in sub.graph.nodes):
             # TensorRT is for block bodies; the glue between them goes through Inductor
@@ -157,7 +162,8 @@ def lower(gm: fx.GraphModule, config: AdaCorrConfig) -> fx.GraphModule:
     part = _partition(gm)
     split = split_module(gm, gm, lambda n: part[n], keep_original_order=True)
     fakes, fake_mode = _fake_inputs(gm, info.example_inputs)
-    compiler = _PartCompiler(split, config)
+    # one RegionMath for the graph: regions of equal shapes share its compiled kernels
+    compiler = _PartCompiler(split, config, RegionMath(config))
     with fake_mode:
         compiler.run(*fakes)
     info.bodies_compiled = len(compiler.bodies)

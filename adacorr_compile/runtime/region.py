@@ -3,7 +3,8 @@
 Per call (one denoising step), with ``h`` the block's observed stream inputs:
 
 1. OEM: the offset score ``S`` of ``h`` against the reference input (the previous
-   step's, or the one at the last fresh compute), ACM: ``lambda = clip(gamma*S, 0, 1)``.
+   step's, or the one at the last fresh compute), ACM: ``lambda = clip(gamma*S, 0, 1)``
+   (fused into compiled kernels by :class:`~adacorr_compile.runtime.fused.RegionMath`).
 2. Decision (:func:`adacorr_compile.policies.decide`, one host read): reuse or compute.
 3. Reuse: ``output = h + cached residual`` (offset-corrected cache), the block does
    not run. Compute: ``y = Block(h)``, optionally blended with the corrected cache by
@@ -20,9 +21,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .. import acm, oem
+from .. import acm
 from ..config import AdaCorrConfig
 from ..policies import Guards, decide, needs_lambda, read_to_host, relative_change
+from .fused import RegionMath
 from .state import GenerationState
 
 
@@ -57,6 +59,7 @@ class GuardedRegion(torch.nn.Module):
         self.body = body  # the outlined FX graph (eager)
         self.body_fn: Callable[..., Sequence[torch.Tensor]] = body  # replaced by the lowered body
         self.config = config
+        self.math = RegionMath(config)  # per-step score/refresh kernels; lower() shares one per graph
         self.executions = 0  # times the body actually ran through this region
 
     def extra_repr(self) -> str:
@@ -85,11 +88,10 @@ def _guarded_call(region: GuardedRegion, args: Sequence[Any], active: Active) ->
     has_cache = cache.ref_in is not None
     per_sample = cfg.decision == "sample"
 
-    lam = score = None
+    lam = score = packed = None
     if has_cache:
         reference = cache.prev_in if cfg.drift_reference == "previous" else cache.ref_in
-        score = oem.score(cfg.score, observed, reference, cfg.spatial_weight, per_sample)
-        lam = acm.correction_weight(score, cfg.gamma)
+        score, lam, packed = region.math.measure(observed, reference, cache.valid)
 
     fb = state.first_block.setdefault(active.graph_id, {"similar": None, "ref": None})
     guards = Guards(
@@ -104,14 +106,13 @@ def _guarded_call(region: GuardedRegion, args: Sequence[Any], active: Active) ->
     if forced is not None:
         verdict = forced
     else:
-        wants_lam = needs_lambda(cfg)
-        # one read: lambda (if the policy needs it), the cache is finite, the score is finite
-        host = read_to_host(([lam] if wants_lam else []) + [cache.valid, torch.isfinite(score).all()])
+        # one read: lambda, the cache is finite, the score is finite
+        host = packed.tolist()
         if host[-2] < 0.5 or host[-1] < 0.5:
             stats.nonfinite += 1
             verdict = "non-finite cache" if host[-2] < 0.5 else "non-finite input"
         else:
-            verdict = decide(cfg, guards, host[:-2] if wants_lam else None, fb["similar"])
+            verdict = decide(cfg, guards, host[:-2] if needs_lambda(cfg) else None, fb["similar"])
 
     batch = observed[0].shape[0] if observed else 1
     mask = None if isinstance(verdict, str) else (verdict * batch if len(verdict) == 1 else verdict)
@@ -142,7 +143,7 @@ def _guarded_call(region: GuardedRegion, args: Sequence[Any], active: Active) ->
             m = _per_sample(mask, by_pair[0])
             outs_paired = [torch.where(m, c, o) for c, o in zip(cached, outs_paired)]
             stats.partial += 1
-    _refresh(cfg, spec, cache, args, observed, by_pair, mask if has_cache else None)
+    _refresh(region.math, cfg, spec, cache, args, observed, by_pair, mask if has_cache else None)
     if cfg.policy == "first_block" and spec.order == 0:
         _first_block_update(cfg, fb, cache.ref_res[0])
     stats.computes += 1
@@ -160,6 +161,7 @@ def _order_outputs(spec: RegionSpec, by_pair: list[torch.Tensor]) -> list[torch.
 
 
 def _refresh(
+    math: RegionMath,
     cfg: AdaCorrConfig,
     spec: RegionSpec,
     cache: Any,
@@ -169,7 +171,7 @@ def _refresh(
     keep_mask: list[bool] | None,
 ) -> None:
     """Store the fresh residuals (or outputs) and inputs; samples in ``keep_mask`` keep theirs."""
-    residuals = [f - args[i] for (i, _), f in zip(spec.stream_pairs, fresh)]
+    residuals, valid = math.refresh(fresh, [args[i] for i, _ in spec.stream_pairs])
     outputs = list(fresh) if not (cfg.correction or cfg.policy == "first_block") else None
     new_in = list(observed)
     if keep_mask is not None and any(keep_mask):
@@ -183,7 +185,9 @@ def _refresh(
     cache.ref_out = outputs
     cache.ref_in = new_in
     cache.prev_in = list(observed)
-    cache.valid = torch.stack([torch.isfinite(r).all() for r in residuals]).all()
+    if keep_mask is not None and any(keep_mask):
+        valid = torch.stack([torch.isfinite(r).all() for r in residuals]).all()
+    cache.valid = valid
 
 
 def _first_block_update(cfg: AdaCorrConfig, fb: dict, residual: torch.Tensor) -> None:

@@ -43,6 +43,8 @@ class RegionCache:
         self.consecutive = 0
         self.signature = None
 
+_NAN = torch.tensor(float("nan"))  # trace entry of a call that measured nothing (never written to)
+
 
 @dataclass
 class RegionStats:
@@ -58,8 +60,11 @@ class RegionStats:
     score_trace: list[torch.Tensor] = field(default_factory=list)
     reuse_trace: list[float] = field(default_factory=list)  # fraction of samples reused per call
     step_trace: list[int] = field(default_factory=list)
-    all_lams: list[torch.Tensor] = field(default_factory=list)  # since reset, for the mean
-    all_scores: list[torch.Tensor] = field(default_factory=list)
+    # running sums since the last reset (tensors: no host read; constant memory however
+    # many generations run without a reset)
+    lam_sum: torch.Tensor | None = None
+    score_sum: torch.Tensor | None = None
+    measured: int = 0
 
     def record(self, step: int, lam: torch.Tensor | None, score: torch.Tensor | None, reused: float) -> None:
         self.calls += 1
@@ -68,12 +73,13 @@ class RegionStats:
         if lam is not None and score is not None:
             self.lam_trace.append(lam.detach())
             self.score_trace.append(score.detach())
-            self.all_lams.append(lam.detach().float().mean())
-            self.all_scores.append(score.detach().float().mean())
+            lam_mean, score_mean = lam.detach().float().mean(), score.detach().float().mean()
+            self.lam_sum = lam_mean if self.lam_sum is None else self.lam_sum + lam_mean
+            self.score_sum = score_mean if self.score_sum is None else self.score_sum + score_mean
+            self.measured += 1
         else:
-            nan = torch.tensor(float("nan"))
-            self.lam_trace.append(nan)
-            self.score_trace.append(nan)
+            self.lam_trace.append(_NAN)
+            self.score_trace.append(_NAN)
 
     def new_generation(self) -> None:
         self.lam_trace.clear()
@@ -89,8 +95,8 @@ class RegionStats:
                     return x
             return None
 
-        def mean(vals: list[torch.Tensor]) -> float | None:
-            return float(torch.stack([v.cpu() for v in vals]).mean()) if vals else None
+        def mean(total: torch.Tensor | None) -> float | None:
+            return float(total) / self.measured if total is not None and self.measured else None
 
         return {
             "path": self.path,
@@ -100,9 +106,9 @@ class RegionStats:
             "partial": self.partial,
             "nonfinite": self.nonfinite,
             "last_lambda": last(self.lam_trace),
-            "mean_lambda": mean(self.all_lams),
+            "mean_lambda": mean(self.lam_sum),
             "last_score": last(self.score_trace),
-            "mean_score": mean(self.all_scores),
+            "mean_score": mean(self.score_sum),
             "lambda_trace": [float(v.float().mean()) for v in self.lam_trace],
             "score_trace": [float(v.float().mean()) for v in self.score_trace],
             "reuse_trace": list(self.reuse_trace),

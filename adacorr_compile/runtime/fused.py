@@ -1,0 +1,109 @@
+"""RegionMath: a guarded region's per-step tensor math, fused into compiled kernels.
+
+A region does a little tensor work of its own every step, around the block:
+
+* ``measure``: the OEM score of the block's stream input against its reference,
+  lambda from the ACM, and the values the host reads for the decision (lambda, the
+  cache's finiteness flag, the score's finiteness) packed into one vector, so the
+  decision costs one device-to-host read;
+* ``refresh`` (compute steps): the fresh residuals ``output - input`` that become
+  the cache, and their finiteness flag.
+
+Eagerly, the relative score alone is about ten reductions over the block input
+(each a full read of it) and costs as much as a sizeable fraction of the block. With
+``lowering="inductor"`` (and for ``"tensorrt"``'s glue) each function is traced with
+``make_fx`` for the exact input signature the first time it is met and compiled by
+Inductor into a few fused kernels; signatures are cached here, one object per lowered
+graph (no Dynamo, so no guards and no recompiles of the user's model are involved).
+With ``lowering="eager"`` the same functions run eagerly. The math itself lives in
+:mod:`adacorr_compile.oem` and :mod:`adacorr_compile.acm`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .. import acm, oem
+from ..config import AdaCorrConfig
+
+logger = logging.getLogger("adacorr_compile")
+
+Signature = tuple[Any, ...]
+
+
+def _signature(tensors: Sequence[torch.Tensor]) -> Signature:
+    return tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
+
+
+class RegionMath:
+    """The per-step math of the regions of one lowered graph (see module docstring)."""
+
+    def __init__(self, config: AdaCorrConfig) -> None:
+        self.config = config
+        self.compiled_kernels = 0
+        self._fns: dict[tuple[str, Signature], Callable[..., Any]] = {}
+
+    # ---------------------------------------------------------------- the math
+    def _measure(self, n: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        cfg = self.config
+        observed, reference, valid = list(tensors[:n]), list(tensors[n:2 * n]), tensors[2 * n]
+        score = oem.score(cfg.score, observed, reference, cfg.spatial_weight, cfg.decision == "sample")
+        lam = acm.correction_weight(score, cfg.gamma)
+        flags = torch.stack([valid.reshape(()).to(torch.float32), torch.isfinite(score).all().to(torch.float32)])
+        host = torch.cat([lam.reshape(-1).to(torch.float32), flags])
+        return score, lam, host
+
+    @staticmethod
+    def _refresh(n: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        fresh, inputs = tensors[:n], tensors[n:]
+        residuals = [f - x for f, x in zip(fresh, inputs)]
+        valid = torch.stack([torch.isfinite(r).all() for r in residuals]).all()
+        return (*residuals, valid)
+
+    # ----------------------------------------------------------------- calling
+    def measure(
+        self, observed: Sequence[torch.Tensor], reference: Sequence[torch.Tensor], valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(score, lambda, host vector ``[lambda..., cache valid, score finite]``)."""
+        n = len(observed)
+        score, lam, host = self._call("measure", self._measure, n, [*observed, *reference, valid])
+        return score, lam, host
+
+    def refresh(
+        self, fresh: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(residuals ``fresh - inputs``, 0-d bool: all residuals finite)."""
+        out = self._call("refresh", self._refresh, len(fresh), [*fresh, *inputs])
+        return list(out[:-1]), out[-1]
+
+    def _call(self, name: str, fn: Callable[..., Any], n: int, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        if self.config.lowering == "eager" or torch.is_grad_enabled():
+            return fn(n, *tensors)
+        key = (name, n, _signature(tensors))
+        compiled = self._fns.get(key)
+        if compiled is None:
+            compiled = self._compile(name, fn, n, tensors)
+            self._fns[key] = compiled
+        return tuple(compiled(*tensors))
+
+    def _compile(self, name: str, fn: Callable[..., Any], n: int, tensors: list[torch.Tensor]) -> Callable[..., Any]:
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        from ..passes.lower import compile_graph
+
+        try:
+            # compiled for contiguous inputs, as every compiled part (its call makes them so)
+            examples = [t.contiguous() for t in tensors]
+            gm = make_fx(lambda *ts: fn(n, *ts), tracing_mode="real")(*examples)
+            compiled = compile_graph(gm, examples, self.config.replace(lowering="inductor"), f"region {name}")
+        except Exception as exc:  # never worse than eager: the math is the same
+            logger.warning("adacorr: could not compile the region %s math (%s: %s); running it eagerly",
+                           name, type(exc).__name__, exc)
+            return lambda *ts: fn(n, *ts)
+        self.compiled_kernels += 1
+        logger.debug("adacorr: compiled region %s math for %d tensors of shapes %s", name, len(tensors),
+                     [tuple(t.shape) for t in tensors])
+        return compiled
