@@ -30,9 +30,9 @@ logger = logging.getLogger("adacorr_compile.bench")
 @dataclass
 class Method:
     name: str
-    kind: str  # "baseline" | "ours" | "peer"
+    kind: str  # "baseline" | "ours" | "peer" | "onnx"
     build: Callable[[Any], Any]  # reference model -> callable for the sampler
-    lowering: str  # "eager" or "inductor": the uncached run of the same lowering is its speed reference
+    lowering: str  # "eager", "inductor" or "onnxruntime": the uncached run of the same lowering is its speed reference
     policy: str | None = None
     correction: bool | None = None
     setting: float | None = None  # the swept value (threshold, interval)
@@ -135,12 +135,62 @@ def diffusers_cache(name: str, make_config: Callable[[], Any], setting: float | 
     return Method(name, "peer", build, "eager", name.split(" ")[0], None, setting, cleanup=cleanup)
 
 
+class OnnxDiT:
+    """A DiT exported to ONNX and run by onnxruntime, callable like the DiT by the sampler
+    (``model(x, timestep=t, class_labels=y)``); ``stats()``/``reset()`` are the runner's."""
+
+    def __init__(self, runner: Any, config: Any) -> None:
+        self.runner = runner
+        self.config = config  # the DiT's diffusers config: the sampler reads its geometry
+
+    def __call__(self, hidden_states: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        return self.runner(hidden_states=hidden_states, timestep=timestep, class_labels=class_labels)[0]
+
+    def stats(self) -> dict[str, Any]:
+        return self.runner.stats()
+
+    def reset(self) -> None:
+        self.runner.reset()
+
+
+def onnx_dit(name: str, options: dict[str, Any] | None, workdir: str, setting: float | None = None) -> Method:
+    """The reference DiT exported with :func:`adacorr_compile.export.to_onnx` (``options=None``:
+    the uncached export) and run by onnxruntime on the CPU; its speed reference is the
+    uncached onnxruntime run."""
+
+    def build(model: Any) -> Any:
+        import os
+
+        from .export import OnnxRunner, to_onnx
+
+        size, channels = model.config.sample_size, model.config.in_channels
+        example = {"hidden_states": torch.randn(2, channels, size, size), "timestep": torch.tensor([999, 999]),
+                   "class_labels": torch.tensor([0, 1])}
+        path = os.path.join(workdir, f"{abs(hash(name))}.onnx")
+        with torch.no_grad():
+            to_onnx(model, example, path, config=options, cache=options is not None)
+        return OnnxDiT(OnnxRunner(path, providers=["CPUExecutionProvider"]), model.config)
+
+    policy = None if options is None else options.get("policy", "adacorr")
+    return Method(name, "baseline" if options is None else "onnx", build, "onnxruntime", policy, None if options is None else options.get("correction", True),
+                  setting, dict(options or {}))
+
+
 def _stats_of(fn: Any) -> dict[str, Any] | None:
+    if isinstance(fn, OnnxDiT):
+        return fn.stats()
     target = transformer_of(fn)
     try:
         return adacorr_compile.stats(target)
     except TypeError:
         return None
+
+
+def _reset(fn: Any) -> None:
+    if isinstance(fn, OnnxDiT):
+        fn.reset()
+    else:
+        adacorr_compile.reset(transformer_of(fn))
 
 
 def run_method(
@@ -160,18 +210,21 @@ def run_method(
     # its recompile limit after a few methods and silently run the rest eagerly
     torch._dynamo.reset()
     fn = method.build(model)
-    # hooks only on eager runs: Dynamo would trace them (and guard on their counter)
-    counter = BlockCounter(transformer_of(model)) if method.lowering == "eager" else None
+    # hooks only on uncompiled runs (eager baseline, diffusers' hooks): Dynamo would trace
+    # them and guard on their counter, recompiling every step; compiled runs are counted
+    # by the adacorr runtime
+    counter = BlockCounter(transformer_of(model)) if method.lowering == "eager" and method.kind != "ours" else None
     try:
         t0 = time.perf_counter()
-        if method.kind == "ours" or method.lowering != "eager":  # compile outside the timed runs
-            sampler(fn, labels[:1], num_steps=2, seed=seed)
+        if method.kind == "ours" or method.lowering != "eager":
+            # compile outside the timed runs, for the batch size the timed runs use
+            sampler(fn, labels, num_steps=2, seed=seed)
         compile_seconds = time.perf_counter() - t0
         stats_target = _stats_of(fn)
         if stats_target is not None:
-            if stats_target["fallbacks"] or not stats_target["totals"]["regions"]:
+            if method.kind == "ours" and (stats_target["fallbacks"] or not stats_target["totals"]["regions"]):
                 raise RuntimeError(f"{method.name}: compiled without guards: {stats_target['fallbacks']}")
-            adacorr_compile.reset(transformer_of(fn))
+            _reset(fn)
         if counter is not None:
             counter.count = 0
         seconds = []

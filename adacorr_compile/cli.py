@@ -57,7 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if (args.verbose or getattr(args, "dump_graphs", False)) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ValueError as exc:  # a bad option or input: the message names it
+        parser.error(str(exc))
 
 
 if __name__ == "__main__":

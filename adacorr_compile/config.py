@@ -89,8 +89,15 @@ class AdaCorrConfig:
     spatial_weight: float = 1.0
     score: str = "relative"
     drift_reference: str = "cached"
-    policy: str = "adacorr"
-    correction: bool = True
+    # Defaults chosen by benchmarks/run_benchmark.py on both reference models
+    # (benchmarks/results/benchmark_{dit,flux}.md, timings in *_timing.md): recomputing
+    # every block every third step and reusing the cached outputs was the one setting
+    # that met PSNR >= 30 dB against the uncached images with >= 40% of the blocks
+    # skipped and >= 1.5x over uncached Inductor on both (62% skipped; DiT 30.9 dB,
+    # Flux 34.7 dB). The lambda-driven per-block policy lost fidelity much faster on
+    # both (README, "Reference models and benchmark"); interval=2 keeps more margin.
+    policy: str = "interval"
+    correction: bool = False
     reuse_threshold: float = 0.05
     blend: bool = False
     interval: int = 3

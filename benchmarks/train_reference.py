@@ -409,11 +409,12 @@ def write_summary(path: Path, cmd: str, total_s: float, out: Path) -> None:
         if name == "DiT":
             arch = (f"DiTTransformer2DModel, {c['num_layers']} blocks, hidden {c['num_attention_heads'] * c['attention_head_dim']}"
                     f" ({c['num_attention_heads']} heads x {c['attention_head_dim']}), patch {c['patch_size']}, "
-                    f"256 tokens, adaLN-Zero, {c['num_embeds_ada_norm']} class embeddings (null = {m['null_class']})")
+                    f"{(c['sample_size'] // c['patch_size']) ** 2} tokens, adaLN-Zero, {c['num_embeds_ada_norm']} class embeddings (null = {m['null_class']})")
         else:
             arch = (f"FluxTransformer2DModel, {c['num_layers']} double + {c['num_single_layers']} single blocks, "
                     f"hidden {c['num_attention_heads'] * c['attention_head_dim']} ({c['num_attention_heads']} heads x "
-                    f"{c['attention_head_dim']}), 256 image tokens (2x2 packed RGB, 12 ch) + "
+                    f"{c['attention_head_dim']}), {(m['image_size'] // m['patch']) ** 2} image tokens "
+                    f"({m['patch']}x{m['patch']} packed RGB, {c['in_channels']} ch) + "
                     f"{m['num_text_tokens']} class tokens, null class = {m['null_class']}")
         lines += [f"## {name}", "", f"- {arch}", f"- parameters: {tr['parameters']:,}",
                   f"- objective: {tr['objective']}",
@@ -458,9 +459,9 @@ def main(argv=None) -> None:
     p.add_argument("--skip-eval", action="store_true")
     p.add_argument("--train-size", type=int, default=40000)
     p.add_argument("--heldout-size", type=int, default=5000)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--ema-decay", type=float, default=0.995)
     p.add_argument("--p-uncond", type=float, default=0.1)
     p.add_argument("--min-snr", type=float, default=5.0, help="Min-SNR-gamma loss weighting for the DiT (0 = off)")

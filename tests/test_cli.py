@@ -42,3 +42,34 @@ def test_inspect_shows_unguarded_reason(capsys):
     assert main(["inspect", "--model", "hunyuan_video"]) == 0
     text = capsys.readouterr().out
     assert "unguarded context_embedder.token_refiner.refiner_blocks.0: family" in text
+
+
+def test_demo_writes_table_grids_and_json(tmp_path, capsys):
+    import json
+
+    import pytest
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--steps", "8", "--images", "3", "--reps", "1", "--lowering", "eager",
+                 "--option", "reuse_threshold=1.0", "--option", "warmup_steps=1", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "uncached eager" in text and "adacorr" in text and "blocks skipped" in text
+    for name in ("uncached.png", "adacorr.png", "difference.png", "lambda_heatmap.png"):
+        assert (out / name).stat().st_size > 0, name
+    result = json.loads((out / "demo.json").read_text())
+    assert result["options"]["reuse_threshold"] == 1.0 and result["steps"] == 8
+    assert result["labels"] == [0, 1, 2]
+    # lambda <= 1 always: every block reuses whenever the guards allow it. Of 8 steps,
+    # step 0 (warm-up) and step 7 (final) compute; of steps 1-6, the 4th in a row computes
+    # (max_consecutive_reuses=3): 5 of 8 steps reuse
+    assert result["blocks_skipped"] == pytest.approx(5 / 8)
+    assert result["speedup"] > 0 and 0.0 <= result["quality"]["ssim_mean"] <= 1.0
+
+
+def test_demo_rejects_bad_option_by_name(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--option", "reuse_threshold=7", "--steps", "2"])
+    assert exc.value.code == 2
+    assert "reuse_threshold" in capsys.readouterr().err

@@ -53,8 +53,9 @@ def test_compile_repeated_blocks_then_adacorr():
 
 def test_per_sample_decisions_for_cfg_batch():
     model, inputs = FAMILIES["dit"][0]()
-    per_sample = torch.compile(model, backend="adacorr", options={"lowering": "eager", "decision": "sample", "reuse_threshold": 0.05})
-    batch = torch.compile(model, backend="adacorr", options={"lowering": "eager", "reuse_threshold": 0.05})
+    lam = {"policy": "adacorr", "correction": True, "reuse_threshold": 0.05}  # lambda decides, per sample or batch
+    per_sample = torch.compile(model, backend="adacorr", options={"lowering": "eager", "decision": "sample", **lam})
+    batch = torch.compile(model, backend="adacorr", options={"lowering": "eager", **lam})
     with torch.no_grad():
         for k in range(12):
             kw = inputs(k, 900.0 - 75 * k, 4)

@@ -18,7 +18,7 @@ def test_guards_force_compute():
 
 
 def test_adacorr_threshold_per_sample():
-    cfg = AdaCorrConfig(reuse_threshold=0.1)
+    cfg = AdaCorrConfig(policy="adacorr", reuse_threshold=0.1)
     assert decide(cfg, g(), [0.05, 0.1, 0.2], None) == [True, True, False]
 
 

@@ -15,7 +15,9 @@ class Body(torch.nn.Module):
 
 
 def make_region(**options):
-    cfg = AdaCorrConfig.from_options({"warmup_steps": 1, "max_consecutive_reuses": 5, **options})
+    # the paper's policy (lambda decides, offset-corrected reuse), not the benchmark-chosen default
+    cfg = AdaCorrConfig.from_options({"policy": "adacorr", "correction": True, "warmup_steps": 1,
+                                      "max_consecutive_reuses": 5, **options})
     body = fx.symbolic_trace(Body())
     spec = RegionSpec(path="blocks.0", order=0, stream_pairs=((0, 0),), observed=(0,), num_outputs=1, key="k")
     region = GuardedRegion(spec, body, cfg)

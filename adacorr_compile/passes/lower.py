@@ -39,10 +39,16 @@ class CompiledPart(torch.nn.Module):
         self.fn = fn
         self.boxed = boxed
         self.part_name = name
+        self.activations: list[int] | None = None  # argument positions that may be non-contiguous
 
     def forward(self, *args: Any) -> Any:
-        # compiled for contiguous inputs (see compile_graph): a no-op for most inputs
-        args = tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
+        # compiled for contiguous inputs (see compile_graph); parameters always are, so
+        # only the other tensor positions (found on the first call) are checked
+        if self.activations is None:
+            self.activations = [i for i, a in enumerate(args)
+                                if isinstance(a, torch.Tensor) and not isinstance(a, torch.nn.Parameter)]
+        if any(not args[i].is_contiguous() for i in self.activations):
+            args = tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
         return self.fn(list(args)) if self.boxed else self.fn(*args)
 
     def extra_repr(self) -> str:

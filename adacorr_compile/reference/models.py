@@ -4,7 +4,7 @@ Two models, both real diffusers classes so that diffusers' own caching hooks and
 ``torch.compile`` apply to them unchanged:
 
 * :func:`load_reference_dit` -- a class-conditional ``DiTTransformer2DModel``
-  (adaLN-Zero), pixel space 3x32x32, patch 2 (256 tokens), epsilon prediction,
+  (adaLN-Zero), pixel space 3x32x32, patch 4 (64 tokens), epsilon prediction,
   trained with the DDPM objective under :data:`DIT_SCHEDULER_CONFIG`. Class
   index ``num_classes`` is the null (unconditional) class for CFG.
 * :func:`load_reference_flux` -- a small ``FluxTransformer2DModel`` trained with
@@ -49,15 +49,19 @@ DIT_SCHEDULER_CONFIG: dict[str, Any] = {
 
 
 def dit_config(num_classes: int = NUM_CLASSES) -> dict[str, Any]:
-    """Config of the reference DiT: 8 blocks, hidden 96 (3 heads x 32)."""
+    """Config of the reference DiT: 8 blocks, hidden 128 (4 heads x 32), patch 4 (64 tokens).
+
+    256 tokens (patch 2) would be closer to a real DiT, but on 2 CPU cores it
+    trained about 3x slower per sample and did not learn the classes in the
+    40-minute budget (see benchmarks/results/train_reference.md)."""
     return {
-        "num_attention_heads": 3,
+        "num_attention_heads": 4,
         "attention_head_dim": 32,
         "in_channels": 3,
         "out_channels": 3,
         "num_layers": 8,
         "sample_size": 32,
-        "patch_size": 2,
+        "patch_size": 4,
         "num_embeds_ada_norm": num_classes + 1,  # last index = null class
         "norm_type": "ada_norm_zero",
         "activation_fn": "gelu",
@@ -101,17 +105,20 @@ def dit_null_class(model) -> int:
 
 # -------------------------------------------------------------------------- Flux
 
+# Side of the square RGB patches packed into one Flux token (outside the transformer).
+FLUX_PACK = 4
+
 
 def flux_config() -> dict[str, Any]:
-    """Config of the reference Flux transformer: 2 double + 6 single blocks, hidden 96."""
+    """Config of the reference Flux transformer: 2 double + 6 single blocks, hidden 128."""
     return {
         "patch_size": 1,
-        "in_channels": 12,  # 2x2 patches of RGB, packed outside the transformer
+        "in_channels": 3 * FLUX_PACK * FLUX_PACK,  # 4x4 patches of RGB, packed outside the transformer
         "out_channels": None,
         "num_layers": 2,
         "num_single_layers": 6,
         "attention_head_dim": 32,
-        "num_attention_heads": 3,
+        "num_attention_heads": 4,
         "joint_attention_dim": 64,
         "pooled_projection_dim": 64,
         "guidance_embeds": False,
@@ -127,7 +134,7 @@ def tiny_flux_config() -> dict[str, Any]:
     return cfg
 
 
-def pack_patches(images: torch.Tensor, patch: int = 2) -> torch.Tensor:
+def pack_patches(images: torch.Tensor, patch: int = FLUX_PACK) -> torch.Tensor:
     """[B, C, H, W] -> [B, (H/p)*(W/p), C*p*p] (row-major tokens)."""
     b, c, h, w = images.shape
     x = images.reshape(b, c, h // patch, patch, w // patch, patch)
@@ -135,7 +142,7 @@ def pack_patches(images: torch.Tensor, patch: int = 2) -> torch.Tensor:
     return x.reshape(b, (h // patch) * (w // patch), c * patch * patch)
 
 
-def unpack_patches(tokens: torch.Tensor, height: int, width: int, patch: int = 2) -> torch.Tensor:
+def unpack_patches(tokens: torch.Tensor, height: int, width: int, patch: int = FLUX_PACK) -> torch.Tensor:
     """Inverse of :func:`pack_patches`."""
     b, n, d = tokens.shape
     c = d // (patch * patch)
@@ -158,7 +165,7 @@ class ClassConditionedFlux(nn.Module):
 
     ``forward(x, timestep, class_labels) -> velocity`` where ``x`` is either an
     image batch [B, 3, H, W] (the velocity comes back as an image batch) or
-    packed tokens [B, N, 12] (velocity comes back packed). ``timestep`` is the
+    packed tokens [B, N, 3 * patch * patch] (velocity comes back packed). ``timestep`` is the
     flow time in [0, 1] (1 = noise, 0 = data), a float tensor [B] or a scalar;
     Flux multiplies it by 1000 internally. Class ``num_classes`` is the null
     class. The transformer is called with plain keyword arguments so that
@@ -167,7 +174,7 @@ class ClassConditionedFlux(nn.Module):
     """
 
     def __init__(self, transformer, num_classes: int = NUM_CLASSES, num_text_tokens: int = 4,
-                 image_size: int = 32, patch: int = 2):
+                 image_size: int = 32, patch: int = FLUX_PACK):
         super().__init__()
         cfg = transformer.config
         self.transformer = transformer
@@ -218,7 +225,7 @@ class ClassConditionedFlux(nn.Module):
 
 
 def build_flux(config: dict[str, Any], num_classes: int = NUM_CLASSES, num_text_tokens: int = 4,
-               image_size: int = 32) -> ClassConditionedFlux:
+               image_size: int = 32, patch: int = FLUX_PACK) -> ClassConditionedFlux:
     """Instantiate a :class:`ClassConditionedFlux` from a transformer ``config`` (random init)."""
     from diffusers import FluxTransformer2DModel
 
@@ -226,7 +233,7 @@ def build_flux(config: dict[str, Any], num_classes: int = NUM_CLASSES, num_text_
     cfg["axes_dims_rope"] = tuple(cfg["axes_dims_rope"])
     transformer = FluxTransformer2DModel(**cfg)
     return ClassConditionedFlux(transformer, num_classes=num_classes,
-                                num_text_tokens=num_text_tokens, image_size=image_size)
+                                num_text_tokens=num_text_tokens, image_size=image_size, patch=patch)
 
 
 # ------------------------------------------------------------------------ loading
@@ -279,7 +286,8 @@ def load_reference_flux(weights_dir: str | Path | None = None) -> ClassCondition
     d = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
     meta = _read_json(d / "flux_config.json")
     model = build_flux(meta["model"], num_classes=meta["num_classes"],
-                       num_text_tokens=meta["num_text_tokens"], image_size=meta["image_size"])
+                       num_text_tokens=meta["num_text_tokens"], image_size=meta["image_size"],
+                       patch=meta.get("patch", FLUX_PACK))
     model.load_state_dict(_load_state(d / "flux.safetensors"), strict=True)
     logger.debug("loaded reference Flux from %s", d)
     return model.float().eval()

@@ -60,28 +60,39 @@ class RegionStats:
     score_trace: list[torch.Tensor] = field(default_factory=list)
     reuse_trace: list[float] = field(default_factory=list)  # fraction of samples reused per call
     step_trace: list[int] = field(default_factory=list)
-    # running sums since the last reset (tensors: no host read; constant memory however
-    # many generations run without a reset)
+    # sums of the per-call means of finished generations since the last reset (folded in
+    # by new_generation: constant memory however many generations run without a reset)
     lam_sum: torch.Tensor | None = None
     score_sum: torch.Tensor | None = None
     measured: int = 0
 
     def record(self, step: int, lam: torch.Tensor | None, score: torch.Tensor | None, reused: float) -> None:
+        """Append one call to the trace (no tensor work: the means are folded in per generation)."""
         self.calls += 1
         self.step_trace.append(step)
         self.reuse_trace.append(reused)
         if lam is not None and score is not None:
             self.lam_trace.append(lam.detach())
             self.score_trace.append(score.detach())
-            lam_mean, score_mean = lam.detach().float().mean(), score.detach().float().mean()
-            self.lam_sum = lam_mean if self.lam_sum is None else self.lam_sum + lam_mean
-            self.score_sum = score_mean if self.score_sum is None else self.score_sum + score_mean
-            self.measured += 1
         else:
             self.lam_trace.append(_NAN)
             self.score_trace.append(_NAN)
 
+    def _measured(self) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+        """(sum of lambda means, sum of score means, count) over the current trace."""
+        idx = [i for i, v in enumerate(self.lam_trace) if v is not _NAN]
+        if not idx:
+            return None, None, 0
+        lam = torch.stack([self.lam_trace[i].float().mean().cpu() for i in idx]).sum()
+        score = torch.stack([self.score_trace[i].float().mean().cpu() for i in idx]).sum()
+        return lam, score, len(idx)
+
     def new_generation(self) -> None:
+        lam, score, n = self._measured()
+        if n:
+            self.lam_sum = lam if self.lam_sum is None else self.lam_sum + lam
+            self.score_sum = score if self.score_sum is None else self.score_sum + score
+            self.measured += n
         self.lam_trace.clear()
         self.score_trace.clear()
         self.reuse_trace.clear()
@@ -95,8 +106,12 @@ class RegionStats:
                     return x
             return None
 
-        def mean(total: torch.Tensor | None) -> float | None:
-            return float(total) / self.measured if total is not None and self.measured else None
+        lam_now, score_now, n_now = self._measured()
+        count = self.measured + n_now
+
+        def mean(total: torch.Tensor | None, now: torch.Tensor | None) -> float | None:
+            parts = [float(x) for x in (total, now) if x is not None]
+            return sum(parts) / count if parts and count else None
 
         return {
             "path": self.path,
@@ -106,9 +121,9 @@ class RegionStats:
             "partial": self.partial,
             "nonfinite": self.nonfinite,
             "last_lambda": last(self.lam_trace),
-            "mean_lambda": mean(self.lam_sum),
+            "mean_lambda": mean(self.lam_sum, lam_now),
             "last_score": last(self.score_trace),
-            "mean_score": mean(self.score_sum),
+            "mean_score": mean(self.score_sum, score_now),
             "lambda_trace": [float(v.float().mean()) for v in self.lam_trace],
             "score_trace": [float(v.float().mean()) for v in self.score_trace],
             "reuse_trace": list(self.reuse_trace),
