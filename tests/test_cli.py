@@ -51,7 +51,7 @@ def test_demo_writes_table_grids_and_json(tmp_path, capsys):
 
     out = tmp_path / "demo"
     assert main(["demo", "--steps", "8", "--images", "3", "--reps", "1", "--lowering", "eager",
-                 "--option", "reuse_threshold=1.0", "--option", "warmup_steps=1", "--out", str(out)]) == 0
+                 "--option", "policy=adacorr", "--option", "reuse_threshold=1.0", "--option", "warmup_steps=1", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "uncached eager" in text and "adacorr" in text and "blocks skipped" in text
     for name in ("uncached.png", "adacorr.png", "difference.png", "lambda_heatmap.png"):
