@@ -110,8 +110,8 @@ def ours(name: str, options: dict[str, Any], setting: float | None = None, lower
         compiled = torch.compile(transformer_of(model), backend="adacorr", options=options)
         return with_transformer(model, compiled)
 
-    return Method(name, "ours", build, options["lowering"], options.get("policy", "adacorr"),
-                  options.get("correction", True), setting, options)
+    cfg = adacorr_compile.AdaCorrConfig.from_options(options)  # labels from the config's own defaults
+    return Method(name, "ours", build, cfg.lowering, cfg.policy, cfg.correction, setting, options)
 
 
 def eager_baseline() -> Method:
@@ -171,9 +171,10 @@ def onnx_dit(name: str, options: dict[str, Any] | None, workdir: str, setting: f
             to_onnx(model, example, path, config=options, cache=options is not None)
         return OnnxDiT(OnnxRunner(path, providers=["CPUExecutionProvider"]), model.config)
 
-    policy = None if options is None else options.get("policy", "adacorr")
-    return Method(name, "baseline" if options is None else "onnx", build, "onnxruntime", policy, None if options is None else options.get("correction", True),
-                  setting, dict(options or {}))
+    if options is None:
+        return Method(name, "baseline", build, "onnxruntime")
+    cfg = adacorr_compile.AdaCorrConfig.from_options(options)
+    return Method(name, "onnx", build, "onnxruntime", cfg.policy, cfg.correction, setting, dict(options))
 
 
 def _stats_of(fn: Any) -> dict[str, Any] | None:

@@ -49,11 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "(a function returning (model, inputs) with inputs(step, t) -> forward kwargs)")
     p.add_argument("--dump-graphs", action="store_true", help="log the FX graph before and after each pass")
     p.set_defaults(func=cmd_inspect)
-    for extra in ("demo", "bench", "export"):
-        try:
-            importlib.import_module(f".cli_{extra}", __package__).add_parser(sub)
-        except ModuleNotFoundError:
-            pass
+    for extra in ("demo", "export"):
+        importlib.import_module(f".cli_{extra}", __package__).add_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if (args.verbose or getattr(args, "dump_graphs", False)) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -8,8 +8,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .cli_export import parse_option
 
 logger = logging.getLogger("adacorr_compile")
@@ -43,7 +41,6 @@ def run_demo(args: argparse.Namespace) -> int:
     AdaCorrConfig.from_options(options)  # bad options fail here, with the option named
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     model = load_reference_dit()
     classifier = load_reference_classifier()
     labels = [i % 10 for i in range(args.images)]
