@@ -10,6 +10,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .cli_export import parse_option
+
 logger = logging.getLogger("adacorr_compile")
 
 
@@ -31,7 +33,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     factory = _load_factory(args.model)
     model, inputs = factory()
-    options = {"lowering": "eager", "dump_graphs": args.dump_graphs}
+    options = {"lowering": "eager", "dump_graphs": args.dump_graphs, **dict(args.option)}
     AdaCorrConfig.from_options(options)
     compiled = torch.compile(model, backend="adacorr", options=options)
     with torch.no_grad():
@@ -48,6 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", default="dit", help="a tiny config (dit, pixart, sd3, flux, sana, hunyuan_dit, cogvideox, wan, hunyuan_video, ltx_video, plain, nested_region) or package.module:factory "
                    "(a function returning (model, inputs) with inputs(step, t) -> forward kwargs)")
     p.add_argument("--dump-graphs", action="store_true", help="log the FX graph before and after each pass")
+    p.add_argument("--option", action="append", default=[], type=parse_option, metavar="KEY=VALUE",
+                   help="a backend option, repeatable (e.g. --option scope=step shows each region's part in the decision)")
     p.set_defaults(func=cmd_inspect)
     for extra in ("demo", "export"):
         importlib.import_module(f".cli_{extra}", __package__).add_parser(sub)

@@ -14,6 +14,10 @@ the rest.
 
 With ``correction=True``, a reuse proposed by ``interval`` or ``first_block`` is
 vetoed when lambda exceeds ``reuse_threshold``: "X + AdaCorrection".
+
+With ``scope="step"`` the decision is taken once per step (:func:`step_role`): the first
+region (the leader) always computes, the second (the probe) decides as above and the
+others follow its verdict.
 """
 
 from __future__ import annotations
@@ -49,7 +53,19 @@ class Guards:
             return "max consecutive reuses"
         if config.policy == "first_block" and self.is_first_region:
             return "first block"
+        if config.scope == "step" and self.is_first_region:
+            return "step leader"
         return None
+
+
+def step_role(config: AdaCorrConfig, order: int) -> str:
+    """A region's part in the decision: ``"block"`` (decides for itself, ``scope="block"``),
+    or with ``scope="step"`` ``"leader"`` (the first region: always computes),
+    ``"probe"`` (the second: decides for the step) or ``"follower"`` (takes the probe's
+    verdict)."""
+    if config.scope != "step":
+        return "block"
+    return ("leader", "probe")[order] if order < 2 else "follower"
 
 
 def needs_lambda(config: AdaCorrConfig) -> bool:
@@ -136,13 +152,13 @@ def decide_tensor(
     forced = forced | (step < config.warmup_steps)
     forced = forced | (steps_left < config.final_steps)
     forced = forced | (consecutive >= config.max_consecutive_reuses)
-    if config.policy == "first_block" and is_first_region:
+    if (config.policy == "first_block" or config.scope == "step") and is_first_region:
         forced = ~false
     finite = valid.to(torch.bool)
     if score is not None:
         finite = finite & torch.isfinite(score).all()
     nonfinite = ~forced & ~finite
-    if config.policy == "never" or (config.policy == "first_block" and is_first_region):
+    if config.policy == "never" or ((config.policy == "first_block" or config.scope == "step") and is_first_region):
         return false, nonfinite  # always forced: the policy is not consulted
     lam_ok = None
     if needs_lambda(config):

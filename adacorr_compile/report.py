@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .api import _model_state
+from .policies import step_role
 
 
 def report(compiled: Any) -> dict[str, Any]:
@@ -16,7 +17,8 @@ def report(compiled: Any) -> dict[str, Any]:
         info = getattr(g, "analysis", None)
         graphs.append(
             {
-                "regions": [b.describe() for b in info.blocks] if info is not None else [],
+                "regions": [{**b.describe(), "role": step_role(model.config, k)} for k, b in enumerate(info.blocks)]
+                if info is not None else [],
                 "unguarded": [{"where": w, "reason": r} for w, r in info.skipped] if info is not None else [],
                 "bodies_compiled": g.bodies_compiled,
             }
@@ -31,7 +33,8 @@ def format_report(rep: dict[str, Any]) -> str:
         for r in g["regions"]:
             streams = ", ".join(f"{s['input']}{s['shape']}" for s in r["streams"])
             side = ", ".join(f"{s['name']}{s['shape']}" for s in r["side_inputs"]) or "-"
-            lines.append(f"  {r['path']:<32} {r['class']:<28} streams: {streams}")
+            role = "" if r.get("role", "block") == "block" else f"  [step {r['role']}]"
+            lines.append(f"  {r['path']:<32} {r['class']:<28} streams: {streams}{role}")
             lines.append(f"  {'':<32} {'':<28} side inputs: {side}; {r['parameters']} parameters, {r['nodes']} nodes")
         for u in g["unguarded"]:
             lines.append(f"  unguarded {u['where']}: {u['reason']}")

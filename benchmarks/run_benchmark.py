@@ -50,6 +50,11 @@ def methods_for(model_name: str, quick: bool, lowering: str, workdir: str) -> li
     veto = 0.08  # lambda above which "X + AdaCorrection" vetoes a reuse
     for thr in ([0.03, 0.08] if quick else [0.02, 0.03, 0.05, 0.08, 0.12]):
         m.append(ours(f"adacorr thr={thr}", {**ADACORR, "reuse_threshold": thr}, thr))
+    # one lambda-driven decision per step for all blocks (scope="step"), as FBCache decides
+    for thr in ([0.03, 0.08] if quick else [0.02, 0.03, 0.05, 0.08, 0.1, 0.12]):
+        for corr in (True, False):
+            label = "adacorr step" + ("" if corr else " (no correction)")
+            m.append(ours(f"{label} thr={thr}", {**ADACORR, "scope": "step", "reuse_threshold": thr, "correction": corr}, thr))
     for thr in ([0.05] if quick else [0.03, 0.08]):
         m.append(ours(f"adacorr (no correction) thr={thr}", {**ADACORR, "reuse_threshold": thr, "correction": False}, thr))
     if not quick:

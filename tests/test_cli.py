@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from adacorr_compile.cli import main
 
 
@@ -73,3 +75,12 @@ def test_demo_rejects_bad_option_by_name(capsys):
         main(["demo", "--option", "reuse_threshold=7", "--steps", "2"])
     assert exc.value.code == 2
     assert "reuse_threshold" in capsys.readouterr().err
+
+
+def test_inspect_shows_step_roles_and_rejects_bad_option(capsys):
+    assert main(["inspect", "--model", "flux", "--option", "scope=step"]) == 0
+    text = capsys.readouterr().out
+    assert "[step leader]" in text and "[step probe]" in text and text.count("[step follower]") == 3
+    with pytest.raises(SystemExit):
+        main(["inspect", "--model", "flux", "--option", "scope=layer"])
+    assert "'scope' got 'layer'" in capsys.readouterr().err

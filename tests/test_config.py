@@ -33,6 +33,7 @@ def test_from_options_sets_fields():
         ("warmup_steps", -1),
         ("max_consecutive_reuses", True),
         ("decision", "token"),
+        ("scope", "layer"),
         ("lowering", "xla"),
         ("inductor_mode", "turbo"),
         ("timestep_arg", "not an identifier"),

@@ -1,5 +1,5 @@
 from adacorr_compile import AdaCorrConfig
-from adacorr_compile.policies import Guards, decide
+from adacorr_compile.policies import Guards, decide, step_role
 
 
 def g(step=5, num_steps=None, consecutive=0, has_cache=True, first=False):
@@ -36,3 +36,14 @@ def test_first_block_policy():
     assert decide(cfg, g(first=True), None, True) == "first block"
     assert decide(cfg, g(), None, True) == [True]
     assert decide(cfg, g(), None, False) == "policy"
+
+
+def test_step_scope_roles_and_leader_always_computes():
+    block = AdaCorrConfig(policy="adacorr", reuse_threshold=0.1)
+    step = block.replace(scope="step")
+    assert [step_role(block, k) for k in range(4)] == ["block"] * 4
+    assert [step_role(step, k) for k in range(4)] == ["leader", "probe", "follower", "follower"]
+    assert decide(step, g(first=True), [0.0], None) == "step leader"
+    assert decide(block, g(first=True), [0.0], None) == [True]
+    assert decide(step, g(), [0.05], None) == [True]  # the probe decides as a block would
+    assert decide(step, g(), [0.5], None) == [False]

@@ -182,3 +182,90 @@ def test_policies_reuse_in_a_loop(policy, correction):
     assert s["totals"]["reuses"] > 0
     if policy == "first_block":
         assert s["regions"][0]["reuses"] == 0  # the first block always computes
+
+
+def _count_measures(monkeypatch):
+    from adacorr_compile.runtime.fused import RegionMath
+
+    calls = []
+    original = RegionMath.measure
+
+    def counting(self, observed, reference, valid):
+        calls.append(tuple(observed[0].shape))
+        return original(self, observed, reference, valid)
+
+    monkeypatch.setattr(RegionMath, "measure", counting)
+    return calls
+
+
+@pytest.mark.parametrize("family, threshold", [("dit", 0.15), ("flux", 0.2)])
+def test_step_scope_one_decision_per_step(family, threshold, monkeypatch):
+    """scope="step": the first block always computes, the second measures (the OEM on the
+    first block's residual) and decides, the others follow it without measuring: one OEM
+    measurement (one host read) per step."""
+    model, inputs = FAMILIES[family][0]()
+    options = {"policy": "adacorr", "correction": True, "scope": "step", "reuse_threshold": threshold, "lowering": "eager"}
+    fast = torch.compile(model, backend="adacorr", options=options)
+    measures = _count_measures(monkeypatch)
+    steps = 12
+    outs = run_loop(fast, inputs, steps=steps)
+    s = adacorr_compile.stats(fast)
+    regions = s["regions"]
+    assert len(regions) == len(FAMILIES[family][1]) >= 3
+    assert regions[0]["reuses"] == 0 and regions[0]["computes"] == steps  # the leader
+    probe = regions[1]["reuse_trace"]
+    assert 0 < sum(probe) < steps - 3, probe  # both verdicts over the loop
+    for r in regions[2:]:
+        assert r["reuse_trace"] == probe, (r["path"], r["reuse_trace"], probe)
+        assert all(x != x for x in r["lambda_trace"])  # followers measure nothing
+    lam = regions[1]["lambda_trace"]
+    assert lam[0] != lam[0] and all(0 <= x <= 1 for x in lam[1:])
+    assert len(measures) == steps - 1  # the probe, every step after the first
+    # the probe reuses exactly when lambda <= threshold, outside warm-up / final step / cap
+    run = 0
+    for k in range(steps):
+        want = 2 <= k < steps - 1 and run < 3 and lam[k] <= threshold
+        assert probe[k] == float(want), (k, lam[k], probe)
+        run = run + 1 if want else 0
+    # a step that recomputes recomputes every block from fresh inputs: the uncached output
+    plain = run_loop(model, inputs, steps=steps)
+    for k in range(steps):
+        if probe[k] == 0.0:
+            assert torch.equal(outs[k], plain[k]), k
+        else:
+            assert not torch.equal(outs[k], plain[k]), k
+
+
+def test_step_scope_nonfinite_follower_cache_forces_the_step_to_compute():
+    model, inputs = FAMILIES["dit"][0]()
+    options = {"policy": "adacorr", "correction": True, "scope": "step", "reuse_threshold": 1.0, "lowering": "eager",
+               "max_consecutive_reuses": 100, "final_steps": 0}
+    fast = torch.compile(model, backend="adacorr", options=options)
+    run_loop(fast, inputs, steps=4)
+    s = adacorr_compile.stats(fast)
+    assert s["regions"][1]["reuse_trace"] == [0.0, 0.0, 1.0, 1.0]  # threshold 1: reuse after warm-up
+    adacorr_compile.reset(fast)
+    regions = adacorr_compile.regions(fast)
+    last = regions[-1]
+    body = last.body_fn
+
+    class Poisoned(torch.nn.Module):  # the last follower's compute at step 1 (warm-up) gives a NaN
+        calls = 0
+
+        def forward(self, *args):
+            Poisoned.calls += 1
+            out = list(body(*args))
+            if Poisoned.calls == 2:
+                out[0] = out[0] * float("nan")
+            return out
+
+    last.body_fn = Poisoned()  # structurally equal blocks share one lowered body: patch this region only
+    try:
+        outs = run_loop(fast, inputs, steps=4)
+    finally:
+        last.body_fn = body
+    s = adacorr_compile.stats(fast)
+    probe = s["regions"][1]
+    assert probe["reuse_trace"] == [0.0, 0.0, 0.0, 1.0]  # step 2 recomputes everything: the follower's cache was NaN
+    assert probe["nonfinite"] == 1
+    assert torch.isfinite(outs[2]).all() and torch.isfinite(outs[3]).all()

@@ -41,7 +41,8 @@ Shared: ``adacorr_step`` (int64, steps done in this generation; 0 means empty ca
 ``adacorr_steps_left`` (int64 input only: steps after this one, as the host computes it
 for the ``final_steps`` guard, :data:`~adacorr_compile.policies.STEPS_UNKNOWN` when
 unknown), ``adacorr_fb_ref`` (``first_block`` only: the first
-block's residual at the last step it was not similar). Statistics outputs (one entry per
+block's residual at the last step it was not similar), ``adacorr_probe_ref_<j>``
+(``scope="step"`` only: the first block's residuals when the probe last computed). Statistics outputs (one entry per
 region): ``adacorr_reused``, ``adacorr_nonfinite`` (bool), ``adacorr_lambda``,
 ``adacorr_score`` (float, NaN while the cache is empty).
 """
@@ -65,7 +66,7 @@ from .. import acm, oem
 from ..config import AdaCorrConfig
 from ..passes import find_blocks, outline_blocks
 from ..passes.common import analysis, example_value
-from ..policies import STEPS_UNKNOWN, decide_tensor, relative_change
+from ..policies import STEPS_UNKNOWN, decide_tensor, relative_change, step_role
 
 logger = logging.getLogger("adacorr_compile")
 
@@ -141,7 +142,7 @@ class StateSpec:
     """One state tensor: its ONNX input name, dtype and shape (see :func:`eval_dim`)."""
 
     name: str
-    kind: str  # step | fb_ref | ref_in | prev_in | ref_res | ref_out | valid | consecutive
+    kind: str  # step | fb_ref | probe_ref | ref_in | prev_in | ref_res | ref_out | valid | consecutive
     dtype: str  # torch dtype name without "torch."
     dims: list[Any]
     region: int | None = None
@@ -350,16 +351,23 @@ class CondRegion(torch.nn.Module):
     """One guarded block as ``torch.cond(reuse, reuse_fn, compute_fn, operands)``.
 
     ``forward(step, steps_left, *block_inputs, *state, *extra)`` returns
-    ``(*outputs, *new_state, reused, nonfinite, lambda, score, *extra_out)``; ``extra`` is
-    the first block's verdict (``first_block`` policy, regions after the first) or the
-    first block's reference residual (``first_block``, the first region), and
-    ``extra_out`` the verdict and new reference residual (the first region only).
+    ``(*outputs, *new_state, reused, nonfinite, lambda, score, *extra_out)``. ``extra``:
+    the first block's reference residual (``first_block``, the first region), its verdict
+    (``first_block``, the region that decides after it); with ``scope="step"``, for the
+    probe: the leader's fresh residuals, their reference (state ``adacorr_probe_ref_<j>``)
+    and the followers' cache-valid flags, for the followers: the probe's ``(reuse,
+    lambda)``. ``extra_out``: the first block's verdict and new reference residual
+    (``first_block``, the first region); the leader's fresh residuals; the probe's
+    ``(reuse, lambda, *new reference residuals)``.
     The decision and the per-branch semantics match
     :func:`adacorr_compile.runtime.region._guarded_call` with ``decision="batch"``.
     """
 
-    def __init__(self, body: fx.GraphModule, plan: RegionPlan, config: AdaCorrConfig, carried: Sequence[int] = ()) -> None:
+    def __init__(
+        self, body: fx.GraphModule, plan: RegionPlan, config: AdaCorrConfig, carried: Sequence[int] = (), leader_pairs: int = 0
+    ) -> None:
         super().__init__()
+        self.leader_pairs = leader_pairs  # scope="step": stream pairs of the leader (the probe's signal)
         self.body = body
         self.plan = plan
         self.config = config
@@ -376,6 +384,20 @@ class CondRegion(torch.nn.Module):
             return None
         return "first" if self.plan.index == 0 else "follower"
 
+    def _extra_inputs(self, extra: list[torch.Tensor]) -> dict[str, Any]:
+        """Name the ``extra`` inputs (see the class docstring)."""
+        cfg, role = self.config, step_role(self.config, self.plan.index)
+        named: dict[str, Any] = {}
+        if role == "follower":
+            named["probe_reuse"], named["probe_lam"] = extra
+            return named
+        if cfg.policy == "first_block":
+            named["fb_ref" if self.plan.index == 0 else "similar"] = extra.pop(0)
+        if role == "probe":
+            n = self.leader_pairs
+            named["leader_res"], named["probe_ref"], named["followers_valid"] = extra[:n], extra[n : 2 * n], extra[2 * n :]
+        return named
+
     def forward(self, step: torch.Tensor, steps_left: torch.Tensor, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
         cfg, plan = self.config, self.plan
         n_in = plan.num_inputs
@@ -391,15 +413,29 @@ class CondRegion(torch.nn.Module):
         valid = by_kind["valid"][0]
         consecutive = by_kind["consecutive"][0]
         role = self._first_block_role()
+        srole = step_role(cfg, plan.index)
+        named = self._extra_inputs(extra)
 
         observed = [args[i] for i in plan.observed]
         has_cache = step > 0
-        score = oem.score(cfg.score, observed, reference, cfg.spatial_weight, False)
-        lam = acm.correction_weight(score, cfg.gamma)
-        similar = extra[0] if role == "follower" else None
-        reuse, nonfinite = decide_tensor(
-            cfg, step, steps_left, consecutive, has_cache, valid, plan.index == 0, lam, similar, score
-        )
+        nan_lam = torch.full((), float("nan"), dtype=torch.float32, device=step.device)
+        if srole == "follower":
+            # scope="step": the probe's verdict (it covers every guard and every cache's
+            # finiteness); the follower measures nothing (its statistics are NaN, as on the host)
+            score, lam = nan_lam, named["probe_lam"]
+            reuse, nonfinite = named["probe_reuse"] & has_cache, torch.zeros_like(has_cache)
+        else:
+            if srole == "probe":  # the OEM on the leader's fresh residual (see runtime/region.py)
+                score = oem.score(cfg.score, named["leader_res"], named["probe_ref"], cfg.spatial_weight, False)
+            else:
+                score = oem.score(cfg.score, observed, reference, cfg.spatial_weight, False)
+            lam = acm.correction_weight(score, cfg.gamma)
+            valid_all = valid
+            for v in named.get("followers_valid", []):
+                valid_all = valid_all & v
+            reuse, nonfinite = decide_tensor(
+                cfg, step, steps_left, consecutive, has_cache, valid_all, plan.index == 0, lam, named.get("similar"), score
+            )
 
         n_obs, n_pairs = len(plan.observed), len(plan.stream_pairs)
         # "cached" drift: the reference input changes only on a compute, so it goes through
@@ -445,7 +481,7 @@ class CondRegion(torch.nn.Module):
             fresh = list(self.body(*a))
             by_pair = [fresh[j] for _, j in plan.stream_pairs]
             outs_paired = by_pair
-            if cfg.blend:
+            if cfg.blend and srole != "leader":  # the leader measures nothing: no lambda to blend by
                 cached = reuse_values(a, cache)
                 outs_paired = [torch.where(step > 0, acm.blend(c, f, lam_), f) for c, f in zip(cached, by_pair)]
             residuals = [f - a[i] for (i, _), f in zip(plan.stream_pairs, by_pair)]
@@ -458,7 +494,7 @@ class CondRegion(torch.nn.Module):
         # shapes of the branch outputs: the paired stream inputs, the observed inputs, the cache
         shapes = [args[i].shape for i, _ in sorted(plan.stream_pairs, key=lambda p: p[1])]
         shapes += [o.shape for o in observed[:n_ref]] + [c.shape for c in cached_vals] + [valid.shape]
-        if role == "first":  # FBCache: the first block always computes, no branch
+        if role == "first" or srole == "leader":  # the first block always computes, no branch
             results = compute_fn(*operands)
         else:
             results = torch.cond(reuse, reuse_fn, compute_fn, operands)
@@ -472,7 +508,10 @@ class CondRegion(torch.nn.Module):
             new_ref = [o.clone() for o in observed]
         new_consecutive = torch.where(reuse, consecutive + 1, torch.zeros_like(consecutive))
         nan = torch.full_like(lam, float("nan"))
-        stats = (reuse, nonfinite, torch.where(has_cache, lam, nan), torch.where(has_cache, score.to(lam.dtype), nan))
+        if srole in ("follower", "leader"):  # measured nothing (the host records NaN too)
+            stats = (reuse, nonfinite, nan.clone(), nan.clone())
+        else:
+            stats = (reuse, nonfinite, torch.where(has_cache, lam, nan), torch.where(has_cache, score.to(lam.dtype), nan))
         new_state: list[torch.Tensor] = []
         it_ref, it_cache = iter(new_ref), iter(new_cache)
         for s in plan.states:
@@ -486,11 +525,20 @@ class CondRegion(torch.nn.Module):
                 new_state.append(new_consecutive)
         extra_out: list[torch.Tensor] = []
         if role == "first":
-            fb_ref = extra[0]
+            fb_ref = named["fb_ref"]
             residual = new_cache[0]
             change = relative_change(residual, fb_ref)
             similar_now = has_cache & (change < cfg.first_block_threshold)
             extra_out = [similar_now, torch.where(similar_now, fb_ref, residual)]
+        if srole == "leader":
+            extra_out += [outs[j] - args[i] for i, j in plan.stream_pairs]
+        elif srole == "probe":
+            current, ref = named["leader_res"], named["probe_ref"]
+            if cfg.drift_reference == "cached":  # the reference moves when the probe computes
+                new_ref = [torch.where(reuse, r, c) for r, c in zip(ref, current)]
+            else:
+                new_ref = [c.clone() for c in current]
+            extra_out += [reuse, lam.to(torch.float32).reshape(()), *new_ref]
         return (*outs, *new_state, *stats, *extra_out)
 
 
@@ -549,6 +597,12 @@ def _build_step_graph(
         res = first.of("ref_res")[0]
         fb_spec = StateSpec("adacorr_fb_ref", "fb_ref", res.dtype, res.dims)
         states.append(fb_spec)
+    probe_refs: list[StateSpec] = []
+    if config.scope == "step" and len(plans) >= 2:
+        leader = plans[0]
+        cached = leader.of(_residual_kind(config))  # shaped like the leader's residuals
+        probe_refs = [StateSpec(f"adacorr_probe_ref_{j}", "probe_ref", c.dtype, c.dims) for j, c in enumerate(cached)]
+        states.extend(probe_refs)
     for plan in plans:
         states.extend(plan.states)
     for s in states[1:]:
@@ -560,6 +614,8 @@ def _build_step_graph(
     new_state: dict[str, fx.Node] = {}
     stats: dict[str, list[fx.Node]] = {k: [] for k in STATS_OUTPUTS}
     similar = None
+    probe_out: list[fx.Node] = []
+    leader_res: list[fx.Node] = []
     placeholders = {n for n in gm.graph.nodes if n.op == "placeholder"}
     output_node = next(n for n in gm.graph.nodes if n.op == "output")
     for node in gm.graph.nodes:
@@ -571,10 +627,16 @@ def _build_step_graph(
             name = f"adacorr_cond_{k}"
             body = getattr(gm, str(node.target))
             carried = _sizes_from_tensors(body, plan.path)
-            gm.add_submodule(name, CondRegion(body, plan, config, carried))
+            gm.add_submodule(name, CondRegion(body, plan, config, carried, len(probe_refs)))
             extra = []
-            if config.policy == "first_block":
+            srole = step_role(config, k)
+            if config.policy == "first_block" and srole != "follower":
                 extra = [fb_ref] if k == 0 else [similar]
+            if srole == "probe":
+                extra += leader_res + [state_nodes[s.name] for s in probe_refs]
+                extra += [state_nodes[s.name] for p in plans[2:] for s in p.states if s.kind == "valid"]
+            elif srole == "follower":
+                extra = list(probe_out)
             args = (step, steps_left, *(env[a] for a in node.args), *(state_nodes[s.name] for s in plan.states), *extra)
             call = graph.call_module(name, args)
             env[node] = call
@@ -587,6 +649,13 @@ def _build_step_graph(
             if config.policy == "first_block" and k == 0:
                 similar = graph.call_function(operator.getitem, (call, base + len(STATS_OUTPUTS)))
                 new_state["adacorr_fb_ref"] = graph.call_function(operator.getitem, (call, base + len(STATS_OUTPUTS) + 1))
+            at = base + len(STATS_OUTPUTS) + (2 if config.policy == "first_block" and k == 0 else 0)
+            if srole == "leader":
+                leader_res = [graph.call_function(operator.getitem, (call, at + m)) for m in range(len(probe_refs))]
+            elif srole == "probe":
+                probe_out = [graph.call_function(operator.getitem, (call, at + m)) for m in range(2)]
+                for m, spec in enumerate(probe_refs):
+                    new_state[spec.name] = graph.call_function(operator.getitem, (call, at + 2 + m))
             continue
         if any(a in placeholders and a not in env for a in node.all_input_nodes):
             raise ExportError(f"node {node.name} reads a non-tensor model input")
@@ -911,10 +980,10 @@ def to_onnx(
 def expected_if_nodes(config: AdaCorrConfig, regions: int) -> int:
     """``If`` nodes an export has: one per region whose decision is not known statically.
     ``never`` always computes (its predicate is constant and folded away); under
-    ``first_block`` the first region always computes (FBCache), so it has no ``If``."""
+    ``first_block`` or ``scope="step"`` the first region always computes, so it has no ``If``."""
     if config.policy == "never":
         return 0
-    return regions - 1 if config.policy == "first_block" else regions
+    return regions - 1 if (config.policy == "first_block" or config.scope == "step") else regions
 
 
 def read_metadata(path_or_proto: Any) -> dict[str, Any]:

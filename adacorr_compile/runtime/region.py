@@ -10,6 +10,12 @@ Per call (one denoising step), with ``h`` the block's observed stream inputs:
    not run. Compute: ``y = Block(h)``, optionally blended with the corrected cache by
    lambda, and the cache is refreshed with the fresh residual.
 
+With ``scope="step"`` the regions of a graph take one decision per step: the first
+region (leader) always computes, the second (probe) runs step 1 on the leader's fresh
+residual against its value when the probe last computed, and the later regions
+(followers) take the probe's verdict without measuring; the probe's cache-finiteness
+check covers the followers' caches, so a step costs one host read.
+
 Outside a graph runtime (shape propagation at compile time) the region is just its body.
 """
 
@@ -23,7 +29,7 @@ import torch
 
 from .. import acm
 from ..config import AdaCorrConfig
-from ..policies import Guards, decide, needs_lambda, read_to_host, relative_change
+from ..policies import Guards, decide, needs_lambda, read_to_host, relative_change, step_role
 from .fused import RegionMath
 from .state import GenerationState
 
@@ -88,12 +94,8 @@ def _guarded_call(region: GuardedRegion, args: Sequence[Any], active: Active) ->
     has_cache = cache.ref_in is not None
     per_sample = cfg.decision == "sample"
 
-    lam = score = packed = None
-    if has_cache:
-        reference = cache.prev_in if cfg.drift_reference == "previous" else cache.ref_in
-        score, lam, packed = region.math.measure(observed, reference, cache.valid)
-
-    fb = state.first_block.setdefault(active.graph_id, {"similar": None, "ref": None})
+    role = step_role(cfg, spec.order)
+    shared = state.first_block.setdefault(active.graph_id, {"similar": None, "ref": None})
     guards = Guards(
         step=active.step,
         steps_left=state.steps_left(active.graph_id, active.step),
@@ -101,18 +103,48 @@ def _guarded_call(region: GuardedRegion, args: Sequence[Any], active: Active) ->
         has_cache=has_cache,
         is_first_region=spec.order == 0,
     )
-    verdict: list[bool] | str
     forced = guards.forced(cfg)
-    if forced is not None:
-        verdict = forced
-    else:
-        # one read: lambda, the cache is finite, the score is finite
-        host = packed.tolist()
-        if host[-2] < 0.5 or host[-1] < 0.5:
-            stats.nonfinite += 1
-            verdict = "non-finite cache" if host[-2] < 0.5 else "non-finite input"
+
+    lam = score = None
+    verdict: list[bool] | str
+    if role == "follower":
+        # scope="step": take the probe's verdict of this step; nothing to measure or read
+        taken = shared.get("verdict")
+        if forced is not None:
+            verdict = forced
+        elif taken is None or taken[0] != active.step:
+            verdict = "no step verdict"
         else:
-            verdict = decide(cfg, guards, host[:-2] if needs_lambda(cfg) else None, fb["similar"])
+            verdict, lam = taken[1], taken[2]
+    else:
+        packed = None
+        if has_cache and role == "block":
+            reference = cache.prev_in if cfg.drift_reference == "previous" else cache.ref_in
+            score, lam, packed = region.math.measure(observed, reference, cache.valid)
+        elif role == "probe":
+            # the OEM on the first block's fresh residual against its value when the probe
+            # last computed (or at the previous step): what the network does with this
+            # step's input and timestep, not the input alone (which the noisy latent dominates)
+            current, reference = shared.get("leader_res"), shared.get("probe_ref")
+            if has_cache and current is not None and reference is not None and _same_shapes(current, reference):
+                valid = cache.valid
+                if shared.get("followers_valid") is not None:
+                    valid = valid & shared["followers_valid"]  # a follower's cache is not finite: compute all
+                score, lam, packed = region.math.measure(current, reference, valid)
+            elif forced is None:
+                forced = "empty cache"
+        if forced is not None:
+            verdict = forced
+        else:
+            # one read: lambda, the cache is finite, the score is finite
+            host = packed.tolist()
+            if host[-2] < 0.5 or host[-1] < 0.5:
+                stats.nonfinite += 1
+                verdict = "non-finite cache" if host[-2] < 0.5 else "non-finite input"
+            else:
+                verdict = decide(cfg, guards, host[:-2] if needs_lambda(cfg) else None, shared["similar"])
+        if role == "probe":
+            shared["verdict"] = (active.step, verdict, lam)
 
     batch = observed[0].shape[0] if observed else 1
     mask = None if isinstance(verdict, str) else (verdict * batch if len(verdict) == 1 else verdict)
@@ -122,6 +154,8 @@ def _guarded_call(region: GuardedRegion, args: Sequence[Any], active: Active) ->
             return [acm.corrected_cache(args[i], r) for (i, _), r in zip(spec.stream_pairs, cache.ref_res)]
         return list(cache.ref_out)
 
+    if role == "probe" and cfg.drift_reference == "previous":
+        shared["probe_ref"] = shared.get("leader_res")
     if mask is not None and all(mask):
         outs = _order_outputs(spec, reuse_values())
         stats.reuses += 1
@@ -144,13 +178,25 @@ def _guarded_call(region: GuardedRegion, args: Sequence[Any], active: Active) ->
             outs_paired = [torch.where(m, c, o) for c, o in zip(cached, outs_paired)]
             stats.partial += 1
     _refresh(region.math, cfg, spec, cache, args, observed, by_pair, mask if has_cache else None)
+    if role == "leader":
+        shared["leader_res"] = cache.ref_res
+    elif role == "probe":
+        shared["probe_ref"] = shared.get("leader_res")
+        shared["followers_valid"] = None  # the followers refresh after the probe in this step
+    elif role == "follower":
+        fv = shared.get("followers_valid")
+        shared["followers_valid"] = cache.valid if fv is None else fv & cache.valid
     if cfg.policy == "first_block" and spec.order == 0:
-        _first_block_update(cfg, fb, cache.ref_res[0])
+        _first_block_update(cfg, shared, cache.ref_res[0])
     stats.computes += 1
     cache.consecutive = 0
     reused = 0.0 if mask is None else sum(mask) / len(mask)
     stats.record(active.step, lam, score, reused)
     return tuple(_order_outputs(spec, outs_paired))
+
+
+def _same_shapes(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(x.shape == y.shape and x.dtype == y.dtype for x, y in zip(a, b))
 
 
 def _order_outputs(spec: RegionSpec, by_pair: list[torch.Tensor]) -> list[torch.Tensor]:
