@@ -2,8 +2,8 @@
 ``benchmarks/run_benchmark.py``.
 
 A :class:`Method` turns the reference model into the callable a sampler runs
-(uncached eager, uncached Inductor, our backend with some options, or a peer
-such as diffusers' own cache hooks). :func:`run_method` samples a fixed batch
+(uncached eager, uncached Inductor, our backend with some options, or a peer:
+diffusers' own cache hooks, cache-dit's DBCache). :func:`run_method` samples a fixed batch
 with it, counts the block evaluations that really ran, and times repeated
 generations; :func:`quality` compares images with the uncached output of the
 same seeds (PSNR, SSIM) and with held-out real data (Frechet distance in the
@@ -133,6 +133,83 @@ def diffusers_cache(name: str, make_config: Callable[[], Any], setting: float | 
         transformer_of(model).disable_cache()
 
     return Method(name, "peer", build, "eager", name.split(" ")[0], None, setting, cleanup=cleanup)
+
+
+CACHE_DIT_MISSING = "cache-dit is not installed: pip install cache-dit (or pip install 'adacorr_compile[bench]')"
+
+
+def _import_cache_dit() -> Any:
+    try:
+        import cache_dit
+    except ImportError as exc:
+        raise ImportError(f"{CACHE_DIT_MISSING} ({exc})") from exc
+    return cache_dit
+
+
+def cache_dit_adapter(transformer: torch.nn.Module) -> Any:
+    """A cache-dit ``BlockAdapter`` for a bare diffusers ``FluxTransformer2DModel``: one cached
+    sequence of all blocks (double-stream then single-stream), so ``Fn``/``Bn`` count over the
+    whole model as FBCache does. This is cache-dit's own registered Flux layout
+    (``transformer_blocks`` stands for the joined list during a forward, ``single_transformer_blocks``
+    for an empty one) without its ``FluxPatchFunctor``: that functor replaces the transformer's
+    ``forward`` for good (``disable_cache`` does not undo it), and diffusers >= 0.35's own Flux
+    forward already calls both block lists the way the joined list needs (Pattern_1 blocks:
+    ``(hidden_states, encoder_hidden_states) -> (encoder_hidden_states, hidden_states)``)."""
+    cache_dit = _import_cache_dit()
+    blocks = torch.nn.ModuleList([*transformer.transformer_blocks, *transformer.single_transformer_blocks])
+    return cache_dit.BlockAdapter(
+        transformer=transformer, blocks=blocks, blocks_name="transformer_blocks",
+        dummy_blocks_names=["single_transformer_blocks"], forward_pattern=cache_dit.ForwardPattern.Pattern_1,
+        check_forward_pattern=True,
+    )
+
+
+def cache_dit_cache(
+    name: str,
+    cache_options: dict[str, Any],
+    setting: float | None = None,
+    taylorseer: dict[str, Any] | None = None,
+) -> Method:
+    """cache-dit's DBCache (``cache_dit.enable_cache``, https://github.com/vipshop/cache-dit) on the
+    Flux transformer, eager. ``cache_options`` are ``cache_dit.DBCacheConfig`` fields
+    (``Fn_compute_blocks``, ``Bn_compute_blocks``, ``residual_diff_threshold``, ``max_warmup_steps``,
+    ...); ``taylorseer``: ``cache_dit.TaylorSeerCalibratorConfig`` fields to add its TaylorSeer
+    calibrator (``{}`` for its defaults), None for plain residual reuse.
+
+    cache-dit keeps one persistent cache context per transformer that it would carry from one
+    generation into the next (no warmup, stale residuals); the samplers in
+    :mod:`adacorr_compile.sampling` start every generation with
+    ``cache_dit.refresh_context(transformer, num_inference_steps=num_steps)``, which rebuilds it.
+    Blocks cache-dit skips are never called, so the runner's hooks on the blocks count them.
+    Raises ImportError (naming ``pip install cache-dit``) when cache-dit is not installed."""
+    cache_dit = _import_cache_dit()
+    # the sampler runs CFG as one batched call: one transformer call per step
+    options = {"enable_separate_cfg": False, **cache_options}
+    cache_dit.DBCacheConfig(**options)  # unknown fields fail here, not in the middle of a benchmark
+    if taylorseer is not None:
+        cache_dit.TaylorSeerCalibratorConfig(**taylorseer)
+    adapters: dict[int, Any] = {}
+
+    def build(model: Any) -> Any:
+        transformer = transformer_of(model)
+        adapter = cache_dit_adapter(transformer)
+        calibrator = cache_dit.TaylorSeerCalibratorConfig(**taylorseer) if taylorseer is not None else None
+        cache_dit.enable_cache(adapter, cache_config=cache_dit.DBCacheConfig(**options), calibrator_config=calibrator)
+        adapters[id(transformer)] = adapter
+        return model
+
+    def cleanup(model: Any) -> None:
+        transformer = transformer_of(model)
+        adapter = adapters.pop(id(transformer), None)
+        cache_dit.disable_cache(adapter if adapter is not None else transformer)
+        # disable_cache puts the class's forward back as an instance attribute: drop it so the
+        # module is as it was (later methods, e.g. diffusers' hooks, wrap the plain forward)
+        fwd = transformer.__dict__.get("forward")
+        if fwd is not None and getattr(fwd, "__func__", None) is type(transformer).forward:
+            del transformer.__dict__["forward"]
+
+    recorded = dict(options, **({"taylorseer": dict(taylorseer)} if taylorseer is not None else {}))
+    return Method(name, "peer", build, "eager", "cache-dit", None, setting, recorded, cleanup=cleanup)
 
 
 class OnnxDiT:

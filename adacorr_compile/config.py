@@ -101,13 +101,15 @@ class AdaCorrConfig:
     spatial_weight: float = 1.0
     score: str = "relative"
     drift_reference: str = "cached"
-    # Defaults chosen by benchmarks/run_benchmark.py on both reference models
-    # (benchmarks/results/benchmark_{dit,flux}.md, timings in *_timing.md): recomputing
-    # every block every third step and reusing the cached outputs was the one setting
-    # that met PSNR >= 30 dB against the uncached images with >= 40% of the blocks
-    # skipped and >= 1.5x over uncached Inductor on both (62% skipped; DiT 30.9 dB,
-    # Flux 34.7 dB). The lambda-driven per-block policy lost fidelity much faster on
-    # both (README, "Reference models and benchmark"); interval=2 keeps more margin.
+    # Defaults chosen by benchmarks/run_benchmark.py on both reference models (checkpoints
+    # of 55 + 58 min; benchmarks/results/benchmark_{dit,flux}.md, timings in *_timing.md):
+    # recomputing every block every third step and reusing the cached outputs skips 62% of
+    # the block evaluations and, on Flux, meets PSNR >= 30 dB against the uncached images
+    # (31.5 dB) at 2.14x over uncached Inductor, with no tuning (scope="step" uncapped at
+    # reuse_threshold 0.15 does as well: 63%, 31.8 dB). On the DiT no setting that skips >= 40% keeps 30 dB (this one: 26.0 dB; interval=2:
+    # 28.8 dB at 46%); scope="step" with reuse_threshold=0.03 keeps 35.8 dB at 30% skipped.
+    # The lambda-driven per-block policy loses fidelity much faster on both (README,
+    # "Reference models and benchmark").
     policy: str = "interval"
     correction: bool = False
     reuse_threshold: float = 0.05

@@ -10,7 +10,11 @@ on:
   timestep that goes back up marks a new generation);
 * when a diffusers cache is enabled on the model (``enable_cache``), each call
   runs inside ``cache_context("cond", ...)`` and the cache state is reset at the
-  start and end of every generation, as diffusers' pipelines do.
+  start and end of every generation, as diffusers' pipelines do;
+* when cache-dit's cache is enabled on the bare transformer (``cache_dit.enable_cache``,
+  whose context persists across calls), every generation starts with
+  ``cache_dit.refresh_context(transformer, num_inference_steps=num_steps)``: a fresh
+  context (warmup, empty buffers) that knows the number of steps.
 
 DiT call: ``model(x_in, timestep=t_batch, class_labels=labels)`` returning an
 object with ``.sample`` (a ``Transformer2DModelOutput``), a tuple, or a tensor.
@@ -96,19 +100,43 @@ def _cache_owner(model: Any) -> Any:
     return None
 
 
+def _cache_dit_owner(model: Any) -> Any:
+    """The transformer under ``model`` that cache-dit cached transformer-only (a persistent
+    cache context, refreshed by ``cache_dit.refresh_context``), or None. Looks where
+    :func:`_cache_owner` looks."""
+    todo, seen = [model], 0
+    while todo and seen < 8:
+        obj = todo.pop(0)
+        seen += 1
+        if obj is None:
+            continue
+        if (isinstance(obj, torch.nn.Module) and getattr(obj, "_is_cached", False) is True
+                and getattr(obj, "_context_names", None)
+                and getattr(getattr(obj, "_context_manager", None), "persistent_context", False) is True):
+            return obj
+        todo += [getattr(obj, "_orig_mod", None), getattr(obj, "transformer", None)]
+    return None
+
+
 class _DiffusersCacheSteps:
     """Per-generation bookkeeping for diffusers' own cache hooks
     (``transformer.enable_cache(...)``): resets their state at the start and end
-    of a generation and wraps each model call in ``cache_context``. A no-op when
-    no diffusers cache is enabled."""
+    of a generation and wraps each model call in ``cache_context``; and for
+    cache-dit on a bare transformer: a fresh cache context at the start of each
+    generation. A no-op when neither is enabled."""
 
     def __init__(self, model: Any, num_steps: int):
         self.owner = _cache_owner(model)
+        self.cache_dit_owner = _cache_dit_owner(model)
         self.num_steps = num_steps
 
     def __enter__(self) -> "_DiffusersCacheSteps":
         if self.owner is not None:
             self.owner._reset_stateful_cache()
+        if self.cache_dit_owner is not None:
+            import cache_dit
+
+            cache_dit.refresh_context(self.cache_dit_owner, num_inference_steps=self.num_steps)
         return self
 
     def __exit__(self, *exc) -> None:

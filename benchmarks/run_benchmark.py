@@ -9,7 +9,7 @@ the same lowering (median of --reps generations, same process), PSNR/SSIM agains
 the uncached images of the same seeds, and the Frechet distance (FID proxy) and
 class accuracy from the reference classifier. Writes
 benchmarks/results/benchmark_<model>.{json,md}, pareto_<model>.png and
-lambda_heatmap_<model>.png.
+lambda_heatmap_<model>.png (or into the folder given with --out).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import sys
 import tempfile
@@ -55,6 +56,11 @@ def methods_for(model_name: str, quick: bool, lowering: str, workdir: str) -> li
         for corr in (True, False):
             label = "adacorr step" + ("" if corr else " (no correction)")
             m.append(ours(f"{label} thr={thr}", {**ADACORR, "scope": "step", "reuse_threshold": thr, "correction": corr}, thr))
+    for thr in ([] if quick else [0.15, 0.25]):  # no cap on reuses in a row, as FBCache (reaches its higher skip rates)
+        for corr in (True, False):
+            label = "adacorr step uncapped" + ("" if corr else " (no correction)")
+            m.append(ours(f"{label} thr={thr}", {**ADACORR, "scope": "step", "reuse_threshold": thr, "correction": corr,
+                                                 "max_consecutive_reuses": 50}, thr))
     for thr in ([0.05] if quick else [0.03, 0.08]):
         m.append(ours(f"adacorr (no correction) thr={thr}", {**ADACORR, "reuse_threshold": thr, "correction": False}, thr))
     if not quick:
@@ -82,7 +88,7 @@ def methods_for(model_name: str, quick: bool, lowering: str, workdir: str) -> li
 
 
 def peer_methods(quick: bool) -> list[bench.Method]:
-    """diffusers' own cache hooks, on the same Flux transformer (eager)."""
+    """diffusers' own cache hooks and cache-dit's DBCache, on the same Flux transformer (eager)."""
     out: list[bench.Method] = []
     try:
         from diffusers import FirstBlockCacheConfig
@@ -100,6 +106,20 @@ def peer_methods(quick: bool) -> list[bench.Method]:
                 partial(TaylorSeerCacheConfig, cache_interval=interval, disable_cache_before_step=2), interval))
     except (ImportError, TypeError) as exc:  # pragma: no cover
         logger.warning("diffusers TaylorSeerCacheConfig unavailable: %s", exc)
+    # cache-dit's DBCache on the whole block sequence: F1B0 (first block computes, its residual
+    # decides, no trailing blocks) is the FBCache equivalent; warmup 2 steps as ours, otherwise
+    # cache-dit's defaults (no cap on cached steps)
+    try:
+        for thr in ([0.12] if quick else [0.08, 0.12, 0.2]):
+            out.append(bench.cache_dit_cache(
+                f"cache-dit DBCache F1B0 W2 thr={thr}",
+                {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "max_warmup_steps": 2, "residual_diff_threshold": thr}, thr))
+        out.append(bench.cache_dit_cache(
+            "cache-dit DBCache F1B0 W2 + TaylorSeer O1 thr=0.12",
+            {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "max_warmup_steps": 2, "residual_diff_threshold": 0.12}, 0.12,
+            taylorseer={"taylorseer_order": 1}))
+    except ImportError as exc:  # cache-dit is optional (extra "bench")
+        logger.warning("cache-dit unavailable: %s", exc)
     return out
 
 
@@ -144,7 +164,7 @@ def run(model_name: str, args: argparse.Namespace) -> dict:
         })
     heat = next((r for r in runs if r.method.name == args.heatmap_method), None)
     if heat is not None and heat.stats is not None:
-        bench.lambda_heatmap(heat.stats, str(RESULTS / f"lambda_heatmap_{model_name}.png"),
+        bench.lambda_heatmap(heat.stats, str(args.out / f"lambda_heatmap_{model_name}.png"),
                              f"reference {model_name}: {heat.method.name}, {args.steps} steps")
     return {
         "model": model_name, "steps": args.steps, "images": len(labels), "labels": labels, "seed": args.seed,
@@ -231,18 +251,20 @@ def main() -> int:
     parser.add_argument("--heatmap-method", default="adacorr thr=0.05")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--tag", default="", help="suffix for the result files")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the result files (default: %(default)s)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")  # read when cache-dit is imported
     if args.threads:
         torch.set_num_threads(args.threads)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     for name in (["dit", "flux"] if args.model == "both" else [args.model]):
         result = run(name, args)
         stem = f"benchmark_{name}{args.tag}"
-        (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
+        (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
         md = markdown(result)
-        (RESULTS / f"{stem}.md").write_text(md)
-        pareto(result, RESULTS / f"pareto_{name}{args.tag}.png")
+        (args.out / f"{stem}.md").write_text(md)
+        pareto(result, args.out / f"pareto_{name}{args.tag}.png")
         print(md)
     return 0
 

@@ -126,6 +126,21 @@ def save_fp16(model: nn.Module, path: Path) -> int:
     return path.stat().st_size
 
 
+def resume_from(model: nn.Module, out: Path, name: str, args) -> dict:
+    """With ``--resume``: load the EMA weights ``out`` already holds into ``model`` and
+    return the earlier training record (steps and wall time so far), to continue training
+    where the committed checkpoint stopped (fresh optimizer, warm-up and cosine schedule)."""
+    if not args.resume:
+        return {}
+    state = models_mod._load_state(out / f"{name}.safetensors")
+    model.load_state_dict(state, strict=True)
+    before = json.loads((out / f"{name}_config.json").read_text())["training"]
+    earlier = {"resumed_steps": before["steps"] + before.get("resumed_steps", 0),
+               "resumed_wall_s": round(before["wall_s"] + before.get("resumed_wall_s", 0.0), 1)}
+    logger.info("%s: resuming from %s (%d steps so far)", name, out, earlier["resumed_steps"])
+    return earlier
+
+
 def write_json(path: Path, obj: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
@@ -292,12 +307,14 @@ def train_dit(args, images, labels, out: Path, budget_s: float) -> dict:
     cfg = models_mod.dit_config(data_mod.NUM_CLASSES)
     model = models_mod.build_dit(cfg)
     init_dit_weights(model)
+    earlier = resume_from(model, out, "dit", args)
     nparams = models_mod.count_parameters(model)
     logger.info("DiT: %d parameters, budget %.0fs", nparams, budget_s)
     alphas_cumprod = make_dit_scheduler().alphas_cumprod.float()
     loss_fn = dit_loss_fn(alphas_cumprod, data_mod.NUM_CLASSES, args.p_uncond, args.min_snr)
 
     def save(ema_model, info):
+        info.update(earlier)
         info["parameters"] = nparams
         info["objective"] = ("DDPM epsilon-prediction MSE (Min-SNR-%g weighting), uniform t in [0, 1000), "
                              "label dropout %.2f" % (args.min_snr, args.p_uncond))
@@ -318,11 +335,13 @@ def train_flux(args, images, labels, out: Path, budget_s: float) -> dict:
     cfg = models_mod.flux_config()
     model = models_mod.build_flux(cfg, num_classes=data_mod.NUM_CLASSES)
     init_flux_weights(model)
+    earlier = resume_from(model, out, "flux", args)
     nparams = models_mod.count_parameters(model)
     logger.info("Flux: %d parameters, budget %.0fs", nparams, budget_s)
     loss_fn = flux_loss_fn(data_mod.NUM_CLASSES, args.p_uncond)
 
     def save(ema_model, info):
+        info.update(earlier)
         info["parameters"] = nparams
         info["objective"] = ("rectified flow: x_t=(1-t)x0+t*noise, target noise-x0, t~logit-normal(0,1), "
                              "label dropout %.2f" % args.p_uncond)
@@ -420,7 +439,9 @@ def write_summary(path: Path, cmd: str, total_s: float, out: Path) -> None:
                   f"- objective: {tr['objective']}",
                   f"- AdamW lr {tr['lr']} (warmup + cosine over the time budget), batch {tr['batch_size']}, "
                   f"EMA {tr['ema_decay']}",
-                  f"- **{tr['steps']} steps in {tr['wall_s']:.0f} s**, final loss {tr['final_loss']:.4f}"]
+                  f"- **{tr['steps']} steps in {tr['wall_s']:.0f} s**, final loss {tr['final_loss']:.4f}"
+                  + (f" (resumed: {tr['resumed_steps']} steps in {tr['resumed_wall_s']:.0f} s before this run, "
+                     f"{tr['steps'] + tr['resumed_steps']} in all)" if tr.get("resumed_steps") else "")]
         ev = m.get("eval")
         if ev:
             lines += [f"- eager fp32 forward of a CFG batch of 16: {ev['forward_cfg16_s'] * 1000:.0f} ms",
@@ -466,6 +487,8 @@ def main(argv=None) -> None:
     p.add_argument("--p-uncond", type=float, default=0.1)
     p.add_argument("--min-snr", type=float, default=5.0, help="Min-SNR-gamma loss weighting for the DiT (0 = off)")
     p.add_argument("--max-steps", type=int, default=0, help="stop earlier than the time budget (0 = no limit)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the weights already in --out (fresh optimizer and schedule) instead of a new init")
     p.add_argument("--classifier-epochs", type=int, default=1)
     p.add_argument("--classifier-train-size", type=int, default=24000)
     p.add_argument("--eval-per-class", type=int, default=5)

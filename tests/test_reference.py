@@ -261,6 +261,74 @@ def test_tiny_flux_with_diffusers_first_block_cache():
     assert torch.allclose(ref, cached, atol=1e-6)
 
 
+def _dbcache(thr):
+    return {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "max_warmup_steps": 2, "residual_diff_threshold": thr}
+
+
+def test_tiny_flux_with_cache_dit_dbcache():
+    pytest.importorskip("cache_dit")
+    from adacorr_compile.bench import BlockCounter, block_modules, cache_dit_cache
+
+    torch.manual_seed(0)
+    cfg = tiny_flux_config()
+    cfg.update(num_layers=2, num_single_layers=2)
+    wrapper = build_flux(cfg, image_size=16).eval()
+    t = wrapper.transformer
+    attrs = set(t.__dict__)
+    n_blocks, steps = len(block_modules(t)), 8
+    counter = BlockCounter(t)
+    try:
+        ref = sample_flux(wrapper, [1, 2], num_steps=steps, seed=0)
+        assert counter.count == n_blocks * steps == 32
+
+        # threshold 0 never reuses: every block runs, same images as uncached
+        method = cache_dit_cache("cache-dit thr=0", _dbcache(0.0), 0.0)
+        method.build(wrapper)
+        try:
+            counter.count = 0
+            exact = sample_flux(wrapper, [1, 2], num_steps=steps, seed=0)
+            assert counter.count == n_blocks * steps
+        finally:
+            method.cleanup(wrapper)
+        assert torch.allclose(ref, exact, atol=1e-6)
+
+        # a large threshold reuses; plain residual reuse and with the TaylorSeer calibrator
+        for taylorseer in (None, {"taylorseer_order": 1}):
+            method = cache_dit_cache("cache-dit thr=0.5", _dbcache(0.5), 0.5, taylorseer)
+            method.build(wrapper)
+            try:
+                images, counts = [], []
+                for _ in range(2):  # two generations in a row with the same enabled model
+                    counter.count = 0
+                    images.append(sample_flux(wrapper, [1, 2], num_steps=steps, seed=0))
+                    counts.append(counter.count)
+                cached = list(t._cached_steps)  # cache-dit's own record of the last generation
+            finally:
+                method.cleanup(wrapper)
+            # the context is fresh for each generation (warmup, no stale residuals): same images
+            assert torch.equal(images[0], images[1]) and counts[0] == counts[1]
+            assert cached and min(cached) >= 2  # the 2 warmup steps compute
+            # the hooks see exactly the blocks cache-dit ran: a cached step runs only the first block
+            assert counts[0] == n_blocks * steps - len(cached) * (n_blocks - 1) < n_blocks * steps
+            assert torch.isfinite(images[0]).all()
+            assert float((images[0] - ref).abs().max()) < 0.25
+    finally:
+        counter.close()
+    # disabled: the transformer is as it was
+    assert set(t.__dict__) == attrs and "forward" not in t.__dict__
+    assert torch.equal(sample_flux(wrapper, [1, 2], num_steps=steps, seed=0), ref)
+
+
+def test_cache_dit_missing_names_the_package(monkeypatch):
+    import sys
+
+    from adacorr_compile.bench import cache_dit_cache
+
+    monkeypatch.setitem(sys.modules, "cache_dit", None)  # import cache_dit -> ImportError
+    with pytest.raises(ImportError, match="pip install cache-dit"):
+        cache_dit_cache("cache-dit", _dbcache(0.1), 0.1)
+
+
 # ----------------------------------------------------------------------- metrics
 
 
