@@ -82,40 +82,35 @@ def _find_attr(model: Any, name: str, default: Any) -> Any:
     return default
 
 
-def _cache_owner(model: Any) -> Any:
-    """The diffusers model under ``model`` with a diffusers cache enabled, or None.
-
-    Looks at the model itself, ``torch.compile``'s ``_orig_mod`` and a
-    ``.transformer`` attribute (:class:`ClassConditionedFlux`).
-    """
+def _find_wrapped(model: Any, match: Callable[[Any], bool]) -> Any:
+    """The first object ``match`` accepts among ``model``, ``torch.compile``'s
+    ``_orig_mod`` and a ``.transformer`` attribute (:class:`ClassConditionedFlux`),
+    searched breadth-first (a few levels), or None."""
     todo, seen = [model], 0
     while todo and seen < 8:
         obj = todo.pop(0)
         seen += 1
         if obj is None:
             continue
-        if getattr(obj, "is_cache_enabled", False) is True and hasattr(obj, "cache_context"):
+        if match(obj):
             return obj
         todo += [getattr(obj, "_orig_mod", None), getattr(obj, "transformer", None)]
     return None
+
+
+def _cache_owner(model: Any) -> Any:
+    """The diffusers model under ``model`` with a diffusers cache enabled, or None."""
+    return _find_wrapped(model, lambda obj: getattr(obj, "is_cache_enabled", False) is True
+                         and hasattr(obj, "cache_context"))
 
 
 def _cache_dit_owner(model: Any) -> Any:
     """The transformer under ``model`` that cache-dit cached transformer-only (a persistent
-    cache context, refreshed by ``cache_dit.refresh_context``), or None. Looks where
-    :func:`_cache_owner` looks."""
-    todo, seen = [model], 0
-    while todo and seen < 8:
-        obj = todo.pop(0)
-        seen += 1
-        if obj is None:
-            continue
-        if (isinstance(obj, torch.nn.Module) and getattr(obj, "_is_cached", False) is True
-                and getattr(obj, "_context_names", None)
-                and getattr(getattr(obj, "_context_manager", None), "persistent_context", False) is True):
-            return obj
-        todo += [getattr(obj, "_orig_mod", None), getattr(obj, "transformer", None)]
-    return None
+    cache context, refreshed by ``cache_dit.refresh_context``), or None."""
+    return _find_wrapped(model, lambda obj: (
+        isinstance(obj, torch.nn.Module) and getattr(obj, "_is_cached", False) is True
+        and bool(getattr(obj, "_context_names", None))
+        and getattr(getattr(obj, "_context_manager", None), "persistent_context", False) is True))
 
 
 class _DiffusersCacheSteps:
