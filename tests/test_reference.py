@@ -24,11 +24,11 @@ from adacorr_compile.reference.models import WEIGHTS_DIR, pack_patches, unpack_p
 from adacorr_compile.sampling import flux_timesteps, sample_dit, sample_flux, save_grid
 
 # Floors under what the committed checkpoints measure (benchmarks/results/train_reference.md,
-# 55 minutes of CPU training each): the models denoise held-out images far better
+# 55 + 58 minutes of CPU training each): the models denoise held-out images far better
 # than the trivial predictor, use the class, and 10-step CFG samples are classified as
-# the requested class well above chance (0.1), though the samples are still blobs in the
-# glyph's colours rather than legible digits (measured: DiT 0.24, Flux 0.32 on 50 samples).
-MIN_CLASS_ACCURACY = 0.2
+# the requested class well above chance (0.1); measured on these 50 samples: DiT 0.44,
+# Flux 0.62 (the Flux samples show several legible digits, the DiT's mostly do not yet).
+MIN_CLASS_ACCURACY = {"dit": 0.3, "flux": 0.45}
 DIT_MAX_EPS_MSE = 0.1  # the zero predictor scores 1.0
 FLUX_MAX_VELOCITY_MSE = 0.25  # the zero predictor scores ~1.36
 
@@ -186,7 +186,7 @@ def test_samples_have_the_requested_class_above_chance(kind, dit, flux, classifi
         imgs = sample_flux(flux, labels, num_steps=10, guidance_scale=4.0, seed=0)
     assert imgs.shape == (50, 3, 32, 32)
     assert float(imgs.min()) >= -1.0 and float(imgs.max()) <= 1.0
-    assert class_accuracy(classifier, imgs, labels) >= MIN_CLASS_ACCURACY
+    assert class_accuracy(classifier, imgs, labels) >= MIN_CLASS_ACCURACY[kind]
 
 
 def test_samplers_deterministic_given_seed(dit, flux):
@@ -357,3 +357,38 @@ def test_save_grid(tmp_path):
     img = mpimg.imread(str(path))
     assert img.shape[:2] == (3 * 34 + 2, 4 * 34 + 2)
     assert np.isfinite(img).all()
+
+
+# ------------------------------------------------------------ training script
+
+
+def test_train_reference_resume_continues_the_committed_checkpoint(tmp_path):
+    """``benchmarks/train_reference.py --resume`` starts from the weights in ``--out``
+    (the loss of its first steps is that of the trained model, not of a fresh init) and
+    its record counts the earlier runs' steps."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "weights"
+    shutil.copytree(WEIGHTS_DIR, out)
+    before = json.loads((out / "dit_config.json").read_text())["training"]
+    common = [sys.executable, str(repo / "benchmarks/train_reference.py"), "--out", str(out),
+              "--results", str(tmp_path / "results"), "--only", "dit", "--max-steps", "2", "--minutes", "2",
+              "--skip-eval", "--no-compile", "--train-size", "128", "--heldout-size", "64", "--log-every", "1",
+              "--threads", "1"]
+
+    def first_loss(extra):
+        subprocess.run(common + extra, check=True, capture_output=True, timeout=300)
+        return json.loads((out / "dit_config.json").read_text())["training"]
+
+    resumed = first_loss(["--resume"])
+    assert resumed["steps"] == 2
+    assert resumed["resumed_steps"] == before["steps"] + before.get("resumed_steps", 0)
+    assert resumed["loss_history"][0][2] < 0.1  # trained model: ~0.01
+    fresh = first_loss([])
+    assert "resumed_steps" not in fresh
+    assert fresh["loss_history"][0][2] > 5 * resumed["loss_history"][0][2]
