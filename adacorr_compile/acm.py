@@ -39,6 +39,13 @@ def corrected_cache(h: torch.Tensor, cached_residual: torch.Tensor) -> torch.Ten
     return h + cached_residual
 
 
+def extrapolate(value: torch.Tensor, previous: torch.Tensor, k: float) -> torch.Tensor:
+    """First-order forecast of a cached value: ``value + (value - previous) * k``, where
+    ``k`` is how far past the last compute the current step lies, in units of the gap
+    between the last two computes (TaylorSeer order 1)."""
+    return torch.lerp(previous, value, 1.0 + k)
+
+
 def error_bound(lam: torch.Tensor, lipschitz: float, lag: float, score: torch.Tensor) -> torch.Tensor:
     """Proposition 1's bound ``(1 - lambda) * L * tau * S``."""
     return (1.0 - lam) * lipschitz * lag * score

@@ -24,6 +24,7 @@ LOWERINGS = ("inductor", "eager", "tensorrt")
 DRIFT_REFERENCES = ("previous", "cached")
 DECISIONS = ("batch", "sample")
 SCOPES = ("block", "step")
+FORECASTS = ("none", "linear")
 INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -83,6 +84,13 @@ class AdaCorrConfig:
         was measured: 6 dB worse on the reference DiT at equal skipping, on par on Flux;
         the input is dominated by the noisy latent, which moves little between steps,
         while the block's response to the timestep does.)
+    forecast: what a reuse returns. ``"none"``: the cached value (output, or residual
+        added to the input) as it was at the last compute. ``"linear"``: that value
+        extrapolated to the current step from the last two computes of the region
+        (first-order Taylor in the step index, as TaylorSeer and cache-dit's calibrator
+        do): ``v + (v - v_prev) * (step - step_v) / (step_v - step_prev)``; until a region
+        has computed twice in a generation it reuses as with ``"none"``. Not supported by
+        the ONNX export.
 
     Lowering:
 
@@ -121,6 +129,7 @@ class AdaCorrConfig:
     final_steps: int = 1
     decision: str = "batch"
     scope: str = "block"
+    forecast: str = "none"
     lowering: str = "inductor"
     inductor_mode: str = "default"
     timestep_arg: str = "timestep"
@@ -187,6 +196,7 @@ _ALLOWED: dict[str, tuple[Any, str]] = {
     "final_steps": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
     "decision": (lambda v: v in DECISIONS, " | ".join(DECISIONS)),
     "scope": (lambda v: v in SCOPES, " | ".join(SCOPES)),
+    "forecast": (lambda v: v in FORECASTS, " | ".join(FORECASTS)),
     "lowering": (lambda v: v in LOWERINGS, " | ".join(LOWERINGS)),
     "inductor_mode": (lambda v: v in INDUCTOR_MODES, " | ".join(INDUCTOR_MODES)),
     "timestep_arg": (lambda v: isinstance(v, str) and v.isidentifier(), "a Python identifier (the forward argument name)"),

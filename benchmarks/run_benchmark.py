@@ -61,6 +61,19 @@ def methods_for(model_name: str, quick: bool, lowering: str, workdir: str) -> li
             label = "adacorr step uncapped" + ("" if corr else " (no correction)")
             m.append(ours(f"{label} thr={thr}", {**ADACORR, "scope": "step", "reuse_threshold": thr, "correction": corr,
                                                  "max_consecutive_reuses": 50}, thr))
+    # forecast="linear": a reuse extrapolates the cached residual from the region's last two
+    # computes (first-order, as TaylorSeer / cache-dit's calibrator) instead of reusing it as is
+    for thr, cap in ([(0.1, 3)] if quick else [(0.08, 3), (0.1, 3), (0.12, 3), (0.15, 50), (0.25, 50)]):
+        label = "adacorr step forecast" + (" uncapped" if cap > 3 else "")
+        m.append(ours(f"{label} thr={thr}", {**ADACORR, "scope": "step", "reuse_threshold": thr, "forecast": "linear",
+                                             "max_consecutive_reuses": cap}, thr))
+    for n in ([] if quick else [3, 4]):
+        m.append(ours(f"interval forecast N={n}", {"policy": "interval", "interval": n, "correction": True,
+                                                    "reuse_threshold": 1.0, "max_consecutive_reuses": n,
+                                                    "forecast": "linear"}, n))
+    for thr in ([] if quick else [0.2, 0.3]):
+        m.append(ours(f"first_block forecast thr={thr}", {"policy": "first_block", "first_block_threshold": thr,
+                                                          "max_consecutive_reuses": 50, "forecast": "linear"}, thr))
     for thr in ([0.05] if quick else [0.03, 0.08]):
         m.append(ours(f"adacorr (no correction) thr={thr}", {**ADACORR, "reuse_threshold": thr, "correction": False}, thr))
     if not quick:

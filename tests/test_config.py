@@ -34,6 +34,7 @@ def test_from_options_sets_fields():
         ("max_consecutive_reuses", True),
         ("decision", "token"),
         ("scope", "layer"),
+        ("forecast", "quadratic"),
         ("lowering", "xla"),
         ("inductor_mode", "turbo"),
         ("timestep_arg", "not an identifier"),

@@ -284,6 +284,15 @@ def test_torch_tensorrt_lowering_names_the_missing_package():
         compile_with_torch_tensorrt(gm, [torch.zeros(2, 4)], "body")
 
 
+def test_export_rejects_forecast_with_a_clear_error(tmp_path):
+    from adacorr_compile.export import ExportError
+    from adacorr_compile.tiny import FAMILIES
+
+    model, inputs = FAMILIES["dit"][0]()
+    with pytest.raises(ExportError, match=r"forecast='none' only \(got forecast='linear'\)"):
+        to_onnx(model, inputs(0, 900.0), tmp_path / "m.onnx", config={"forecast": "linear"})
+
+
 @pytest.mark.skipif(tensorrt_available(), reason="tensorrt is installed: the missing-package error cannot be provoked")
 def test_to_tensorrt_names_the_missing_package(tmp_path):
     with pytest.raises(TensorRTUnavailable, match="pip install tensorrt"):

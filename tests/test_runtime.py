@@ -269,3 +269,59 @@ def test_step_scope_nonfinite_follower_cache_forces_the_step_to_compute():
     assert probe["reuse_trace"] == [0.0, 0.0, 0.0, 1.0]  # step 2 recomputes everything: the follower's cache was NaN
     assert probe["nonfinite"] == 1
     assert torch.isfinite(outs[2]).all() and torch.isfinite(outs[3]).all()
+
+
+class _LinearInTimeBlock(torch.nn.Module):
+    """A block whose residual is an affine function of the timestep embedding (and
+    ignores the stream): its output is linear in t, so a first-order forecast is exact."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(dim, dim)
+        self.mix = torch.nn.Linear(dim, dim)
+
+    def forward(self, x, c):
+        return x + self.lin(c).unsqueeze(1) + 0.0 * self.mix(x)
+
+
+class _LinearInTime(torch.nn.Module):
+    def __init__(self, dim: int = 16, depth: int = 4) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(4, dim)
+        self.t = torch.nn.Linear(1, dim)
+        self.blocks = torch.nn.ModuleList([_LinearInTimeBlock(dim) for _ in range(depth)])
+        self.out = torch.nn.Linear(dim, 4)
+
+    def forward(self, hidden_states, timestep, return_dict=True):
+        x = self.inp(hidden_states)
+        c = self.t(timestep.float()[:, None] / 1000.0)
+        for block in self.blocks:
+            x = block(x, c)
+        return (self.out(x),)
+
+
+@pytest.mark.parametrize("correction", [False, True])
+@pytest.mark.parametrize("lowering", ["eager", "inductor"])
+def test_linear_forecast_is_exact_where_blocks_are_linear_in_time(correction, lowering):
+    """forecast='linear' extrapolates the cached value from the last two computes: on
+    blocks whose output moves linearly with the (evenly spaced) timestep it reproduces
+    the uncached output on reused steps, where plain reuse does not."""
+    torch.manual_seed(0)
+    model = _LinearInTime().eval()
+    x = torch.randn(2, 8, 4)
+    errors = {}
+    for forecast in ("none", "linear"):
+        torch._dynamo.reset()
+        fast = torch.compile(model, backend="adacorr", options={
+            "policy": "interval", "interval": 3, "correction": correction, "reuse_threshold": 1.0,
+            "forecast": forecast, "lowering": lowering})
+        err = []
+        with torch.no_grad():
+            for k in range(12):
+                t = torch.full((2,), 900.0 - 60.0 * k)
+                err.append(float((fast(hidden_states=x, timestep=t)[0] - model(hidden_states=x, timestep=t)[0]).abs().max()))
+        totals = adacorr_compile.stats(fast)["totals"]
+        assert totals["regions"] == 4 and totals["reuses"] == 4 * 6  # steps 3, 4, 6, 7, 9, 10 reused
+        errors[forecast] = err
+    assert max(errors["none"]) > 1e-2  # plain reuse lags behind the moving output
+    assert max(errors["linear"]) < 1e-4

@@ -863,6 +863,9 @@ def build_step_module(
     cfg = AdaCorrConfig.from_options(config)
     if cfg.decision != "batch":
         raise ExportError("export supports decision='batch' only (one decision per region for the batch)")
+    if cfg.forecast != "none":
+        raise ExportError(f"export supports forecast='none' only (got forecast={cfg.forecast!r}): "
+                          "the extrapolated reuse runs in the backend's runtime")
     model = model.eval()
     kwargs = _with_return_dict(model, example_inputs)
     ep, shapes = _export_model(model, kwargs, dynamic)

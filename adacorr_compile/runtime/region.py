@@ -150,9 +150,10 @@ def _guarded_call(region: GuardedRegion, args: Sequence[Any], active: Active) ->
     mask = None if isinstance(verdict, str) else (verdict * batch if len(verdict) == 1 else verdict)
 
     def reuse_values() -> list[torch.Tensor]:
-        if cfg.correction or cfg.policy == "first_block":
-            return [acm.corrected_cache(args[i], r) for (i, _), r in zip(spec.stream_pairs, cache.ref_res)]
-        return list(cache.ref_out)
+        values = _forecast(cfg, cache, active.step)
+        if _caches_residuals(cfg):
+            return [acm.corrected_cache(args[i], r) for (i, _), r in zip(spec.stream_pairs, values)]
+        return values
 
     if role == "probe" and cfg.drift_reference == "previous":
         shared["probe_ref"] = shared.get("leader_res")
@@ -177,7 +178,7 @@ def _guarded_call(region: GuardedRegion, args: Sequence[Any], active: Active) ->
             m = _per_sample(mask, by_pair[0])
             outs_paired = [torch.where(m, c, o) for c, o in zip(cached, outs_paired)]
             stats.partial += 1
-    _refresh(region.math, cfg, spec, cache, args, observed, by_pair, mask if has_cache else None)
+    _refresh(region.math, cfg, spec, cache, args, observed, by_pair, mask if has_cache else None, active.step)
     if role == "leader":
         shared["leader_res"] = cache.ref_res
     elif role == "probe":
@@ -215,10 +216,19 @@ def _refresh(
     observed: list[torch.Tensor],
     fresh: list[torch.Tensor],
     keep_mask: list[bool] | None,
+    step: int,
 ) -> None:
-    """Store the fresh residuals (or outputs) and inputs; samples in ``keep_mask`` keep theirs."""
+    """Store the fresh residuals (or outputs) and inputs; samples in ``keep_mask`` keep theirs.
+    With ``forecast="linear"`` the values being replaced are kept, with their step, as the
+    second point of the extrapolation (not after a partial, per-sample refresh)."""
+    if cfg.forecast != "none":
+        old = cache.ref_res if _caches_residuals(cfg) else cache.ref_out
+        partial = keep_mask is not None and any(keep_mask)
+        cache.prev_val = None if partial or old is None else old
+        cache.prev_step = None if cache.prev_val is None else cache.ref_step
+        cache.ref_step = step
     residuals, valid = math.refresh(fresh, [args[i] for i, _ in spec.stream_pairs])
-    outputs = list(fresh) if not (cfg.correction or cfg.policy == "first_block") else None
+    outputs = list(fresh) if not _caches_residuals(cfg) else None
     new_in = list(observed)
     if keep_mask is not None and any(keep_mask):
         def keep(old: list[torch.Tensor], new: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -234,6 +244,25 @@ def _refresh(
     if keep_mask is not None and any(keep_mask):
         valid = torch.stack([torch.isfinite(r).all() for r in residuals]).all()
     cache.valid = valid
+
+
+def _caches_residuals(cfg: AdaCorrConfig) -> bool:
+    """Reuse adds the cached residual to the input (AdaCorrection's correction, FBCache);
+    otherwise it returns the cached output."""
+    return cfg.correction or cfg.policy == "first_block"
+
+
+def _forecast(cfg: AdaCorrConfig, cache: Any, step: int) -> list[torch.Tensor]:
+    """The cached values a reuse returns at ``step``: as stored, or (``forecast="linear"``)
+    extrapolated from the last two computes, ``v + (v - v_prev) * k`` with
+    ``k = (step - step_v) / (step_v - step_prev)``."""
+    values = list(cache.ref_res if _caches_residuals(cfg) else cache.ref_out)
+    prev = cache.prev_val
+    if (cfg.forecast == "none" or prev is None or cache.prev_step is None or cache.ref_step is None
+            or cache.ref_step <= cache.prev_step or not _same_shapes(values, prev)):
+        return values
+    k = (step - cache.ref_step) / (cache.ref_step - cache.prev_step)
+    return [acm.extrapolate(v, p, k) for v, p in zip(values, prev)]
 
 
 def _first_block_update(cfg: AdaCorrConfig, fb: dict, residual: torch.Tensor) -> None:

@@ -37,9 +37,13 @@ class RegionCache:
     valid: torch.Tensor | None = None  # 0-d bool tensor: the last compute was finite
     consecutive: int = 0
     signature: tuple | None = None
+    ref_step: int | None = None  # step of the last compute (forecast="linear")
+    prev_val: list[torch.Tensor] | None = None  # the cached values of the compute before it
+    prev_step: int | None = None
 
     def clear(self) -> None:
         self.prev_in = self.ref_in = self.ref_res = self.ref_out = self.valid = None
+        self.ref_step = self.prev_val = self.prev_step = None
         self.consecutive = 0
         self.signature = None
 
