@@ -114,8 +114,9 @@ class AdaCorrConfig:
     # recomputing every block every third step and reusing the cached outputs skips 62% of
     # the block evaluations and, on Flux, meets PSNR >= 30 dB against the uncached images
     # (31.5 dB) at 2.14x over uncached Inductor, with no tuning (scope="step" uncapped at
-    # reuse_threshold 0.15 does as well: 63%, 31.8 dB). On the DiT no setting that skips >= 40% keeps 30 dB (this one: 26.0 dB; interval=2:
-    # 28.8 dB at 46%); scope="step" with reuse_threshold=0.03 keeps 35.8 dB at 30% skipped.
+    # reuse_threshold 0.15 does as well: 63%, 31.8 dB). On the DiT no setting without
+    # forecast that skips >= 40% keeps 30 dB (this one: 26.0 dB; interval=2: 28.8 dB at 46%);
+    # scope="step" with reuse_threshold=0.03 keeps 35.8 dB at 30% skipped.
     # forecast="linear" with correction=True, reuse_threshold=1.0 meets the targets on both
     # (62% skipped; DiT 31.3 dB, 2.08x; Flux 32.3 dB, 2.06x; *_forecast.md) but stays opt-in
     # while the ONNX export does not support it. The lambda-driven per-block policy loses

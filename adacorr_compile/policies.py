@@ -68,6 +68,18 @@ def step_role(config: AdaCorrConfig, order: int) -> str:
     return ("leader", "probe")[order] if order < 2 else "follower"
 
 
+def first_region_computes_always(config: AdaCorrConfig) -> bool:
+    """The first region computes at every step: FBCache's first block (``first_block``)
+    or the leader under ``scope="step"``; the others decide from what it computed."""
+    return config.policy == "first_block" or config.scope == "step"
+
+
+def caches_residuals(config: AdaCorrConfig) -> bool:
+    """A reuse adds the cached residual to the current input (AdaCorrection's correction,
+    FBCache); otherwise it returns the cached block output as it was."""
+    return config.correction or config.policy == "first_block"
+
+
 def needs_lambda(config: AdaCorrConfig) -> bool:
     """Whether the decision reads lambda on the host."""
     return config.policy == "adacorr" or config.correction
@@ -152,13 +164,14 @@ def decide_tensor(
     forced = forced | (step < config.warmup_steps)
     forced = forced | (steps_left < config.final_steps)
     forced = forced | (consecutive >= config.max_consecutive_reuses)
-    if (config.policy == "first_block" or config.scope == "step") and is_first_region:
+    leads = first_region_computes_always(config) and is_first_region
+    if leads:
         forced = ~false
     finite = valid.to(torch.bool)
     if score is not None:
         finite = finite & torch.isfinite(score).all()
     nonfinite = ~forced & ~finite
-    if config.policy == "never" or ((config.policy == "first_block" or config.scope == "step") and is_first_region):
+    if config.policy == "never" or leads:
         return false, nonfinite  # always forced: the policy is not consulted
     lam_ok = None
     if needs_lambda(config):

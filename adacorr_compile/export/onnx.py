@@ -66,7 +66,7 @@ from .. import acm, oem
 from ..config import AdaCorrConfig
 from ..passes import find_blocks, outline_blocks
 from ..passes.common import analysis, example_value
-from ..policies import STEPS_UNKNOWN, decide_tensor, relative_change, step_role
+from ..policies import STEPS_UNKNOWN, caches_residuals, decide_tensor, first_region_computes_always, relative_change, step_role
 
 logger = logging.getLogger("adacorr_compile")
 
@@ -174,7 +174,7 @@ def _reference_kind(config: AdaCorrConfig) -> str:
 
 
 def _residual_kind(config: AdaCorrConfig) -> str:
-    return "ref_res" if (config.correction or config.policy == "first_block") else "ref_out"
+    return "ref_res" if caches_residuals(config) else "ref_out"
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -494,7 +494,7 @@ class CondRegion(torch.nn.Module):
         # shapes of the branch outputs: the paired stream inputs, the observed inputs, the cache
         shapes = [args[i].shape for i, _ in sorted(plan.stream_pairs, key=lambda p: p[1])]
         shapes += [o.shape for o in observed[:n_ref]] + [c.shape for c in cached_vals] + [valid.shape]
-        if role == "first" or srole == "leader":  # the first block always computes, no branch
+        if plan.index == 0 and first_region_computes_always(cfg):  # the first block always computes, no branch
             results = compute_fn(*operands)
         else:
             results = torch.cond(reuse, reuse_fn, compute_fn, operands)
@@ -986,7 +986,7 @@ def expected_if_nodes(config: AdaCorrConfig, regions: int) -> int:
     ``first_block`` or ``scope="step"`` the first region always computes, so it has no ``If``."""
     if config.policy == "never":
         return 0
-    return regions - 1 if (config.policy == "first_block" or config.scope == "step") else regions
+    return regions - 1 if first_region_computes_always(config) else regions
 
 
 def read_metadata(path_or_proto: Any) -> dict[str, Any]:

@@ -29,7 +29,7 @@ import torch
 
 from .. import acm
 from ..config import AdaCorrConfig
-from ..policies import Guards, decide, needs_lambda, read_to_host, relative_change, step_role
+from ..policies import Guards, caches_residuals, decide, needs_lambda, read_to_host, relative_change, step_role
 from .fused import RegionMath
 from .state import GenerationState
 
@@ -95,7 +95,7 @@ def _guarded_call(region: GuardedRegion, args: Sequence[Any], active: Active) ->
     per_sample = cfg.decision == "sample"
 
     role = step_role(cfg, spec.order)
-    shared = state.first_block.setdefault(active.graph_id, {"similar": None, "ref": None})
+    shared = state.shared.setdefault(active.graph_id, {"similar": None, "ref": None})
     guards = Guards(
         step=active.step,
         steps_left=state.steps_left(active.graph_id, active.step),
@@ -151,7 +151,7 @@ def _guarded_call(region: GuardedRegion, args: Sequence[Any], active: Active) ->
 
     def reuse_values() -> list[torch.Tensor]:
         values = _forecast(cfg, cache, active.step)
-        if _caches_residuals(cfg):
+        if caches_residuals(cfg):
             return [acm.corrected_cache(args[i], r) for (i, _), r in zip(spec.stream_pairs, values)]
         return values
 
@@ -222,13 +222,13 @@ def _refresh(
     With ``forecast="linear"`` the values being replaced are kept, with their step, as the
     second point of the extrapolation (not after a partial, per-sample refresh)."""
     if cfg.forecast != "none":
-        old = cache.ref_res if _caches_residuals(cfg) else cache.ref_out
+        old = cache.ref_res if caches_residuals(cfg) else cache.ref_out
         partial = keep_mask is not None and any(keep_mask)
         cache.prev_val = None if partial or old is None else old
         cache.prev_step = None if cache.prev_val is None else cache.ref_step
         cache.ref_step = step
     residuals, valid = math.refresh(fresh, [args[i] for i, _ in spec.stream_pairs])
-    outputs = list(fresh) if not _caches_residuals(cfg) else None
+    outputs = list(fresh) if not caches_residuals(cfg) else None
     new_in = list(observed)
     if keep_mask is not None and any(keep_mask):
         def keep(old: list[torch.Tensor], new: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -246,20 +246,13 @@ def _refresh(
     cache.valid = valid
 
 
-def _caches_residuals(cfg: AdaCorrConfig) -> bool:
-    """Reuse adds the cached residual to the input (AdaCorrection's correction, FBCache);
-    otherwise it returns the cached output."""
-    return cfg.correction or cfg.policy == "first_block"
-
-
 def _forecast(cfg: AdaCorrConfig, cache: Any, step: int) -> list[torch.Tensor]:
     """The cached values a reuse returns at ``step``: as stored, or (``forecast="linear"``)
     extrapolated from the last two computes, ``v + (v - v_prev) * k`` with
     ``k = (step - step_v) / (step_v - step_prev)``."""
-    values = list(cache.ref_res if _caches_residuals(cfg) else cache.ref_out)
-    prev = cache.prev_val
-    if (cfg.forecast == "none" or prev is None or cache.prev_step is None or cache.ref_step is None
-            or cache.ref_step <= cache.prev_step or not _same_shapes(values, prev)):
+    values = list(cache.ref_res if caches_residuals(cfg) else cache.ref_out)
+    prev = cache.prev_val  # set (with prev_step) only under forecast="linear", after two computes
+    if prev is None or cache.ref_step <= cache.prev_step or not _same_shapes(values, prev):
         return values
     k = (step - cache.ref_step) / (cache.ref_step - cache.prev_step)
     return [acm.extrapolate(v, p, k) for v, p in zip(values, prev)]

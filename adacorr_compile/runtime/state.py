@@ -146,7 +146,9 @@ class GenerationState:
         self.signature: dict[int, tuple] = {}
         self.caches: dict[str, RegionCache] = {}
         self.stats: dict[str, RegionStats] = {}
-        self.first_block: dict[int, dict[str, Any]] = {}  # graph id -> FBCache state
+        # graph id -> what the graph's regions share within a step: FBCache's first-block
+        # residual and verdict; with scope="step" the leader's residuals and the probe's verdict
+        self.shared: dict[int, dict[str, Any]] = {}
         self.generations = 0
         self.lock = threading.RLock()
 
@@ -193,7 +195,7 @@ class GenerationState:
         self.last_t.clear()
         self.t_spacing.clear()
         self.signature.clear()
-        self.first_block.clear()
+        self.shared.clear()
 
     def reset(self, num_steps: int | None = None) -> None:
         """Start afresh: caches, counters and statistics."""
