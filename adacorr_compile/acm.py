@@ -39,10 +39,11 @@ def corrected_cache(h: torch.Tensor, cached_residual: torch.Tensor) -> torch.Ten
     return h + cached_residual
 
 
-def extrapolate(value: torch.Tensor, previous: torch.Tensor, k: float) -> torch.Tensor:
+def extrapolate(value: torch.Tensor, previous: torch.Tensor, k: float | torch.Tensor) -> torch.Tensor:
     """First-order forecast of a cached value: ``value + (value - previous) * k``, where
     ``k`` is how far past the last compute the current step lies, in units of the gap
-    between the last two computes (TaylorSeer order 1)."""
+    between the last two computes (TaylorSeer order 1): a float, or a 0-d tensor of the
+    values' dtype (the ONNX export computes it in-graph)."""
     return torch.lerp(previous, value, 1.0 + k)
 
 

@@ -89,8 +89,7 @@ class AdaCorrConfig:
         extrapolated to the current step from the last two computes of the region
         (first-order Taylor in the step index, as TaylorSeer and cache-dit's calibrator
         do): ``v + (v - v_prev) * (step - step_v) / (step_v - step_prev)``; until a region
-        has computed twice in a generation it reuses as with ``"none"``. Not supported by
-        the ONNX export.
+        has computed twice in a generation it reuses as with ``"none"``.
 
     Lowering:
 

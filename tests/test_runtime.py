@@ -325,3 +325,48 @@ def test_linear_forecast_is_exact_where_blocks_are_linear_in_time(correction, lo
         errors[forecast] = err
     assert max(errors["none"]) > 1e-2  # plain reuse lags behind the moving output
     assert max(errors["linear"]) < 1e-4
+
+
+def test_linear_forecast_does_not_extrapolate_from_a_nonfinite_compute():
+    """A region whose compute gave NaN recomputes at the next step; the reuses after that
+    must return the (finite) cache as it is, not an extrapolation through the NaN values."""
+    torch.manual_seed(0)
+    model = _LinearInTime().eval()
+    x = torch.randn(2, 8, 4)
+    fast = torch.compile(model, backend="adacorr", options={
+        "policy": "interval", "interval": 3, "correction": True, "reuse_threshold": 1.0, "forecast": "linear",
+        "lowering": "eager"})
+    with torch.no_grad():
+        fast(hidden_states=x, timestep=torch.full((2,), 900.0))  # compile and find the regions
+    adacorr_compile.reset(fast)
+    last = adacorr_compile.regions(fast)[-1]
+    body = last.body_fn
+
+    class Poisoned(torch.nn.Module):  # the last region's compute at step 1 gives NaN
+        calls = 0
+
+        def forward(self, *args):
+            Poisoned.calls += 1
+            out = list(body(*args))
+            if Poisoned.calls == 2:
+                out[0] = out[0] * float("nan")
+            return out
+
+    last.body_fn = Poisoned()
+    outs, want = [], []
+    try:
+        with torch.no_grad():
+            for k in range(8):
+                t = torch.full((2,), 900.0 - 60.0 * k)
+                outs.append(fast(hidden_states=x, timestep=t)[0])
+                want.append(model(hidden_states=x, timestep=t)[0])
+    finally:
+        last.body_fn = body
+    s = adacorr_compile.stats(fast)["regions"][-1]
+    assert s["reuse_trace"] == [0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0] and s["nonfinite"] == 1
+    assert not torch.isfinite(outs[1]).all()
+    for k in (3, 4):  # the previous compute (step 1) was NaN: the step-2 cache, as stored
+        assert torch.isfinite(outs[k]).all(), k
+        assert (outs[k] - want[k]).abs().max() > 1e-3, k
+    for k in (6, 7):  # computes at 2 and 5 are finite: extrapolated again, exact on this model
+        assert (outs[k] - want[k]).abs().max() < 1e-4, k

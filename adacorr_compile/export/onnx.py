@@ -35,7 +35,11 @@ State per region ``k`` (names as ONNX inputs; outputs carry the suffix ``_next``
   residual ``output - input`` at the last compute, or ``adacorr_r<k>_ref_out_<j>``
   (otherwise): the output itself;
 * ``adacorr_r<k>_valid`` (bool): the last compute was finite;
-* ``adacorr_r<k>_consecutive`` (int64): reuses in a row.
+* ``adacorr_r<k>_consecutive`` (int64): reuses in a row;
+* ``forecast="linear"`` only: ``adacorr_r<k>_prev_res_<j>`` / ``adacorr_r<k>_prev_out_<j>``
+  (the cached values of the compute before the last), ``adacorr_r<k>_prev_valid`` (bool:
+  they were finite), ``adacorr_r<k>_ref_step`` and ``adacorr_r<k>_prev_step`` (int64: the
+  steps of the last two computes; equal until the region has computed twice).
 
 Shared: ``adacorr_step`` (int64, steps done in this generation; 0 means empty cache),
 ``adacorr_steps_left`` (int64 input only: steps after this one, as the host computes it
@@ -143,6 +147,7 @@ class StateSpec:
 
     name: str
     kind: str  # step | fb_ref | probe_ref | ref_in | prev_in | ref_res | ref_out | valid | consecutive
+    #            | prev_val | prev_valid | ref_step | prev_step (forecast="linear")
     dtype: str  # torch dtype name without "torch."
     dims: list[Any]
     region: int | None = None
@@ -212,6 +217,13 @@ def _plan_regions(gm: fx.GraphModule, config: AdaCorrConfig, bindings: Mapping[A
             plan.states.append(spec(f"{res}_{m}", res, outs[j]))
         plan.states.append(StateSpec(f"adacorr_r{k}_valid", "valid", "bool", [], k))
         plan.states.append(StateSpec(f"adacorr_r{k}_consecutive", "consecutive", "int64", [], k))
+        if config.forecast != "none":
+            prev = "prev_res" if res == "ref_res" else "prev_out"
+            for m, (_, j) in enumerate(plan.stream_pairs):
+                plan.states.append(spec(f"{prev}_{m}", "prev_val", outs[j]))
+            plan.states.append(StateSpec(f"adacorr_r{k}_prev_valid", "prev_valid", "bool", [], k))
+            for kind in ("ref_step", "prev_step"):
+                plan.states.append(StateSpec(f"adacorr_r{k}_{kind}", kind, "int64", [], k))
         plans.append(plan)
     return plans
 
@@ -412,6 +424,7 @@ class CondRegion(torch.nn.Module):
         cached_vals = by_kind[res_kind]
         valid = by_kind["valid"][0]
         consecutive = by_kind["consecutive"][0]
+        prev_vals = by_kind.get("prev_val", [])  # forecast="linear" only
         role = self._first_block_role()
         srole = step_role(cfg, plan.index)
         named = self._extra_inputs(extra)
@@ -442,10 +455,22 @@ class CondRegion(torch.nn.Module):
         # the branches; "previous": it is the observed input either way, set after them
         n_ref = n_obs if cfg.drift_reference == "cached" else 0
 
-        def reuse_values(a: Sequence[torch.Tensor], cache: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        forecast = bool(prev_vals)
+        fc: tuple[torch.Tensor, ...] = ()
+        if forecast:  # extrapolate from the last two computes, as runtime/region.py's _forecast
+            ref_step, prev_step, prev_valid = by_kind["ref_step"][0], by_kind["prev_step"][0], by_kind["prev_valid"][0]
+            gap = (ref_step - prev_step).clamp(min=1).to(torch.float32)
+            fc = ((ref_step > prev_step) & prev_valid, (step - ref_step).to(torch.float32) / gap)
+
+        def reuse_values(
+            a: Sequence[torch.Tensor], cache: Sequence[torch.Tensor], prev: Sequence[torch.Tensor], fc_: Sequence[torch.Tensor]
+        ) -> list[torch.Tensor]:
+            if fc_:
+                ok, k = fc_
+                cache = [torch.where(ok, acm.extrapolate(c, p, k.to(c.dtype)), c) for c, p in zip(cache, prev)]
             if res_kind == "ref_res":
                 return [acm.corrected_cache(a[i], r) for (i, _), r in zip(plan.stream_pairs, cache)]
-            return [c.clone() for c in cache]
+            return [c if fc_ else c.clone() for c in cache]
 
         def ordered(by_pair: Sequence[torch.Tensor]) -> list[torch.Tensor]:
             outs: list[Any] = [None] * plan.num_outputs
@@ -463,26 +488,30 @@ class CondRegion(torch.nn.Module):
         n_t = len(tensor_pos)
         flat = self.flat
 
-        def unpack(ops: Sequence[torch.Tensor]) -> tuple[list[Any], Sequence[torch.Tensor], Sequence[torch.Tensor]]:
+        n_prev = len(prev_vals)
+
+        def unpack(ops: Sequence[torch.Tensor]) -> tuple[list[Any], Sequence[torch.Tensor], ...]:
+            """(block args, reference inputs, cache, previous cache, forecast (ok, k) or ())"""
             a: list[Any] = list(args)
             for i, v in zip(tensor_pos, ops[:n_t]):
                 a[i] = v
-            return a, ops[n_t : n_t + n_ref], ops[n_t + n_ref : n_t + n_ref + n_pairs]
+            at = n_t + n_ref + n_pairs
+            return a, ops[n_t : n_t + n_ref], ops[n_t + n_ref : at], ops[at : at + n_prev], ops[-4:-2] if forecast else ()
 
         def reuse_fn(*ops: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            a, ref, cache = unpack(ops)
+            a, ref, cache, prev, fc_ = unpack(ops)
             val = ops[-2]
-            outs = ordered(reuse_values(a, cache))
+            outs = ordered(reuse_values(a, cache, prev, fc_))
             return _same_layout((*outs, *(r.clone() for r in ref), *(c.clone() for c in cache), val.clone()), flat)
 
         def compute_fn(*ops: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            a, ref, cache = unpack(ops)
+            a, ref, cache, prev, fc_ = unpack(ops)
             lam_ = ops[-1]
             fresh = list(self.body(*a))
             by_pair = [fresh[j] for _, j in plan.stream_pairs]
             outs_paired = by_pair
             if cfg.blend and srole != "leader":  # the leader measures nothing: no lambda to blend by
-                cached = reuse_values(a, cache)
+                cached = reuse_values(a, cache, prev, fc_)
                 outs_paired = [torch.where(step > 0, acm.blend(c, f, lam_), f) for c, f in zip(cached, by_pair)]
             residuals = [f - a[i] for (i, _), f in zip(plan.stream_pairs, by_pair)]
             new_cache = residuals if res_kind == "ref_res" else [f.clone() for f in by_pair]
@@ -490,7 +519,7 @@ class CondRegion(torch.nn.Module):
             new_ref = [a[i].clone() for i in plan.observed] if n_ref else []
             return _same_layout((*ordered(outs_paired), *new_ref, *new_cache, new_valid), flat)
 
-        operands = (*(args[i] for i in tensor_pos), *reference[:n_ref], *cached_vals, valid, lam)
+        operands = (*(args[i] for i in tensor_pos), *reference[:n_ref], *cached_vals, *prev_vals, *fc, valid, lam)
         # shapes of the branch outputs: the paired stream inputs, the observed inputs, the cache
         shapes = [args[i].shape for i, _ in sorted(plan.stream_pairs, key=lambda p: p[1])]
         shapes += [o.shape for o in observed[:n_ref]] + [c.shape for c in cached_vals] + [valid.shape]
@@ -507,22 +536,30 @@ class CondRegion(torch.nn.Module):
         if not n_ref:  # "previous": the input of this step, whatever the branch
             new_ref = [o.clone() for o in observed]
         new_consecutive = torch.where(reuse, consecutive + 1, torch.zeros_like(consecutive))
+        scalars = {"valid": new_valid, "consecutive": new_consecutive}
+        new_prev: list[torch.Tensor] = []
+        if forecast:  # a compute rotates the cache into the previous values and records its step
+            new_prev = [torch.where(reuse, p, c) for p, c in zip(prev_vals, cached_vals)]
+            scalars["prev_valid"] = (reuse & prev_valid) | (~reuse & valid)  # onnxruntime has no bool Where
+            scalars["ref_step"] = torch.where(reuse, ref_step, step)
+            # the first compute of a generation has no earlier one: equal steps, no extrapolation
+            scalars["prev_step"] = torch.where(reuse, prev_step, torch.where(has_cache, ref_step, step))
         nan = torch.full_like(lam, float("nan"))
         if srole in ("follower", "leader"):  # measured nothing (the host records NaN too)
             stats = (reuse, nonfinite, nan.clone(), nan.clone())
         else:
             stats = (reuse, nonfinite, torch.where(has_cache, lam, nan), torch.where(has_cache, score.to(lam.dtype), nan))
         new_state: list[torch.Tensor] = []
-        it_ref, it_cache = iter(new_ref), iter(new_cache)
+        it_ref, it_cache, it_prev = iter(new_ref), iter(new_cache), iter(new_prev)
         for s in plan.states:
             if s.kind in ("ref_in", "prev_in"):
                 new_state.append(next(it_ref))
             elif s.kind in ("ref_res", "ref_out"):
                 new_state.append(next(it_cache))
-            elif s.kind == "valid":
-                new_state.append(new_valid)
+            elif s.kind == "prev_val":
+                new_state.append(next(it_prev))
             else:
-                new_state.append(new_consecutive)
+                new_state.append(scalars[s.kind])
         extra_out: list[torch.Tensor] = []
         if role == "first":
             fb_ref = named["fb_ref"]
@@ -863,9 +900,6 @@ def build_step_module(
     cfg = AdaCorrConfig.from_options(config)
     if cfg.decision != "batch":
         raise ExportError("export supports decision='batch' only (one decision per region for the batch)")
-    if cfg.forecast != "none":
-        raise ExportError(f"export supports forecast='none' only (got forecast={cfg.forecast!r}): "
-                          "the extrapolated reuse runs in the backend's runtime")
     model = model.eval()
     kwargs = _with_return_dict(model, example_inputs)
     ep, shapes = _export_model(model, kwargs, dynamic)

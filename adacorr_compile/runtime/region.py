@@ -226,6 +226,7 @@ def _refresh(
         partial = keep_mask is not None and any(keep_mask)
         cache.prev_val = None if partial or old is None else old
         cache.prev_step = None if cache.prev_val is None else cache.ref_step
+        cache.prev_valid = None if cache.prev_val is None else cache.valid
         cache.ref_step = step
     residuals, valid = math.refresh(fresh, [args[i] for i, _ in spec.stream_pairs])
     outputs = list(fresh) if not caches_residuals(cfg) else None
@@ -249,13 +250,14 @@ def _refresh(
 def _forecast(cfg: AdaCorrConfig, cache: Any, step: int) -> list[torch.Tensor]:
     """The cached values a reuse returns at ``step``: as stored, or (``forecast="linear"``)
     extrapolated from the last two computes, ``v + (v - v_prev) * k`` with
-    ``k = (step - step_v) / (step_v - step_prev)``."""
+    ``k = (step - step_v) / (step_v - step_prev)``; where the earlier compute was not
+    finite, as stored (no host read: the choice is a ``where`` on the device)."""
     values = list(cache.ref_res if caches_residuals(cfg) else cache.ref_out)
     prev = cache.prev_val  # set (with prev_step) only under forecast="linear", after two computes
     if prev is None or cache.ref_step <= cache.prev_step or not _same_shapes(values, prev):
         return values
     k = (step - cache.ref_step) / (cache.ref_step - cache.prev_step)
-    return [acm.extrapolate(v, p, k) for v, p in zip(values, prev)]
+    return [torch.where(cache.prev_valid, acm.extrapolate(v, p, k), v) for v, p in zip(values, prev)]
 
 
 def _first_block_update(cfg: AdaCorrConfig, fb: dict, residual: torch.Tensor) -> None:

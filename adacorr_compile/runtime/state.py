@@ -40,10 +40,11 @@ class RegionCache:
     ref_step: int | None = None  # step of the last compute (forecast="linear")
     prev_val: list[torch.Tensor] | None = None  # the cached values of the compute before it
     prev_step: int | None = None
+    prev_valid: torch.Tensor | None = None  # 0-d bool: prev_val is finite (a non-finite one is not extrapolated from)
 
     def clear(self) -> None:
         self.prev_in = self.ref_in = self.ref_res = self.ref_out = self.valid = None
-        self.ref_step = self.prev_val = self.prev_step = None
+        self.ref_step = self.prev_val = self.prev_step = self.prev_valid = None
         self.consecutive = 0
         self.signature = None
 
