@@ -120,9 +120,9 @@ class AdaCorrConfig:
     # (62% skipped; DiT 31.3 dB, 2.08x; Flux 32.3 dB, 2.06x; *_forecast.md) but stays opt-in
     # while the ONNX export does not support it. The lambda-driven per-block policy loses
     # fidelity much faster on both (README, "Reference models and benchmark").
-    policy: str = "interval"
-    correction: bool = False
-    reuse_threshold: float = 0.05
+    policy: str = "adacorr"
+    correction: bool = True
+    reuse_threshold: float = 0.08
     blend: bool = False
     interval: int = 3
     first_block_threshold: float = 0.08
@@ -130,8 +130,8 @@ class AdaCorrConfig:
     max_consecutive_reuses: int = 3
     final_steps: int = 1
     decision: str = "batch"
-    scope: str = "block"
-    forecast: str = "none"
+    scope: str = "step"
+    forecast: str = "linear"
     lowering: str = "inductor"
     inductor_mode: str = "default"
     timestep_arg: str = "timestep"

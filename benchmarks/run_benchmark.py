@@ -97,6 +97,8 @@ def methods_for(model_name: str, quick: bool, lowering: str, workdir: str) -> li
         m.append(bench.onnx_dit("onnxruntime adacorr thr=0.05", {**ADACORR, "reuse_threshold": 0.05}, workdir, 0.05))
         m.append(bench.onnx_dit("onnxruntime interval N=2", {"policy": "interval", "interval": 2, "correction": False},
                                 workdir, 2))
+        m.append(bench.onnx_dit("onnxruntime adacorr step forecast thr=0.08",
+                                {**ADACORR, "scope": "step", "reuse_threshold": 0.08, "forecast": "linear"}, workdir, 0.08))
     return m
 
 

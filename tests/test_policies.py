@@ -39,7 +39,7 @@ def test_first_block_policy():
 
 
 def test_step_scope_roles_and_leader_always_computes():
-    block = AdaCorrConfig(policy="adacorr", reuse_threshold=0.1)
+    block = AdaCorrConfig(policy="adacorr", reuse_threshold=0.1, scope="block")
     step = block.replace(scope="step")
     assert [step_role(block, k) for k in range(4)] == ["block"] * 4
     assert [step_role(step, k) for k in range(4)] == ["leader", "probe", "follower", "follower"]

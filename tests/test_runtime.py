@@ -43,7 +43,9 @@ def test_never_reuse_eager_lowering_is_exact(family):
 
 def test_skipping_is_real_and_counted():
     model, inputs = FAMILIES["dit"][0]()
-    fast = torch.compile(model, backend="adacorr", options={"lowering": "eager"})
+    # every region decides for itself (and measures lambda), every third step computes
+    fast = torch.compile(model, backend="adacorr", options={"lowering": "eager", "policy": "interval", "scope": "block",
+                                                            "correction": False})
     run_loop(fast, inputs, steps=1)  # compile
     adacorr_compile.reset(fast)
     regions = adacorr_compile.regions(fast)
@@ -77,7 +79,7 @@ def test_reused_output_stays_close_to_eager():
 
 def test_no_recompile_over_sampling_loop():
     model, inputs = FAMILIES["flux"][0]()
-    fast = torch.compile(model, backend="adacorr")
+    fast = torch.compile(model, backend="adacorr", options={"reuse_threshold": 1.0})  # reuse wherever the guards allow
     run_loop(fast, inputs, steps=1)
     with torch.compiler.set_stance("fail_on_recompile"):
         run_loop(fast, inputs, steps=30)  # raises on any recompile
@@ -313,7 +315,7 @@ def test_linear_forecast_is_exact_where_blocks_are_linear_in_time(correction, lo
     for forecast in ("none", "linear"):
         torch._dynamo.reset()
         fast = torch.compile(model, backend="adacorr", options={
-            "policy": "interval", "interval": 3, "correction": correction, "reuse_threshold": 1.0,
+            "policy": "interval", "interval": 3, "correction": correction, "reuse_threshold": 1.0, "scope": "block",
             "forecast": forecast, "lowering": lowering})
         err = []
         with torch.no_grad():
@@ -335,7 +337,7 @@ def test_linear_forecast_does_not_extrapolate_from_a_nonfinite_compute():
     x = torch.randn(2, 8, 4)
     fast = torch.compile(model, backend="adacorr", options={
         "policy": "interval", "interval": 3, "correction": True, "reuse_threshold": 1.0, "forecast": "linear",
-        "lowering": "eager"})
+        "scope": "block", "lowering": "eager"})
     with torch.no_grad():
         fast(hidden_states=x, timestep=torch.full((2,), 900.0))  # compile and find the regions
     adacorr_compile.reset(fast)

@@ -110,12 +110,14 @@ def _guarded_call(region: GuardedRegion, args: Sequence[Any], active: Active) ->
     if role == "follower":
         # scope="step": take the probe's verdict of this step; nothing to measure or read
         taken = shared.get("verdict")
+        if taken is not None and taken[0] == active.step:
+            lam = taken[2]  # the step's lambda: a compute blends by it (blend=True) as the probe does, forced or not
         if forced is not None:
             verdict = forced
         elif taken is None or taken[0] != active.step:
             verdict = "no step verdict"
         else:
-            verdict, lam = taken[1], taken[2]
+            verdict = taken[1]
     else:
         packed = None
         if has_cache and role == "block":
