@@ -1,5 +1,6 @@
 """End to end: numbers against plain torch.compile/eager, real skipping, no recompiles, generations."""
 
+import contextlib
 import threading
 
 import pytest
@@ -16,6 +17,29 @@ def run_loop(compiled, inputs, steps=10, start=900.0, batch=2):
             t = start - k * (start / steps)
             outs.append(compiled(**inputs(k, t, batch), return_dict=False)[0])
     return outs
+
+
+@contextlib.contextmanager
+def poisoned(region, call):
+    """The region's ``call``-th compute (1-based) returns NaN in its first output; only
+    this region is patched (structurally equal blocks share one lowered body)."""
+    body = region.body_fn
+
+    class Poisoned(torch.nn.Module):  # body_fn is a submodule
+        calls = 0
+
+        def forward(self, *args):
+            self.calls += 1
+            out = list(body(*args))
+            if self.calls == call:
+                out[0] = out[0] * float("nan")
+            return out
+
+    region.body_fn = Poisoned()
+    try:
+        yield
+    finally:
+        region.body_fn = body
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -247,25 +271,8 @@ def test_step_scope_nonfinite_follower_cache_forces_the_step_to_compute():
     s = adacorr_compile.stats(fast)
     assert s["regions"][1]["reuse_trace"] == [0.0, 0.0, 1.0, 1.0]  # threshold 1: reuse after warm-up
     adacorr_compile.reset(fast)
-    regions = adacorr_compile.regions(fast)
-    last = regions[-1]
-    body = last.body_fn
-
-    class Poisoned(torch.nn.Module):  # the last follower's compute at step 1 (warm-up) gives a NaN
-        calls = 0
-
-        def forward(self, *args):
-            Poisoned.calls += 1
-            out = list(body(*args))
-            if Poisoned.calls == 2:
-                out[0] = out[0] * float("nan")
-            return out
-
-    last.body_fn = Poisoned()  # structurally equal blocks share one lowered body: patch this region only
-    try:
+    with poisoned(adacorr_compile.regions(fast)[-1], call=2):  # the last follower's compute at step 1 (warm-up)
         outs = run_loop(fast, inputs, steps=4)
-    finally:
-        last.body_fn = body
     s = adacorr_compile.stats(fast)
     probe = s["regions"][1]
     assert probe["reuse_trace"] == [0.0, 0.0, 0.0, 1.0]  # step 2 recomputes everything: the follower's cache was NaN
@@ -341,29 +348,12 @@ def test_linear_forecast_does_not_extrapolate_from_a_nonfinite_compute():
     with torch.no_grad():
         fast(hidden_states=x, timestep=torch.full((2,), 900.0))  # compile and find the regions
     adacorr_compile.reset(fast)
-    last = adacorr_compile.regions(fast)[-1]
-    body = last.body_fn
-
-    class Poisoned(torch.nn.Module):  # the last region's compute at step 1 gives NaN
-        calls = 0
-
-        def forward(self, *args):
-            Poisoned.calls += 1
-            out = list(body(*args))
-            if Poisoned.calls == 2:
-                out[0] = out[0] * float("nan")
-            return out
-
-    last.body_fn = Poisoned()
     outs, want = [], []
-    try:
-        with torch.no_grad():
-            for k in range(8):
-                t = torch.full((2,), 900.0 - 60.0 * k)
-                outs.append(fast(hidden_states=x, timestep=t)[0])
-                want.append(model(hidden_states=x, timestep=t)[0])
-    finally:
-        last.body_fn = body
+    with poisoned(adacorr_compile.regions(fast)[-1], call=2), torch.no_grad():  # the last region's compute at step 1
+        for k in range(8):
+            t = torch.full((2,), 900.0 - 60.0 * k)
+            outs.append(fast(hidden_states=x, timestep=t)[0])
+            want.append(model(hidden_states=x, timestep=t)[0])
     s = adacorr_compile.stats(fast)["regions"][-1]
     assert s["reuse_trace"] == [0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0] and s["nonfinite"] == 1
     assert not torch.isfinite(outs[1]).all()
