@@ -38,7 +38,8 @@ from adacorr_compile.reference import load_reference_dit, load_reference_flux
 from adacorr_compile.sampling import sample_dit, sample_flux
 
 RESULTS = Path(__file__).resolve().parent / "results"
-NO_REUSE = {"policy": "adacorr", "correction": True, "reuse_threshold": 0.0, "warmup_steps": 0, "final_steps": 0}
+NO_REUSE = {"policy": "adacorr", "correction": True, "reuse_threshold": 0.0, "warmup_steps": 0, "final_steps": 0,
+            "scope": "block", "forecast": "none"}
 VARIANTS: dict[str, dict | None] = {
     "plain inductor": None,
     "adacorr never": {"policy": "never"},

@@ -36,9 +36,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 logger = logging.getLogger("adacorr_compile.bench")
 
 
-# the paper's method: lambda decides per block, offset-corrected reuse (set explicitly:
-# the backend's default policy is what the benchmark chose, see config.py)
-ADACORR = {"policy": "adacorr", "correction": True}
+# Every row names the options it depends on (defaults change with what this benchmark finds,
+# see config.py): per-block decisions, reuse of the cache as stored, unless a row says otherwise.
+BLOCK = {"scope": "block", "forecast": "none"}
+# the paper's method: lambda decides per block, offset-corrected reuse
+ADACORR = {"policy": "adacorr", "correction": True, **BLOCK}
 
 
 def methods_for(model_name: str, quick: bool, lowering: str, workdir: str) -> list[bench.Method]:
@@ -47,7 +49,8 @@ def methods_for(model_name: str, quick: bool, lowering: str, workdir: str) -> li
     eager`` the sweep is cheaper to run and its speed reference is the uncached eager model.
     diffusers' hooks run eagerly (speed reference: uncached eager)."""
     ours = partial(bench.ours, lowering=lowering)
-    m: list[bench.Method] = [bench.eager_baseline(), bench.inductor_baseline(), ours("ours caching off", {"policy": "never"})]
+    m: list[bench.Method] = [bench.eager_baseline(), bench.inductor_baseline(), ours("ours caching off", {"policy": "never"}),
+                             ours("default", {})]  # the backend's defaults (config.py)
     veto = 0.08  # lambda above which "X + AdaCorrection" vetoes a reuse
     for thr in ([0.03, 0.08] if quick else [0.02, 0.03, 0.05, 0.08, 0.12]):
         m.append(ours(f"adacorr thr={thr}", {**ADACORR, "reuse_threshold": thr}, thr))
@@ -68,11 +71,11 @@ def methods_for(model_name: str, quick: bool, lowering: str, workdir: str) -> li
         m.append(ours(f"{label} thr={thr}", {**ADACORR, "scope": "step", "reuse_threshold": thr, "forecast": "linear",
                                              "max_consecutive_reuses": cap}, thr))
     for n in ([] if quick else [3, 4]):
-        m.append(ours(f"interval forecast N={n}", {"policy": "interval", "interval": n, "correction": True,
+        m.append(ours(f"interval forecast N={n}", {**BLOCK, "policy": "interval", "interval": n, "correction": True,
                                                     "reuse_threshold": 1.0, "max_consecutive_reuses": n,
                                                     "forecast": "linear"}, n))
     for thr in ([] if quick else [0.2, 0.3]):
-        m.append(ours(f"first_block forecast thr={thr}", {"policy": "first_block", "first_block_threshold": thr,
+        m.append(ours(f"first_block forecast thr={thr}", {**BLOCK, "policy": "first_block", "first_block_threshold": thr,
                                                           "max_consecutive_reuses": 50, "forecast": "linear"}, thr))
     for thr in ([0.05] if quick else [0.03, 0.08]):
         m.append(ours(f"adacorr (no correction) thr={thr}", {**ADACORR, "reuse_threshold": thr, "correction": False}, thr))
@@ -83,22 +86,21 @@ def methods_for(model_name: str, quick: bool, lowering: str, workdir: str) -> li
     for n in ([2, 4] if quick else [2, 3, 4]):
         for corr in (False, True):
             label = "interval" + (" + AdaCorrection" if corr else "")
-            m.append(ours(f"{label} N={n}", {"policy": "interval", "interval": n, "correction": corr,
+            m.append(ours(f"{label} N={n}", {**BLOCK, "policy": "interval", "interval": n, "correction": corr,
                                                     "reuse_threshold": veto, "max_consecutive_reuses": n}, n))
     for thr in ([0.1, 0.3] if quick else [0.1, 0.2, 0.3]):
         for corr in (False, True):
             label = "first_block" + (" + AdaCorrection" if corr else "")
-            m.append(ours(f"{label} thr={thr}", {"policy": "first_block", "first_block_threshold": thr, "correction": corr,
+            m.append(ours(f"{label} thr={thr}", {**BLOCK, "policy": "first_block", "first_block_threshold": thr, "correction": corr,
                                                         "reuse_threshold": veto, "max_consecutive_reuses": 50}, thr))
     if model_name == "flux":
         m += peer_methods(quick)
     else:
         m.append(bench.onnx_dit("onnxruntime uncached", None, workdir))
         m.append(bench.onnx_dit("onnxruntime adacorr thr=0.05", {**ADACORR, "reuse_threshold": 0.05}, workdir, 0.05))
-        m.append(bench.onnx_dit("onnxruntime interval N=2", {"policy": "interval", "interval": 2, "correction": False},
+        m.append(bench.onnx_dit("onnxruntime interval N=2", {**BLOCK, "policy": "interval", "interval": 2, "correction": False},
                                 workdir, 2))
-        m.append(bench.onnx_dit("onnxruntime adacorr step forecast thr=0.08",
-                                {**ADACORR, "scope": "step", "reuse_threshold": 0.08, "forecast": "linear"}, workdir, 0.08))
+        m.append(bench.onnx_dit("onnxruntime default", {}, workdir))
     return m
 
 
