@@ -76,7 +76,8 @@ def methods_for(model_name: str, quick: bool, lowering: str, workdir: str) -> li
                                                     "forecast": "linear"}, n))
     for thr in ([] if quick else [0.2, 0.3]):
         m.append(ours(f"first_block forecast thr={thr}", {**BLOCK, "policy": "first_block", "first_block_threshold": thr,
-                                                          "max_consecutive_reuses": 50, "forecast": "linear"}, thr))
+                                                          "correction": False, "max_consecutive_reuses": 50,
+                                                          "forecast": "linear"}, thr))
     for thr in ([0.05] if quick else [0.03, 0.08]):
         m.append(ours(f"adacorr (no correction) thr={thr}", {**ADACORR, "reuse_threshold": thr, "correction": False}, thr))
     if not quick:

@@ -406,7 +406,8 @@ def write_summary(path: Path, cmd: str, total_s: float, out: Path) -> None:
              "Reproduce (from the repo root, CPU, fixed seeds):", "", "```", cmd, "```", "",
              f"- machine: {platform.machine()} ({os.cpu_count()} CPU cores, shared), torch {torch.__version__}; "
              + (f"DiT and Flux trained side by side, one process with {args_ns.worker_threads} thread(s) each"
-                if args_ns.parallel else f"{args_ns.threads} threads, models trained one after the other")
+                if args_ns.parallel and {"dit", "flux"} <= set(args_ns.only or ("dit", "flux"))
+                else f"{args_ns.threads} threads, one model after the other")
              + (", training step under torch.compile" if args_ns.compile else ""),
              f"- total wall time of this run: {total_s / 60:.1f} min", "",
              "Data: synthetic glyphs (digits 0-9 in DejaVu Sans regular/bold, random size 16-26 px, "
