@@ -386,6 +386,10 @@ def lambda_heatmap(stats: dict[str, Any], path: str, title: str) -> None:
     score = np.array([r["score_trace"] for r in regions], dtype=float)
     reuse = np.array([r["reuse_trace"] for r in regions], dtype=float)
     fig, axes = plt.subplots(1, 3, figsize=(15, 0.35 * len(regions) + 2.2), constrained_layout=True)
+    measured = int(np.isfinite(lam).any(axis=1).sum())
+    # scope="step": one region (the probe) measures for the whole step, the others follow it
+    note = ("\none decision per step: lambda and S are measured by the probe (one row); the later blocks follow "
+            "its verdict" if measured == 1 < len(regions) else "")
     for ax, data, name, cmap in (
         (axes[0], lam, "lambda = clip(gamma * S, 0, 1)", "magma"),
         (axes[1], score, "offset score S", "viridis"),
@@ -397,6 +401,6 @@ def lambda_heatmap(stats: dict[str, Any], path: str, title: str) -> None:
         ax.set_yticks(range(len(regions)))
         ax.set_yticklabels([r["path"] for r in regions], fontsize=7)
         fig.colorbar(im, ax=ax, shrink=0.8)
-    fig.suptitle(title)
+    fig.suptitle(title + note)
     fig.savefig(path, dpi=110)
     plt.close(fig)

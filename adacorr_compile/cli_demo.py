@@ -38,7 +38,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from .sampling import sample_dit, save_grid
 
     options = {"lowering": args.lowering, **dict(args.option)}
-    AdaCorrConfig.from_options(options)  # bad options fail here, with the option named
+    cfg = AdaCorrConfig.from_options(options)  # bad options fail here, with the option named
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = load_reference_dit()
@@ -60,7 +60,9 @@ def run_demo(args: argparse.Namespace) -> int:
     save_grid(cached.images, out / "adacorr.png", nrow=min(10, len(labels)), scale=4)
     diff = (cached.images - base.images).abs().clamp(0, 1) * 2 - 1
     save_grid(diff, out / "difference.png", nrow=min(10, len(labels)), scale=4)
-    bench.lambda_heatmap(cached.stats, str(out / "lambda_heatmap.png"), f"reference DiT, {args.steps} steps, {options}")
+    setting = (f"policy={cfg.policy}, scope={cfg.scope}, correction={cfg.correction}, forecast={cfg.forecast}, "
+               f"reuse_threshold={cfg.reuse_threshold}")
+    bench.lambda_heatmap(cached.stats, str(out / "lambda_heatmap.png"), f"reference DiT, {args.steps} steps, {setting}")
 
     speedup = base.median_seconds / cached.median_seconds
     rows = [
