@@ -25,7 +25,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--lowering", default="inductor", choices=["inductor", "eager"],
                    help="inductor: plain torch.compile vs the adacorr backend; eager: the eager model vs the "
                         "backend with eager lowering (default: %(default)s)")
-    p.add_argument("--reps", type=int, default=3, help="timed generations per run, median reported (default: %(default)s)")
+    p.add_argument("--reps", type=int, default=5, help="timed generations per run, median reported (default: %(default)s)")
     p.set_defaults(func=run_demo)
 
 
