@@ -39,12 +39,14 @@ def corrected_cache(h: torch.Tensor, cached_residual: torch.Tensor) -> torch.Ten
     return h + cached_residual
 
 
-def extrapolate(value: torch.Tensor, previous: torch.Tensor, k: float | torch.Tensor) -> torch.Tensor:
+def extrapolate(value: torch.Tensor, previous: torch.Tensor, k: float | torch.Tensor, usable: torch.Tensor) -> torch.Tensor:
     """First-order forecast of a cached value: ``value + (value - previous) * k``, where
     ``k`` is how far past the last compute the current step lies, in units of the gap
     between the last two computes (TaylorSeer order 1): a float, or a 0-d tensor of the
-    values' dtype (the ONNX export computes it in-graph)."""
-    return torch.lerp(previous, value, 1.0 + k)
+    values' dtype (the ONNX export computes it in-graph). Where ``usable`` (0-d bool) is
+    False, e.g. ``previous`` came from a non-finite compute, ``value`` as it is (a device
+    ``where``, no host read)."""
+    return torch.where(usable, torch.lerp(previous, value, 1.0 + k), value)
 
 
 def error_bound(lam: torch.Tensor, lipschitz: float, lag: float, score: torch.Tensor) -> torch.Tensor:

@@ -467,7 +467,7 @@ class CondRegion(torch.nn.Module):
         ) -> list[torch.Tensor]:
             if fc_:
                 ok, k = fc_
-                cache = [torch.where(ok, acm.extrapolate(c, p, k.to(c.dtype)), c) for c, p in zip(cache, prev)]
+                cache = [acm.extrapolate(c, p, k.to(c.dtype), ok) for c, p in zip(cache, prev)]
             if res_kind == "ref_res":
                 return [acm.corrected_cache(a[i], r) for (i, _), r in zip(plan.stream_pairs, cache)]
             return [c if fc_ else c.clone() for c in cache]

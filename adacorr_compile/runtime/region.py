@@ -223,9 +223,9 @@ def _refresh(
     """Store the fresh residuals (or outputs) and inputs; samples in ``keep_mask`` keep theirs.
     With ``forecast="linear"`` the values being replaced are kept, with their step, as the
     second point of the extrapolation (not after a partial, per-sample refresh)."""
+    partial = keep_mask is not None and any(keep_mask)
     if cfg.forecast != "none":
         old = cache.ref_res if caches_residuals(cfg) else cache.ref_out
-        partial = keep_mask is not None and any(keep_mask)
         cache.prev_val = None if partial or old is None else old
         cache.prev_step = None if cache.prev_val is None else cache.ref_step
         cache.prev_valid = None if cache.prev_val is None else cache.valid
@@ -233,7 +233,7 @@ def _refresh(
     residuals, valid = math.refresh(fresh, [args[i] for i, _ in spec.stream_pairs])
     outputs = list(fresh) if not caches_residuals(cfg) else None
     new_in = list(observed)
-    if keep_mask is not None and any(keep_mask):
+    if partial:
         def keep(old: list[torch.Tensor], new: list[torch.Tensor]) -> list[torch.Tensor]:
             return [torch.where(_per_sample(keep_mask, n), o, n) for o, n in zip(old, new)]
 
@@ -244,7 +244,7 @@ def _refresh(
     cache.ref_out = outputs
     cache.ref_in = new_in
     cache.prev_in = list(observed)
-    if keep_mask is not None and any(keep_mask):
+    if partial:
         valid = torch.stack([torch.isfinite(r).all() for r in residuals]).all()
     cache.valid = valid
 
@@ -259,7 +259,7 @@ def _forecast(cfg: AdaCorrConfig, cache: Any, step: int) -> list[torch.Tensor]:
     if prev is None or cache.ref_step <= cache.prev_step or not _same_shapes(values, prev):
         return values
     k = (step - cache.ref_step) / (cache.ref_step - cache.prev_step)
-    return [torch.where(cache.prev_valid, acm.extrapolate(v, p, k), v) for v, p in zip(values, prev)]
+    return [acm.extrapolate(v, p, k, cache.prev_valid) for v, p in zip(values, prev)]
 
 
 def _first_block_update(cfg: AdaCorrConfig, fb: dict, residual: torch.Tensor) -> None:
