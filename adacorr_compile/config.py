@@ -114,8 +114,9 @@ class AdaCorrConfig:
     # by the OEM, lambda <= 0.08 reuses every later block), offset-corrected reuse
     # (correction=True) extrapolated from the last two computes (forecast="linear"). It meets
     # PSNR >= 30 dB against the uncached images with >= 40% of the block evaluations skipped
-    # and >= 1.5x over uncached Inductor on both: DiT 57.8% skipped, 30.3 dB, 1.87x; Flux
-    # 50.8%, 39.2 dB, 1.91x; one host read per step, and it exports to ONNX as it is.
+    # and >= 1.5x over uncached Inductor on both: DiT 57.8% skipped, 30.3 dB, 2.34x; Flux
+    # 50.8%, 39.2 dB, 2.01x (speedups vary by about +-30% between runs on the shared CPU:
+    # 1.7-1.9x and 1.9-2.0x in earlier runs); one host read per step; exports to ONNX as is.
     # Without forecast no setting that skips >= 40% keeps 30 dB on the DiT; the fixed
     # schedule policy="interval" (N=3) with forecast does as well (62%, 31.3 / 32.3 dB) but
     # does not adapt to the step count or the model; the per-block scope (the paper's) loses
