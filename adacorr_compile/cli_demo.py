@@ -19,7 +19,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default: %(default)s)")
     p.add_argument("--images", type=int, default=10, help="images, one class after another (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default: %(default)s)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the DiT sampler's, 1.5)")
     p.add_argument("--option", action="append", default=[], type=parse_option, metavar="KEY=VALUE",
                    help="an adacorr option for the cached run (repeatable), e.g. --option reuse_threshold=0.1")
     p.add_argument("--lowering", default="inductor", choices=["inductor", "eager"],
@@ -35,7 +36,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from . import bench
     from .config import AdaCorrConfig
     from .reference import load_reference_classifier, load_reference_dit
-    from .sampling import sample_dit, save_grid
+    from .sampling import DIT_GUIDANCE_SCALE, sample_dit, save_grid
 
     options = {"lowering": args.lowering, **dict(args.option)}
     cfg = AdaCorrConfig.from_options(options)  # bad options fail here, with the option named
@@ -44,7 +45,8 @@ def run_demo(args: argparse.Namespace) -> int:
     model = load_reference_dit()
     classifier = load_reference_classifier()
     labels = [i % 10 for i in range(args.images)]
-    sampler = partial(sample_dit, guidance_scale=args.guidance)
+    guidance = DIT_GUIDANCE_SCALE if args.guidance is None else args.guidance
+    sampler = partial(sample_dit, guidance_scale=guidance)
 
     # "without the backend": plain torch.compile (Inductor), or the eager model for --lowering eager
     base_method = bench.inductor_baseline() if args.lowering == "inductor" else bench.eager_baseline()
@@ -78,7 +80,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"worst-image PSNR {q['psnr_min']:.2f} dB; compile {cached.compile_seconds:.1f} s (not in the times)")
     print(f"wrote {out}/uncached.png, adacorr.png, difference.png, lambda_heatmap.png, demo.json")
     (out / "demo.json").write_text(json.dumps({
-        "options": options, "steps": args.steps, "labels": labels,
+        "options": options, "steps": args.steps, "labels": labels, "guidance": guidance,
         "uncached_seconds": base.median_seconds, "adacorr_seconds": cached.median_seconds, "speedup": speedup,
         "blocks_skipped": cached.skipped_fraction, "quality": q, "uncached_class_accuracy": q_base["class_accuracy"],
     }, indent=2))

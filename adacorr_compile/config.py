@@ -109,18 +109,20 @@ class AdaCorrConfig:
     score: str = "relative"
     drift_reference: str = "cached"
     # Defaults chosen by benchmarks/run_benchmark.py on both reference models (10 images x 50
-    # steps, CFG 4; benchmarks/results/benchmark_{dit,flux}_forecast.md, the "default" rows):
-    # one AdaCorrection decision per step (scope="step": the first block's residual scored
-    # by the OEM, lambda <= 0.08 reuses every later block), offset-corrected reuse
-    # (correction=True) extrapolated from the last two computes (forecast="linear"). It meets
-    # PSNR >= 30 dB against the uncached images with >= 40% of the block evaluations skipped
-    # and >= 1.5x over uncached Inductor on both: DiT 57.8% skipped, 30.3 dB, 2.34x; Flux
-    # 50.8%, 39.2 dB, 2.01x (speedups vary by about +-30% between runs on the shared CPU:
-    # 1.7-1.9x and 1.9-2.0x in earlier runs); one host read per step; exports to ONNX as is.
-    # Without forecast no setting that skips >= 40% keeps 30 dB on the DiT; the fixed
-    # schedule policy="interval" (N=3) with forecast does as well (62%, 31.3 / 32.3 dB) but
-    # does not adapt to the step count or the model; the per-block scope (the paper's) loses
-    # fidelity much faster on both (README, "Reference models and benchmark").
+    # steps at the samplers' default guidance; benchmarks/results/benchmark_{dit,flux}_forecast.md,
+    # the "default" rows): one AdaCorrection decision per step (scope="step": the first
+    # block's residual scored by the OEM, lambda <= 0.08 reuses every later block),
+    # offset-corrected reuse (correction=True) extrapolated from the last two computes
+    # (forecast="linear"). It meets PSNR >= 30 dB against the uncached images with >= 40% of
+    # the block evaluations skipped and >= 1.5x over uncached Inductor on both: DiT 59.5%
+    # skipped, 31.6 dB, 1.90x; Flux 50.8%, 39.2 dB, 2.01x (speedups vary by about +-30%
+    # between runs on the shared CPU: 1.9-2.3x on the DiT); one host read per step; exports
+    # to ONNX as is. thr 0.1 also keeps 30 dB on both (DiT 30.8 dB), with less margin.
+    # Extrapolating the residual rather than the output is worth 6 dB on the DiT
+    # (benchmark_dit_correction.md). The fixed schedule policy="interval" (N=3) does about as
+    # well (62%; DiT 35.3, Flux 32.3 dB with forecast) but does not adapt to the step count
+    # or the model; the per-block scope (the paper's) loses fidelity much faster on both
+    # (README, "Reference models and benchmark").
     policy: str = "adacorr"
     correction: bool = True
     reuse_threshold: float = 0.08

@@ -36,6 +36,16 @@ logger = logging.getLogger("adacorr_compile.reference")
 
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
+# Default classifier-free guidance scale of each sampler, chosen on the reference
+# models by benchmarks/guidance_sweep.py (results/guidance_sweep.md). DiT: 1.5, the
+# DiT paper's setting for FID; at 4.0 the reference DiT's 50-step DDIM samples are
+# worse (class accuracy 0.32 vs 0.67, FID proxy 9.9 vs 1.7) and its trajectories
+# chaotic (a 1e-4 nudge after the first step moves one image to 39 dB). Flux: 4.0,
+# the reference Flux's best class accuracy (0.58; 0.47 at 1.5, which has the better
+# FID proxy, 3.1 vs 6.4).
+DIT_GUIDANCE_SCALE = 1.5
+FLUX_GUIDANCE_SCALE = 4.0
+
 
 def _as_labels(class_labels: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
     labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
@@ -169,7 +179,7 @@ def sample_dit(
     model: Any,
     class_labels: Sequence[int] | torch.Tensor,
     num_steps: int = 50,
-    guidance_scale: float = 4.0,
+    guidance_scale: float = DIT_GUIDANCE_SCALE,
     seed: int = 0,
     scheduler: str = "ddim",
     progress: bool = False,
@@ -232,7 +242,7 @@ def sample_flux(
     wrapper: Any,
     class_labels: Sequence[int] | torch.Tensor,
     num_steps: int = 50,
-    guidance_scale: float = 4.0,
+    guidance_scale: float = FLUX_GUIDANCE_SCALE,
     seed: int = 0,
     progress: bool = False,
     callback: StepCallback | None = None,

@@ -28,7 +28,6 @@ import platform
 import statistics
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -60,7 +59,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_reference_dit() if args.model == "dit" else load_reference_flux()
-    sampler = partial(sample_dit if args.model == "dit" else sample_flux, guidance_scale=4.0)
+    sampler = sample_dit if args.model == "dit" else sample_flux
     labels = [i % 10 for i in range(args.images)]
     runs = {}
     for name, options in VARIANTS.items():

@@ -30,7 +30,7 @@ import torch
 from adacorr_compile import bench
 from adacorr_compile.reference import HELDOUT_SEED, load_reference_classifier, load_reference_dit, load_reference_flux, make_dataset
 from adacorr_compile.reference.classifier import extract_features
-from adacorr_compile.sampling import sample_dit, sample_flux
+from adacorr_compile.sampling import DIT_GUIDANCE_SCALE, FLUX_GUIDANCE_SCALE, sample_dit, sample_flux
 
 RESULTS = Path(__file__).resolve().parent / "results"
 logger = logging.getLogger("adacorr_compile.bench")
@@ -70,6 +70,10 @@ def methods_for(model_name: str, quick: bool, lowering: str, workdir: str) -> li
         label = "adacorr step forecast" + (" uncapped" if cap > 3 else "")
         m.append(ours(f"{label} thr={thr}", {**ADACORR, "scope": "step", "reuse_threshold": thr, "forecast": "linear",
                                              "max_consecutive_reuses": cap}, thr))
+    # the same extrapolating the cached outputs (correction=False) instead of the residuals
+    for thr in ([] if quick else [0.08, 0.1]):
+        m.append(ours(f"adacorr step forecast (no correction) thr={thr}",
+                      {**ADACORR, "scope": "step", "reuse_threshold": thr, "forecast": "linear", "correction": False}, thr))
     for n in ([] if quick else [3, 4]):
         m.append(ours(f"interval forecast N={n}", {**BLOCK, "policy": "interval", "interval": n, "correction": True,
                                                     "reuse_threshold": 1.0, "max_consecutive_reuses": n,
@@ -149,7 +153,8 @@ def real_features(classifier, n: int = 500):
 def run(model_name: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     model = load_reference_dit() if model_name == "dit" else load_reference_flux()
-    sampler = partial(sample_dit if model_name == "dit" else sample_flux, guidance_scale=args.guidance)
+    guidance = args.guidance if args.guidance is not None else (DIT_GUIDANCE_SCALE if model_name == "dit" else FLUX_GUIDANCE_SCALE)
+    sampler = partial(sample_dit if model_name == "dit" else sample_flux, guidance_scale=guidance)
     classifier = load_reference_classifier()
     feats = real_features(classifier)
     labels = [i % 10 for i in range(args.images)]
@@ -186,7 +191,7 @@ def run(model_name: str, args: argparse.Namespace) -> dict:
                              f"reference {model_name}: {heat.method.name}, {args.steps} steps")
     return {
         "model": model_name, "steps": args.steps, "images": len(labels), "labels": labels, "seed": args.seed,
-        "guidance": args.guidance, "reps": args.reps, "threads": torch.get_num_threads(),
+        "guidance": guidance, "reps": args.reps, "threads": torch.get_num_threads(),
         "device": f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
         "torch": torch.__version__, "command": " ".join(sys.argv), "lowering": args.lowering, "rows": rows,
     }
@@ -261,7 +266,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale (default: the sampler's, DiT 1.5, Flux 4.0)")
     parser.add_argument("--quick", action="store_true", help="fewer settings per policy")
     parser.add_argument("--lowering", choices=["inductor", "eager"], default="inductor",
                         help="lowering of our methods (default: %(default)s)")

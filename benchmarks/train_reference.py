@@ -10,7 +10,7 @@ The two diffusion models are trained under a wall-clock budget (``--minutes``,
 split evenly) rather than a fixed step count; the step count reached is logged.
 Each model's EMA weights are saved as fp16 safetensors beside a JSON config
 (which also records the training summary). Afterwards every model is reloaded
-through the package loaders, sampled (50 steps, CFG 4) and scored; sample grids
+through the package loaders, sampled (50 steps, the sampler's default guidance) and scored; sample grids
 go to benchmarks/results/reference_samples_{dit,flux}.png and a summary to
 benchmarks/results/train_reference.md.
 """
@@ -40,7 +40,8 @@ if str(REPO) not in sys.path:
 from adacorr_compile.reference import classifier as clf_mod  # noqa: E402
 from adacorr_compile.reference import data as data_mod  # noqa: E402
 from adacorr_compile.reference import models as models_mod  # noqa: E402
-from adacorr_compile.sampling import make_dit_scheduler, sample_dit, sample_flux, save_grid  # noqa: E402
+from adacorr_compile.sampling import (DIT_GUIDANCE_SCALE, FLUX_GUIDANCE_SCALE, make_dit_scheduler, sample_dit,  # noqa: E402
+                                     sample_flux, save_grid)
 
 logger = logging.getLogger("train_reference")
 
@@ -368,29 +369,29 @@ def evaluate(kind: str, out: Path, results_dir: Path, classifier, held_x, args) 
     labels = torch.arange(data_mod.NUM_CLASSES).repeat(per_class)
     if kind == "dit":
         model = models_mod.load_reference_dit(out)
-        sampler = sample_dit
+        sampler, guidance = sample_dit, DIT_GUIDANCE_SCALE
 
         def fwd():
             return model(torch.randn(16, 3, 32, 32), timestep=torch.full((16,), 500),
                          class_labels=torch.arange(16) % 11).sample
     else:
         model = models_mod.load_reference_flux(out)
-        sampler = sample_flux
+        sampler, guidance = sample_flux, FLUX_GUIDANCE_SCALE
 
         def fwd():
             return model(torch.randn(16, 3, 32, 32), torch.full((16,), 0.5), torch.arange(16) % 11)
     fwd_s = forward_time_cfg16(fwd)
     t0 = time.perf_counter()
-    imgs = torch.cat([sampler(model, labels[i:i + 40], num_steps=50, guidance_scale=4.0, seed=i)
+    imgs = torch.cat([sampler(model, labels[i:i + 40], num_steps=50, seed=i)
                       for i in range(0, labels.shape[0], 40)])
     sample_s = time.perf_counter() - t0
     acc50 = clf_mod.class_accuracy(classifier, imgs, labels)
-    imgs10 = sampler(model, labels[:40], num_steps=10, guidance_scale=4.0, seed=0)
+    imgs10 = sampler(model, labels[:40], num_steps=10, seed=0)
     acc10 = clf_mod.class_accuracy(classifier, imgs10, labels[:40])
     fid = clf_mod.fid_proxy(classifier, imgs, held_x[:2000])
     save_grid(imgs, results_dir / f"reference_samples_{kind}.png", nrow=data_mod.NUM_CLASSES, scale=2)
     res = {"forward_cfg16_s": round(fwd_s, 4), "sample_acc_50steps": round(acc50, 4),
-           "sample_acc_10steps": round(acc10, 4), "fid_proxy": round(fid, 3),
+           "sample_acc_10steps": round(acc10, 4), "guidance": guidance, "fid_proxy": round(fid, 3),
            "n_samples": int(labels.shape[0]), "sampling_wall_s": round(sample_s, 1)}
     logger.info("%s eval: %s", kind, res)
     return res
@@ -405,10 +406,12 @@ def write_summary(path: Path, cmd: str, total_s: float, out: Path) -> None:
     lines = ["# Reference checkpoints: training log", "",
              "Reproduce (from the repo root, CPU, fixed seeds):", "", "```", cmd, "```", "",
              f"- machine: {platform.machine()} ({os.cpu_count()} CPU cores, shared), torch {torch.__version__}; "
-             + (f"DiT and Flux trained side by side, one process with {args_ns.worker_threads} thread(s) each"
+             + ("evaluation only (`--eval-only`): the training figures below are the checkpoints' own records"
+                if args_ns.eval_only else
+                f"DiT and Flux trained side by side, one process with {args_ns.worker_threads} thread(s) each"
                 if args_ns.parallel and {"dit", "flux"} <= set(args_ns.only or ("dit", "flux"))
                 else f"{args_ns.threads} threads, one model after the other")
-             + (", training step under torch.compile" if args_ns.compile else ""),
+             + (", training step under torch.compile" if args_ns.compile and not args_ns.eval_only else ""),
              f"- total wall time of this run: {total_s / 60:.1f} min", "",
              "Data: synthetic glyphs (digits 0-9 in DejaVu Sans regular/bold, random size 16-26 px, "
              "position, rotation +-20 deg, foreground/background colours), 3x32x32 in [-1, 1]; "
@@ -447,7 +450,8 @@ def write_summary(path: Path, cmd: str, total_s: float, out: Path) -> None:
         if ev:
             lines += [f"- eager fp32 forward of a CFG batch of 16: {ev['forward_cfg16_s'] * 1000:.0f} ms",
                       f"- generated-sample class accuracy (classifier): **{ev['sample_acc_50steps']:.3f}** "
-                      f"at 50 steps ({ev['n_samples']} samples, CFG 4), {ev['sample_acc_10steps']:.3f} at 10 steps "
+                      f"at 50 steps ({ev['n_samples']} samples, CFG {ev.get('guidance', 4.0):g}), "
+                      f"{ev['sample_acc_10steps']:.3f} at 10 steps "
                       "(40 samples)",
                       f"- FID proxy (classifier features, {ev['n_samples']} samples vs 2000 held-out): "
                       f"{ev['fid_proxy']:.2f} (held-out vs held-out at the same sizes: {ev['fid_floor']:.2f})",
@@ -479,6 +483,8 @@ def main(argv=None) -> None:
     p.add_argument("--checkpoint-every", type=float, default=10.0, help="minutes between EMA checkpoints")
     p.add_argument("--only", nargs="*", choices=["classifier", "dit", "flux"], default=None)
     p.add_argument("--skip-eval", action="store_true")
+    p.add_argument("--eval-only", action="store_true",
+                   help="no training: re-evaluate the checkpoints in --out (e.g. after a sampler default changed)")
     p.add_argument("--train-size", type=int, default=40000)
     p.add_argument("--heldout-size", type=int, default=5000)
     p.add_argument("--batch-size", type=int, default=64)
@@ -513,14 +519,16 @@ def main(argv=None) -> None:
     logger.info("rendered %d train + %d held-out images in %.1fs", images.shape[0], held_x.shape[0],
                 time.perf_counter() - t0)
 
-    if "classifier" in only and not args.worker:
+    if "classifier" in only and not args.worker and not args.eval_only:
         k = min(args.classifier_train_size, images.shape[0])
         train_classifier(args, images[:k], labels[:k], held_x, held_y, args.out)
     kinds = [k for k in ("dit", "flux") if k in only]
     if args.worker:
         kinds = [args.worker]
     evals: dict = {}
-    if len(kinds) > 1 and args.parallel:
+    if args.eval_only and args.skip_eval:
+        raise SystemExit("--eval-only and --skip-eval exclude each other")
+    if len(kinds) > 1 and args.parallel and not args.eval_only:
         # One single-threaded worker per model, side by side (train + eval each).
         procs = []
         for kind in kinds:
@@ -534,7 +542,7 @@ def main(argv=None) -> None:
     else:
         budget = args.minutes * 60.0 / max(len(kinds), 1)
         trainers = {"dit": train_dit, "flux": train_flux}
-        for kind in kinds:
+        for kind in kinds if not args.eval_only else []:
             trainers[kind](args, images, labels, args.out, budget)
         if not args.skip_eval:
             classifier = clf_mod.load_reference_classifier(args.out)

@@ -60,7 +60,7 @@ def test_demo_writes_table_grids_and_json(tmp_path, capsys):
         assert (out / name).stat().st_size > 0, name
     result = json.loads((out / "demo.json").read_text())
     assert result["options"]["reuse_threshold"] == 1.0 and result["steps"] == 8
-    assert result["labels"] == [0, 1, 2]
+    assert result["labels"] == [0, 1, 2] and result["guidance"] == 1.5  # the DiT sampler's default
     # lambda <= 1 always: every block reuses whenever the guards allow it. Of 8 steps,
     # step 0 (warm-up) and step 7 (final) compute; of steps 1-6, the 4th in a row computes
     # (max_consecutive_reuses=3): 5 of 8 steps reuse, in every block but the first, which

@@ -334,7 +334,7 @@ def test_reference_dit_onnxruntime_sampling_matches_compiled_model(tmp_path):
     with torch.no_grad():
         ours = sample_dit(compiled, labels, num_steps=12, seed=0)
     theirs = sample_dit(onnx_model, labels, num_steps=12, seed=0)
-    # float32 round-off of two runtimes, accumulated over 12 DDIM steps (measured 3.4e-4)
+    # float32 round-off of two runtimes, accumulated over 12 DDIM steps (measured 5.8e-4)
     torch.testing.assert_close(theirs, ours, rtol=1e-3, atol=1e-3)
     a, b = adacorr_compile.stats(compiled), onnx_model.stats()
     assert [r["path"] for r in a["regions"]] == [r["path"] for r in b["regions"]]
