@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +14,23 @@ from .cli_export import parse_option
 logger = logging.getLogger("adacorr_compile")
 
 
+def _guidance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (1 = no guidance), got {text!r}")
+    return value
+
+
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("demo", help="sample the built-in reference DiT with and without caching; print a table, save grids")
     p.add_argument("--out", default="adacorr_demo", help="folder for the PNG grids, heatmap and JSON (default: %(default)s)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default: %(default)s)")
     p.add_argument("--images", type=int, default=10, help="images, one class after another (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance", type=float, default=None,
+    p.add_argument("--guidance", type=_guidance, default=None,
                    help="classifier-free guidance scale (default: the DiT sampler's, 1.5)")
     p.add_argument("--option", action="append", default=[], type=parse_option, metavar="KEY=VALUE",
                    help="an adacorr option for the cached run (repeatable), e.g. --option reuse_threshold=0.1")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -166,6 +167,13 @@ def make_dit_scheduler(scheduler: str = "ddim"):
     return DDIMScheduler(**DIT_SCHEDULER_CONFIG)
 
 
+def _check_steps_and_guidance(num_steps: int, guidance_scale: float) -> None:
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance), got {guidance_scale}")
+
+
 def _progress(iterable, enabled: bool, desc: str):
     if not enabled:
         return iterable
@@ -198,8 +206,7 @@ def sample_dit(
     is called after each step with the updated sample. Geometry and the null
     class are read from the model's diffusers config when not given.
     """
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    _check_steps_and_guidance(num_steps, guidance_scale)
     null_default, c_default, s_default = _dit_geometry(model)
     null_class = null_default if null_class is None else int(null_class)
     channels = c_default if channels is None else int(channels)
@@ -260,8 +267,7 @@ def sample_flux(
     current flow time, and must return the velocity ``noise - data`` in the
     layout of ``x_in`` ([2B, C, H, W]). Returns images in [-1, 1].
     """
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    _check_steps_and_guidance(num_steps, guidance_scale)
     from adacorr_compile.reference.models import NUM_CLASSES
 
     if null_class is None:

@@ -76,6 +76,10 @@ def test_demo_rejects_bad_option_by_name(capsys):
         main(["demo", "--option", "reuse_threshold=7", "--steps", "2"])
     assert exc.value.code == 2
     assert "reuse_threshold" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--guidance", "-2", "--steps", "2"])
+    assert exc.value.code == 2
+    assert "--guidance" in capsys.readouterr().err
 
 
 def test_inspect_shows_step_roles_and_rejects_bad_option(capsys):

@@ -201,6 +201,14 @@ def test_samplers_default_guidance_is_the_documented_scale(dit, flux):
     assert torch.equal(b, sample_flux(flux, [3, 7], num_steps=3, seed=1, guidance_scale=4.0))
 
 
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_samplers_reject_a_bad_guidance_scale_by_name(dit, flux, bad):
+    with pytest.raises(ValueError, match="guidance_scale must be a finite number >= 0"):
+        sample_dit(dit, [1], num_steps=2, guidance_scale=bad)
+    with pytest.raises(ValueError, match="guidance_scale must be a finite number >= 0"):
+        sample_flux(flux, [1], num_steps=2, guidance_scale=bad)
+
+
 def test_samplers_deterministic_given_seed(dit, flux):
     a = sample_dit(dit, [1, 5], num_steps=3, seed=7)
     b = sample_dit(dit, [1, 5], num_steps=3, seed=7)
