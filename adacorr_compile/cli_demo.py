@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +14,16 @@ logger = logging.getLogger("adacorr_compile")
 
 
 def _guidance(text: str) -> float:
+    from .sampling import check_guidance_scale
+
     try:
         value = float(text)
     except ValueError:
-        value = float("nan")
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (1 = no guidance), got {text!r}")
-    return value
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (1 = no guidance), got {text!r}") from None
+    try:
+        return check_guidance_scale(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def add_parser(sub: Any) -> None:

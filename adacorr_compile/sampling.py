@@ -46,6 +46,7 @@ StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 # FID proxy, 3.1 vs 6.4).
 DIT_GUIDANCE_SCALE = 1.5
 FLUX_GUIDANCE_SCALE = 4.0
+DEFAULT_GUIDANCE = {"dit": DIT_GUIDANCE_SCALE, "flux": FLUX_GUIDANCE_SCALE}  # by reference model
 
 
 def _as_labels(class_labels: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -167,11 +168,17 @@ def make_dit_scheduler(scheduler: str = "ddim"):
     return DDIMScheduler(**DIT_SCHEDULER_CONFIG)
 
 
+def check_guidance_scale(guidance_scale: float) -> float:
+    """``guidance_scale`` if it is a finite number >= 0 (1 = no guidance), else ValueError."""
+    if not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance), got {guidance_scale}")
+    return guidance_scale
+
+
 def _check_steps_and_guidance(num_steps: int, guidance_scale: float) -> None:
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    if not math.isfinite(guidance_scale) or guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance), got {guidance_scale}")
+    check_guidance_scale(guidance_scale)
 
 
 def _progress(iterable, enabled: bool, desc: str):

@@ -31,7 +31,7 @@ import torch
 from adacorr_compile.bench import psnr_ssim
 from adacorr_compile.reference import HELDOUT_SEED, load_reference_classifier, load_reference_dit, load_reference_flux, make_dataset
 from adacorr_compile.reference.classifier import class_accuracy, fid_proxy
-from adacorr_compile.sampling import DIT_GUIDANCE_SCALE, FLUX_GUIDANCE_SCALE, sample_dit, sample_flux
+from adacorr_compile.sampling import DEFAULT_GUIDANCE, sample_dit, sample_flux
 
 logger = logging.getLogger("guidance_sweep")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -77,12 +77,11 @@ def markdown(result: dict) -> str:
              f"{result['device']}, torch {result['torch']}; uncached eager, {result['steps']} steps, "
              f"{result['per_class']} samples per class (class accuracy, FID proxy vs 2000 held-out), "
              f"stability: the 10 benchmark images re-sampled with a N(0, {NUDGE:g}^2) nudge after the first step. "
-             f"Defaults: DiT {DIT_GUIDANCE_SCALE:g}, Flux {FLUX_GUIDANCE_SCALE:g}.", "",
+             f"Defaults: DiT {DEFAULT_GUIDANCE['dit']:g}, Flux {DEFAULT_GUIDANCE['flux']:g}.", "",
              "| model | guidance | class accuracy | FID proxy | nudged vs not: PSNR mean (dB) | worst (dB) |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in result["rows"]:
-        default = DIT_GUIDANCE_SCALE if r["model"] == "dit" else FLUX_GUIDANCE_SCALE
-        mark = " (default)" if r["guidance"] == default else ""
+        mark = " (default)" if r["guidance"] == DEFAULT_GUIDANCE[r["model"]] else ""
         lines.append(f"| {r['model']} | {r['guidance']:g}{mark} | {r['class_accuracy']:.2f} | {r['fid_proxy']:.2f} | "
                      f"{r['nudge_psnr_mean']:.1f} | {r['nudge_psnr_min']:.1f} |")
     return "\n".join(lines) + "\n"

@@ -30,7 +30,7 @@ import torch
 from adacorr_compile import bench
 from adacorr_compile.reference import HELDOUT_SEED, load_reference_classifier, load_reference_dit, load_reference_flux, make_dataset
 from adacorr_compile.reference.classifier import extract_features
-from adacorr_compile.sampling import DIT_GUIDANCE_SCALE, FLUX_GUIDANCE_SCALE, sample_dit, sample_flux
+from adacorr_compile.sampling import DEFAULT_GUIDANCE, sample_dit, sample_flux
 
 RESULTS = Path(__file__).resolve().parent / "results"
 logger = logging.getLogger("adacorr_compile.bench")
@@ -153,7 +153,7 @@ def real_features(classifier, n: int = 500):
 def run(model_name: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     model = load_reference_dit() if model_name == "dit" else load_reference_flux()
-    guidance = args.guidance if args.guidance is not None else (DIT_GUIDANCE_SCALE if model_name == "dit" else FLUX_GUIDANCE_SCALE)
+    guidance = DEFAULT_GUIDANCE[model_name] if args.guidance is None else args.guidance
     sampler = partial(sample_dit if model_name == "dit" else sample_flux, guidance_scale=guidance)
     classifier = load_reference_classifier()
     feats = real_features(classifier)

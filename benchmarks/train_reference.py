@@ -40,8 +40,7 @@ if str(REPO) not in sys.path:
 from adacorr_compile.reference import classifier as clf_mod  # noqa: E402
 from adacorr_compile.reference import data as data_mod  # noqa: E402
 from adacorr_compile.reference import models as models_mod  # noqa: E402
-from adacorr_compile.sampling import (DIT_GUIDANCE_SCALE, FLUX_GUIDANCE_SCALE, make_dit_scheduler, sample_dit,  # noqa: E402
-                                     sample_flux, save_grid)
+from adacorr_compile.sampling import DEFAULT_GUIDANCE, make_dit_scheduler, sample_dit, sample_flux, save_grid  # noqa: E402
 
 logger = logging.getLogger("train_reference")
 
@@ -369,18 +368,19 @@ def evaluate(kind: str, out: Path, results_dir: Path, classifier, held_x, args) 
     labels = torch.arange(data_mod.NUM_CLASSES).repeat(per_class)
     if kind == "dit":
         model = models_mod.load_reference_dit(out)
-        sampler, guidance = sample_dit, DIT_GUIDANCE_SCALE
+        sampler = sample_dit
 
         def fwd():
             return model(torch.randn(16, 3, 32, 32), timestep=torch.full((16,), 500),
                          class_labels=torch.arange(16) % 11).sample
     else:
         model = models_mod.load_reference_flux(out)
-        sampler, guidance = sample_flux, FLUX_GUIDANCE_SCALE
+        sampler = sample_flux
 
         def fwd():
             return model(torch.randn(16, 3, 32, 32), torch.full((16,), 0.5), torch.arange(16) % 11)
     fwd_s = forward_time_cfg16(fwd)
+    guidance = DEFAULT_GUIDANCE[kind]
     t0 = time.perf_counter()
     imgs = torch.cat([sampler(model, labels[i:i + 40], num_steps=50, guidance_scale=guidance, seed=i)
                       for i in range(0, labels.shape[0], 40)])
@@ -505,6 +505,8 @@ def main(argv=None) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="torch.compile the training forward/backward")
     args = p.parse_args(argv)
+    if args.eval_only and args.skip_eval:
+        raise SystemExit("--eval-only and --skip-eval exclude each other")
     args_ns = args
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
@@ -514,7 +516,8 @@ def main(argv=None) -> None:
     t_all = time.perf_counter()
 
     t0 = time.perf_counter()
-    images, labels = data_mod.make_dataset(args.train_size, data_mod.TRAIN_SEED)
+    # the train split only feeds training; --eval-only needs the held-out split alone
+    images, labels = data_mod.make_dataset(0 if args.eval_only else args.train_size, data_mod.TRAIN_SEED)
     held_x, held_y = data_mod.make_dataset(args.heldout_size, data_mod.HELDOUT_SEED)
     logger.info("rendered %d train + %d held-out images in %.1fs", images.shape[0], held_x.shape[0],
                 time.perf_counter() - t0)
@@ -526,8 +529,6 @@ def main(argv=None) -> None:
     if args.worker:
         kinds = [args.worker]
     evals: dict = {}
-    if args.eval_only and args.skip_eval:
-        raise SystemExit("--eval-only and --skip-eval exclude each other")
     if len(kinds) > 1 and args.parallel and not args.eval_only:
         # One single-threaded worker per model, side by side (train + eval each).
         procs = []
@@ -542,8 +543,9 @@ def main(argv=None) -> None:
     else:
         budget = args.minutes * 60.0 / max(len(kinds), 1)
         trainers = {"dit": train_dit, "flux": train_flux}
-        for kind in kinds if not args.eval_only else []:
-            trainers[kind](args, images, labels, args.out, budget)
+        if not args.eval_only:
+            for kind in kinds:
+                trainers[kind](args, images, labels, args.out, budget)
         if not args.skip_eval:
             classifier = clf_mod.load_reference_classifier(args.out)
             n_eval = 10 * args.eval_per_class
