@@ -116,7 +116,7 @@ class AdaCorrConfig:
     # (forecast="linear"). It meets PSNR >= 30 dB against the uncached images with >= 40% of
     # the block evaluations skipped and >= 1.5x over uncached Inductor on both: DiT 59.5%
     # skipped, 31.6 dB, 1.90x; Flux 50.8%, 39.2 dB, 2.01x (speedups vary by about +-30%
-    # between runs on the shared CPU: 1.9-2.3x on the DiT); one host read per step; exports
+    # between runs on the shared CPU: 1.90-2.05x on the DiT); one host read per step; exports
     # to ONNX as is. thr 0.1 also keeps 30 dB on both (DiT 30.8 dB), with less margin.
     # Extrapolating the residual rather than the output is worth 6 dB on the DiT
     # (benchmark_dit_correction.md). The fixed schedule policy="interval" (N=3) does about as
