@@ -3,40 +3,34 @@
 from __future__ import annotations
 
 import contextlib
+import operator
 from typing import Any, Iterator
 
 from .config import AdaCorrConfig
 from .runtime.graph import GraphRuntime
+from .runtime.owners import STATE_ATTR, compile_wrapper_of, state_on
 from .runtime.state import GenerationState, ModelState, summarize
 
 
 def _model_state(compiled: Any) -> ModelState:
     """The ModelState behind ``torch.compile(model, backend="adacorr")``'s result."""
-    from .backend import _STATE_ATTR
-
     if isinstance(compiled, ModelState):
         return compiled
     if isinstance(compiled, GraphRuntime):
         return compiled.model
     ctx = getattr(compiled, "dynamo_ctx", None) or getattr(getattr(compiled, "forward", None), "dynamo_ctx", None)
-    node = getattr(ctx, "callback", None)
-    for _ in range(16):
-        if node is None:
-            break
-        if type(node).__name__ == "_TorchCompileWrapper":
-            if getattr(node, "compiler_name", None) != "adacorr" and _STATE_ATTR not in node.__dict__:
-                raise TypeError(
-                    f"model was compiled with backend={node.compiler_name!r}, not 'adacorr'"
-                )
-            state = node.__dict__.get(_STATE_ATTR)
-            if state is None:  # not called yet: create it so generation()/reset() work up front
-                state = ModelState(AdaCorrConfig.from_options(node.kwargs.get("options")))
-                node.__dict__[_STATE_ATTR] = state
-            return state
-        node = getattr(node, "_torchdynamo_orig_backend", None)
-    raise TypeError(
-        f"{type(compiled).__name__} is not a model compiled with torch.compile(..., backend='adacorr')"
-    )
+    wrapper = compile_wrapper_of(getattr(ctx, "callback", None))
+    for cell in getattr(compiled, "__closure__", None) or ():  # a compiled function: its Dynamo callback
+        if wrapper is None:
+            wrapper = compile_wrapper_of(cell.cell_contents)
+    if wrapper is None:
+        raise TypeError(
+            f"{type(compiled).__name__} is not a model compiled with torch.compile(..., backend='adacorr')"
+        )
+    if getattr(wrapper, "compiler_name", None) != "adacorr" and STATE_ATTR not in wrapper.__dict__:
+        raise TypeError(f"model was compiled with backend={wrapper.compiler_name!r}, not 'adacorr'")
+    # not called yet: create it so generation()/reset() work up front
+    return state_on(wrapper, lambda: ModelState(AdaCorrConfig.from_options(wrapper.kwargs.get("options"))))
 
 
 def stats(compiled: Any) -> dict[str, Any]:
@@ -65,18 +59,39 @@ def regions(compiled: Any) -> list[Any]:
     return _model_state(compiled).regions()
 
 
+def check_num_steps(num_steps: Any) -> int | None:
+    """``num_steps`` as :func:`generation`, :func:`reset` and the ONNX runner take it:
+    None (unknown) or an int >= 1; anything else is a ValueError naming it."""
+    if num_steps is None:
+        return None
+    if not isinstance(num_steps, bool):
+        try:
+            steps = operator.index(num_steps)
+        except TypeError:
+            steps = 0
+        if steps >= 1:
+            return steps
+    raise ValueError(f"num_steps got {num_steps!r}: expected None (unknown) or an int >= 1 (the generation's number of steps)")
+
+
 def reset(compiled: Any, num_steps: int | None = None) -> None:
     """Start a new generation and clear statistics; ``num_steps`` (optional) lets the
     ``final_steps`` guard know where the generation ends."""
+    num_steps = check_num_steps(num_steps)
     _model_state(compiled).current().reset(num_steps)
 
 
-@contextlib.contextmanager
-def generation(compiled: Any, num_steps: int | None = None) -> Iterator[GenerationState]:
+def generation(compiled: Any, num_steps: int | None = None) -> contextlib.AbstractContextManager[GenerationState]:
     """A private generation for the block: its own cache, counters and statistics,
-    invisible to other threads and to code outside the block. Exception-safe."""
+    invisible to other threads and to code outside the block. Exception-safe.
+    ``num_steps`` (None or an int >= 1) is checked here, at the call."""
+    return _generation(compiled, check_num_steps(num_steps))
+
+
+@contextlib.contextmanager
+def _generation(compiled: Any, num_steps: int | None) -> Iterator[GenerationState]:
     model = _model_state(compiled)
-    state = GenerationState(num_steps=num_steps)
+    state = GenerationState(num_steps=num_steps, private=True)
     token = model.active.set(state)
     try:
         yield state

@@ -15,60 +15,120 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from .config import AdaCorrConfig
+from .config import AdaCorrConfig, option_error
 from .passes import PASSES
 from .passes.common import Analysis, analysis, dump, example_value
 from .passes.find_blocks import _is_param
 from .passes.lower import compile_graph
 from .runtime.graph import GraphRuntime
+from .runtime.owners import compiling_wrapper, state_on
 from .runtime.state import ModelState
 
 logger = logging.getLogger("adacorr_compile")
 
-_STATE_ATTR = "_adacorr_model_state"
-
-
-def _compile_wrapper_from_stack() -> Any | None:
-    """The ``torch._TorchCompileWrapper`` of the ``torch.compile`` call compiling now.
-
-    It is created once per ``torch.compile(...)`` call and reachable from the
-    returned module, so state attached to it is per compiled model."""
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            candidate = frame.f_locals.get("self")
-            if type(candidate).__name__ == "_TorchCompileWrapper":
-                return candidate
-            frame = frame.f_back
-        return None
-    finally:
-        del frame
+# forward argument names that carry a diffusion timestep (or noise level), tried after
+# ``timestep_arg`` while it has its default value
+_TIMESTEP_NAMES = ("timestep", "timesteps", "t", "time", "sigma", "sigmas", "noise_level")
 
 
 def model_state_for(wrapper: Any | None, config: AdaCorrConfig) -> ModelState:
+    """The state of the compiled model being compiled (a fresh one outside ``torch.compile``)."""
     if wrapper is None:
         return ModelState(config)
-    state = wrapper.__dict__.get(_STATE_ATTR)
-    if state is None:
-        state = ModelState(config)
-        wrapper.__dict__[_STATE_ATTR] = state
-    return state
+    return state_on(wrapper, lambda: ModelState(config))
 
 
 def _fallback(gm: fx.GraphModule, example_inputs: list[Any], config: AdaCorrConfig, model: ModelState, reason: str) -> Callable[..., Any]:
+    """Compile ``gm`` exactly as the ``"inductor"`` backend would: the original graph, the
+    example inputs Dynamo gave (real strides, SymInt hints), under Dynamo's own tracing
+    context, with ``inductor_mode`` as ``torch.compile(mode=...)`` patches it (for
+    ``lowering="eager"``, the graph itself). A restart Dynamo asked for while the passes
+    ran (e.g. to specialize a float it could not tensorify) is passed on, not a fallback."""
+    import sys
+
+    from torch._dynamo.exc import RestartAnalysis
+
+    pending = sys.exc_info()[1]  # set when called from the backend's ``except`` clause
+    if isinstance(pending, RestartAnalysis):
+        raise pending
     logger.warning("adacorr: compiling without cache guards: %s", reason)
     model.fallbacks.append(reason)
-    return compile_graph(gm, example_inputs, config.replace(lowering="inductor" if config.lowering == "tensorrt" else config.lowering), "whole graph")
+    source_meta = getattr(gm.graph, "_adacorr_source_meta", None)  # see _copy_graph
+    if source_meta:
+        for key, value in source_meta.items():
+            gm.meta.setdefault(key, value)
+    if config.lowering == "eager":
+        return gm
+    from torch._inductor.compile_fx import compile_fx
+
+    from .passes.lower import inductor_patches
+
+    return compile_fx(gm, example_inputs, config_patches=inductor_patches(config))
 
 
-def _timestep_index(gm: fx.GraphModule, name: str) -> int | None:
+def _source_name(node: fx.Node) -> str:
+    grapharg = node.meta.get("grapharg")
+    source = getattr(getattr(grapharg, "source", None), "name", "")
+    return source() if callable(source) else source
+
+
+def _frame_arguments() -> tuple[tuple[str, ...], bool, str] | None:
+    """(argument names, takes ``**kwargs``, function name) of the frame Dynamo is compiling."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+    except Exception:  # noqa: BLE001 - not inside Dynamo (a direct backend call) or another torch
+        return None
+    if tx is None:
+        return None
+    code = tx.f_code
+    count = code.co_argcount + code.co_kwonlyargcount
+    return code.co_varnames[:count], bool(code.co_flags & inspect.CO_VARKEYWORDS), code.co_name
+
+
+def check_timestep_arg(config: AdaCorrConfig) -> None:
+    """A ``timestep_arg`` the user set must name an argument of the compiled ``forward``."""
+    if config.timestep_arg == AdaCorrConfig.timestep_arg:
+        return
+    frame = _frame_arguments()
+    if frame is None:
+        return
+    names, varkw, func = frame
+    if func.startswith("torch_dynamo_resume") or varkw or config.timestep_arg in names:
+        return
+    raise ValueError(
+        f"adacorr option 'timestep_arg' got {config.timestep_arg!r}, which names no argument of "
+        f"{func}({', '.join(n for n in names if n != 'self')}); expected the argument that carries the timestep"
+    )
+
+
+def _is_scalar_per_sample(value: Any, batch: set[int]) -> bool:
+    if isinstance(value, (float, torch.SymFloat)):
+        return True
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() > 1:
+        return False
+    return value.dim() == 0 or any(value.shape[0] == b for b in batch | {1})
+
+
+def _timestep_index(gm: fx.GraphModule, name: str, example_inputs: list[Any]) -> int | None:
+    """The placeholder position of the timestep: the forward argument ``name`` (possibly
+    behind a decorator's ``**kwargs``, as in SD3), else, for the default name, one of
+    the usual names, else the first per-sample float input (a scalar or ``[B]`` float
+    tensor that is not a parameter). None where the graph has none."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for i, n in enumerate(placeholders):
-        grapharg = n.meta.get("grapharg")
-        source = getattr(getattr(grapharg, "source", None), "name", "")
-        source = source() if callable(source) else source
-        # a forward argument, possibly behind a decorator's **kwargs (SD3)
-        if source in (f"L[{name!r}]", f"L['kwargs'][{name!r}]") or n.name in (f"l_{name}_", f"l_kwargs_{name}_"):
+    names = (name,) if name != AdaCorrConfig.timestep_arg else _TIMESTEP_NAMES
+    for candidate in names:
+        for i, n in enumerate(placeholders):
+            source = _source_name(n)
+            if source in (f"L[{candidate!r}]", f"L['kwargs'][{candidate!r}]") or n.name in (f"l_{candidate}_", f"l_kwargs_{candidate}_"):
+                return i
+    if name != AdaCorrConfig.timestep_arg:
+        return None
+    values = [example_value(n) for n in placeholders]
+    batch = {int(v.shape[0]) for v in values if isinstance(v, torch.Tensor) and v.dim() >= 3 and isinstance(v.shape[0], int)}
+    for i, (n, v) in enumerate(zip(placeholders, values)):
+        if not _is_param(n, v) and _source_name(n).startswith("L[") and _is_scalar_per_sample(v, batch):
             return i
     return None
 
@@ -88,10 +148,14 @@ def run_passes(gm: fx.GraphModule, example_inputs: list[Any], config: AdaCorrCon
 
 def adacorr_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Any = None, mode: str | None = None) -> Callable[..., Any]:
     """Dynamo backend entry point (registered as ``"adacorr"``)."""
-    config = AdaCorrConfig.from_options(options)
+    try:
+        config = AdaCorrConfig.from_options(options)
+        check_timestep_arg(config)
+    except ValueError as exc:  # the user reads this ValueError, not Dynamo's BackendCompilerFailed
+        raise option_error(exc, inspect.currentframe()) from None
     if mode is not None and mode != "default":
         config = config.replace(inductor_mode=mode)
-    model = model_state_for(_compile_wrapper_from_stack(), config)
+    model = model_state_for(compiling_wrapper(), config)
     model.config = config
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
@@ -106,6 +170,7 @@ def adacorr_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Any 
     if not info.regions:
         reasons = "; ".join(f"{w}: {r}" for w, r in info.skipped) or "no blocks found"
         return _fallback(original, example_inputs, config, model, reasons)
+    owner_index = next((i for i, (n, x) in enumerate(zip(placeholders, example_inputs)) if _is_param(n, x)), None)
     input_indices = [
         i
         for i, (n, x) in enumerate(zip(placeholders, example_inputs))
@@ -116,8 +181,9 @@ def adacorr_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Any 
         lowered,
         info.regions,
         input_indices,
-        _timestep_index(gm, config.timestep_arg),
+        _timestep_index(gm, config.timestep_arg, example_inputs),
         info.bodies_compiled,
+        owner_index,
     )
     logger.info(
         "adacorr: %d guarded regions (%s), %d distinct block bodies compiled (lowering=%s), %d left unguarded",
@@ -132,9 +198,22 @@ def adacorr_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Any 
 
 
 def _copy_graph(graph: fx.Graph) -> fx.Graph:
-    new = fx.Graph()
-    out = new.graph_copy(graph, {})
-    new.output(out)
+    """A pristine copy of ``graph`` for a fallback, untouched by what the passes then do
+    to ``graph``: new nodes in the same order with the same names, each with its own
+    ``meta`` dict (and its own copies of the dicts and lists in it, e.g.
+    ``nn_module_stack``), sharing only Dynamo's immutable values (fake tensors, SymInts,
+    sources); the output node's meta; the graph's codegen. The owning module's meta
+    (compile id, parameter names) rides along for ``_fallback`` to put on the new module."""
+    import copy
+
+    new = fx.Graph(tracer_cls=graph._tracer_cls, tracer_extras=graph._tracer_extras)
+    env: dict[fx.Node, fx.Node] = {}
+    for node in graph.nodes:
+        env[node] = new.node_copy(node, lambda n: env[n])
+        env[node].meta = {k: (copy.copy(v) if isinstance(v, (dict, list, set)) else v) for k, v in node.meta.items()}
+    new._codegen = copy.deepcopy(graph._codegen)
+    owner = graph.owning_module
+    new._adacorr_source_meta = dict(owner.meta) if owner is not None else {}  # type: ignore[attr-defined]
     return new
 
 

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import logging
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 logger = logging.getLogger("adacorr_compile")
 
@@ -42,10 +43,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     from .config import AdaCorrConfig
 
     options = dict(args.option or [])
-    try:
-        AdaCorrConfig.from_options(options)
-    except ValueError as exc:
-        raise SystemExit(f"adacorr export: {exc}") from exc
+    AdaCorrConfig.from_options(options)  # a bad option: a ValueError naming it (usage, exit code 2)
     return options
 
 
@@ -55,7 +53,20 @@ def _make_inputs(inputs: Callable[..., dict[str, Any]], t: float, batch: int | N
     try:
         return inputs(0, t, batch=batch)
     except TypeError as exc:
-        raise SystemExit(f"adacorr export: the model's inputs() takes no batch= argument ({exc})") from exc
+        raise ValueError(f"the model's inputs() takes no batch= argument ({exc})") from None
+
+
+@contextlib.contextmanager
+def _refusals() -> Iterator[None]:
+    """An export the exporter refuses (:class:`ExportError`, its message says why): one line, exit code 2."""
+    from .cli import CliError
+    from .export.onnx import ExportError
+
+    try:
+        yield
+    except ExportError as exc:
+        logger.debug("adacorr export refused", exc_info=True)
+        raise CliError(f"adacorr export: {exc}") from None
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
@@ -64,10 +75,11 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     from .cli import _load_factory
     from .export import to_onnx
 
+    options = _options(args)
     model, inputs = _load_factory(args.model)()
     example = _make_inputs(inputs, args.t, args.batch)
-    with torch.no_grad():
-        result = to_onnx(model, example, args.out, config=_options(args), dynamic=args.dynamic, opset=args.opset,
+    with torch.no_grad(), _refusals():
+        result = to_onnx(model, example, args.out, config=options, dynamic=args.dynamic, opset=args.opset,
                          cache=not args.no_cache)
     summary = {
         "path": result.path,
@@ -95,11 +107,12 @@ def cmd_export_tensorrt(args: argparse.Namespace) -> int:
         print("adacorr export tensorrt: TensorRT's Python package is not installed (pip install tensorrt; needs a CUDA GPU). "
               "The ONNX export (adacorr export onnx) works without it.", file=sys.stderr)
         return 2
+    options = _options(args)
     model, inputs = _load_factory(args.model)()
     onnx_path = args.onnx or os.path.splitext(args.out)[0] + ".onnx"
     if not (args.onnx and os.path.exists(args.onnx)):
-        with torch.no_grad():
-            to_onnx(model, _make_inputs(inputs, args.t, args.opt_batch), onnx_path, config=_options(args), dynamic=args.dynamic,
+        with torch.no_grad(), _refusals():
+            to_onnx(model, _make_inputs(inputs, args.t, args.opt_batch), onnx_path, config=options, dynamic=args.dynamic,
                     opset=args.opset)
     meta = read_metadata(onnx_path)
 

@@ -14,6 +14,7 @@ Build a config from ``torch.compile(..., options={...})`` with
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
@@ -218,3 +219,35 @@ def _check_field(name: str, value: Any) -> None:
         good = False
     if not good:
         raise ValueError(f"adacorr option {name!r} got {value!r} ({type(value).__name__}); expected {allowed}")
+
+
+@functools.lru_cache(maxsize=None)
+def _option_error_type() -> type[ValueError]:
+    """A ValueError that Dynamo hands to the caller as it is: Dynamo wraps what a backend
+    raises in ``BackendCompilerFailed`` except its own ``ShortenTraceback`` (re-raised
+    unchanged by ``OutputGraph``, ``convert_frame`` and ``eval_frame``), so the error
+    subclasses both. Made on first use: importing the API does not import Dynamo."""
+    try:
+        from torch._dynamo.exc import ShortenTraceback
+    except ImportError:  # another torch: a plain ValueError (Dynamo may wrap it)
+        return ValueError
+
+    class AdaCorrOptionError(ValueError, ShortenTraceback):
+        """A bad ``torch.compile(..., backend="adacorr", options=...)`` option."""
+
+        def __init__(self, message: str, first_useful_frame: Any = None) -> None:
+            ValueError.__init__(self, message)
+            self.first_useful_frame = first_useful_frame  # Dynamo's frames before it are dropped from the traceback
+
+        def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+            return (ValueError, (str(self),))
+
+    AdaCorrOptionError.__module__, AdaCorrOptionError.__qualname__ = __name__, "AdaCorrOptionError"
+    return AdaCorrOptionError
+
+
+def option_error(exc: ValueError, frame: Any = None) -> ValueError:
+    """``exc`` (a bad option, from :meth:`AdaCorrConfig.from_options`) as the ValueError
+    the backend raises: the user reads it at the first call instead of Dynamo's
+    ``BackendCompilerFailed``. ``frame``: the backend's frame, where its traceback starts."""
+    return _option_error_type()(str(exc), frame)

@@ -39,12 +39,15 @@ class Guards:
     consecutive_reuses: int
     has_cache: bool
     is_first_region: bool
+    generation_known: bool = True  # False: any call may start a new generation (no timestep, no user marks)
 
     def forced(self, config: AdaCorrConfig) -> str | None:
         if not self.has_cache:
             return "empty cache"
         if config.policy == "never":
             return "policy never"
+        if not self.generation_known:
+            return "no generation signal"
         if self.step < config.warmup_steps:
             return "warm-up"
         if self.steps_left is not None and self.steps_left < config.final_steps:

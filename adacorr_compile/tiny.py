@@ -292,3 +292,133 @@ EXTRA_FAMILIES = {
     "nested_region": (tiny_nested_region, ["blocks.%d" % i for i in range(4)]),
 }
 ALL_FAMILIES = {**FAMILIES, **EXTRA_FAMILIES}
+
+
+# --- trust suite: families with in-place writes, graph breaks and joint sequences --------------
+
+
+def tiny_lumina2(num_layers: int = 3, num_refiner_layers: int = 2):
+    """Lumina2: refiner blocks, then image and text tokens written in place into a joint sequence."""
+    from diffusers import Lumina2Transformer2DModel
+
+    torch.manual_seed(0)
+    model = Lumina2Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=num_layers, num_refiner_layers=num_refiner_layers,
+        num_attention_heads=2, num_kv_heads=1, multiple_of=16, axes_dim_rope=(4, 6, 6), axes_lens=(32, 32, 32),
+        cap_feat_dim=16,
+    ).eval()
+
+    def inputs(step: int, t: float, batch: int = 2):
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(batch, 4, 8, 8, generator=g) + 0.01 * step
+        return dict(
+            hidden_states=x, timestep=torch.full((batch,), t / 1000.0), encoder_hidden_states=torch.randn(batch, 5, 16, generator=g),
+            encoder_attention_mask=torch.ones(batch, 5, dtype=torch.bool),
+        )
+
+    return model, inputs
+
+
+def tiny_omnigen(num_layers: int = 3):
+    """OmniGen: text condition tokens, a time token and image tokens in one sequence (no input images)."""
+    from diffusers import OmniGenTransformer2DModel
+
+    torch.manual_seed(0)
+    heads, dim = 2, 32
+    half = dim // heads // 2
+    model = OmniGenTransformer2DModel(
+        in_channels=4, patch_size=2, hidden_size=dim, num_attention_heads=heads, num_key_value_heads=heads,
+        intermediate_size=64, num_layers=num_layers, pad_token_id=0, vocab_size=50, max_position_embeddings=64,
+        original_max_position_embeddings=64, rope_scaling={"short_factor": [1.0] * half, "long_factor": [1.0] * half},
+        pos_embed_max_size=8, time_step_dim=16,
+    ).eval()
+    text = 4
+
+    def inputs(step: int, t: float, batch: int = 2):
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(batch, 4, 8, 8, generator=g) + 0.01 * step
+        seq = text + 1 + 16  # condition tokens, time token, image tokens
+        return dict(
+            hidden_states=x, timestep=torch.full((batch,), t / 1000.0),
+            input_ids=torch.randint(1, 50, (batch, text), generator=g), input_img_latents=[], input_image_sizes={},
+            attention_mask=torch.ones(batch, seq, seq), position_ids=torch.arange(seq).expand(batch, seq),
+        )
+
+    return model, inputs
+
+
+def tiny_mochi(num_layers: int = 3):
+    """Mochi: dual-stream blocks (the last one context_pre_only), text attention mask."""
+    from diffusers import MochiTransformer3DModel
+
+    torch.manual_seed(0)
+    model = MochiTransformer3DModel(
+        patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=num_layers, pooled_projection_dim=16,
+        in_channels=4, text_embed_dim=16, time_embed_dim=16, max_sequence_length=6,  # text_embed_dim: 8 pooling heads
+    ).eval()
+
+    def inputs(step: int, t: float, batch: int = 2):
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(batch, 4, 2, 8, 8, generator=g) + 0.01 * step
+        return dict(
+            hidden_states=x, encoder_hidden_states=torch.randn(batch, 6, 16, generator=g), timestep=torch.full((batch,), t),
+            encoder_attention_mask=torch.ones(batch, 6, dtype=torch.bool),
+        )
+
+    return model, inputs
+
+
+class InplaceDiT(torch.nn.Module):
+    """A plain-torch DiT that writes its tokens into slices of a joint sequence buffer before
+    its blocks, as Lumina2 does: register tokens by ``copy_`` into a slice view, image tokens
+    by slice assignment (``operator.setitem``). The image tokens pass through a few more ops
+    than the timestep embedding, so a topological re-sort that ignores in-place writes runs
+    the first block before the image tokens are written."""
+
+    def __init__(self, dim: int = 32, depth: int = 3, heads: int = 2, channels: int = 4, patch: int = 2, registers: int = 3) -> None:
+        super().__init__()
+        self.patch, self.registers = patch, registers
+        self.embed = torch.nn.Conv2d(channels, dim, patch, patch)
+        self.x_norm = torch.nn.LayerNorm(dim)
+        self.x_proj = torch.nn.Linear(dim, dim)
+        self.register_tokens = torch.nn.Parameter(torch.randn(1, registers, dim))
+        self.t_in = torch.nn.Linear(1, dim)
+        self.t_out = torch.nn.Linear(dim, dim)
+        self.blocks = torch.nn.ModuleList([_PlainBlock(dim, heads) for _ in range(depth)])
+        self.out = torch.nn.Linear(dim, channels * patch * patch)
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, return_dict: bool = True):
+        b, c, hh, ww = hidden_states.shape
+        cond = self.t_out(torch.nn.functional.silu(self.t_in(timestep.float()[:, None] / 1000.0)))
+        x = self.embed(hidden_states).flatten(2).transpose(1, 2)
+        x = x + torch.tanh(self.x_proj(self.x_norm(x)))
+        r = self.registers
+        seq = torch.zeros(b, r + x.shape[1], x.shape[2], dtype=x.dtype, device=x.device)
+        seq[:, :r].copy_(self.register_tokens.expand(b, -1, -1))
+        seq[:, r:] = x
+        for block in self.blocks:
+            seq = block(seq, cond)
+        x = self.out(seq[:, r:]).reshape(b, hh // self.patch, ww // self.patch, c, self.patch, self.patch)
+        return (x.permute(0, 3, 1, 4, 2, 5).reshape(b, c, hh, ww),)
+
+
+def tiny_plain_inplace(depth: int = 3):
+    torch.manual_seed(0)
+    model = InplaceDiT(depth=depth).eval()
+
+    def inputs(step: int, t: float, batch: int = 2):
+        g = torch.Generator().manual_seed(1)
+        return dict(hidden_states=torch.randn(batch, 4, 8, 8, generator=g) + 0.01 * step, timestep=torch.full((batch,), t))
+
+    return model, inputs
+
+
+# {name: (factory, expected region paths)}; an empty list: the family falls back with a reason
+TRUST_FAMILIES = {
+    "lumina2": (tiny_lumina2, ["context_refiner.0", "context_refiner.1", "noise_refiner.0", "noise_refiner.1", "layers.0", "layers.1", "layers.2"]),
+    "omnigen": (tiny_omnigen, ["layers.%d" % i for i in range(3)]),
+    # Mochi's attention processor picks each sample's valid text tokens with torch.nonzero: a graph
+    # break inside every block, so no graph holds a whole block and the model compiles unguarded
+    "mochi": (tiny_mochi, []),
+    "plain_inplace": (tiny_plain_inplace, ["blocks.%d" % i for i in range(3)]),
+}

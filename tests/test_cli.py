@@ -89,3 +89,47 @@ def test_inspect_shows_step_roles_and_rejects_bad_option(capsys):
     with pytest.raises(SystemExit):
         main(["inspect", "--model", "flux", "--option", "scope=layer"])
     assert "'scope' got 'layer'" in capsys.readouterr().err
+
+
+FACTORIES = '''
+import torch
+
+NOT_CALLABLE = 3
+
+
+def boom():
+    raise RuntimeError("kaput")
+
+
+def not_a_pair():
+    return torch.nn.Linear(2, 2)
+
+
+def no_inputs():
+    return torch.nn.Linear(2, 2), 5
+'''
+
+
+@pytest.mark.parametrize(
+    "spec,problem",
+    [
+        ("dti", "expected one of dit, "),
+        ("adacorr_no_such_module:make", "cannot import module 'adacorr_no_such_module'"),
+        ("adacorr_compile.tiny:tiny_nope", "module 'adacorr_compile.tiny' has no attribute 'tiny_nope'"),
+        ("adacorr_factories:NOT_CALLABLE", "'NOT_CALLABLE' is a int, not a callable factory"),
+        ("adacorr_factories:boom", "the factory raised RuntimeError: kaput"),
+        ("adacorr_factories:not_a_pair", "the factory returned Linear; expected (model, inputs)"),
+        ("adacorr_factories:no_inputs", "the factory returned (Linear, int); expected (model, inputs)"),
+    ],
+)
+@pytest.mark.parametrize("command", [["inspect"], ["export", "onnx", "--out", "unused.onnx"]])
+def test_bad_model_factory_is_one_line_exit_2(spec, problem, command, tmp_path, monkeypatch, capsys):
+    (tmp_path / "adacorr_factories.py").write_text(FACTORIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(SystemExit) as exc:
+        main([*command, "--model", spec])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("adacorr: error: --model ") and problem in last, err

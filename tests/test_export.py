@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -41,7 +42,7 @@ from adacorr_compile.policies import (  # noqa: E402
     first_region_computes_always,
     needs_lambda,
 )
-from adacorr_compile.tiny import tiny_dit, tiny_flux, tiny_pixart, tiny_sd3  # noqa: E402
+from adacorr_compile.tiny import tiny_dit, tiny_flux, tiny_pixart, tiny_plain, tiny_sd3  # noqa: E402
 
 STEPS = 8
 
@@ -263,6 +264,128 @@ def test_dynamic_tokens(exports):
         torch.testing.assert_close(got, model(**kw, return_dict=False)[0], rtol=1e-4, atol=2e-5)
 
 
+@pytest.fixture(scope="module")
+def plain_export(tmp_path_factory):
+    """A small export (the plain-torch DiT, 3 blocks) for the runner's checks: (path, inputs)."""
+    model, inputs = tiny_plain(depth=3)
+    path = tmp_path_factory.mktemp("onnx_plain") / "plain.onnx"
+    with torch.no_grad():
+        to_onnx(model, inputs(0, 900.0), path, config={"reuse_threshold": 0.5, "warmup_steps": 1, "scope": "block"})
+    return str(path), inputs
+
+
+def _sample(runner, inputs, steps):
+    return [runner(**inputs(k, t))[0] for k, t in steps]
+
+
+def _traces(stats):
+    return stats["steps"], stats["generations"], [(r["reuse_trace"], r["calls"], r["reuses"]) for r in stats["regions"]]
+
+
+def test_runner_failed_call_leaves_state_untouched(plain_export):
+    """A call that raises (a bad input, an onnxruntime error) changes nothing: the steps
+    after it are those of a runner that never saw it (issue 11)."""
+    path, inputs = plain_export
+    steps = list(enumerate(timesteps(6)))
+    alone = OnnxRunner(path)
+    want = _sample(alone, inputs, steps)
+    runner = OnnxRunner(path)
+    got = _sample(runner, inputs, steps[:3])
+    kw = inputs(*steps[3])
+    for bad in [
+        dict(kw, hidden_states=kw["hidden_states"][:, :, :4]),  # another latent size
+        dict(kw, hidden_states=kw["hidden_states"].double()),
+        dict(kw, hidden_states=kw["hidden_states"][:1]),  # batch 1, timestep batch 2
+    ]:
+        with pytest.raises(Exception):  # which errors: test_runner_names_unknown_and_mistyped_inputs
+            runner(**bad)
+
+    class Failing:  # onnxruntime fails after the input checks
+        def run(self, *args, **kwargs):
+            raise RuntimeError("onnxruntime failed")
+
+    session, runner.session = runner.session, Failing()
+    with pytest.raises(RuntimeError, match="onnxruntime failed"):
+        runner(**kw)
+    runner.session = session
+    got += _sample(runner, inputs, steps[3:])
+    for k, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"step {k}: {m}")
+    assert _traces(runner.stats()) == _traces(alone.stats())
+    assert 0 < runner.stats()["totals"]["reuses"] < runner.stats()["totals"]["calls"], "the loop must both reuse and compute"
+
+
+def test_runner_names_unknown_and_mistyped_inputs(plain_export):
+    path, inputs = plain_export
+    runner = OnnxRunner(path)
+    kw = inputs(0, 900.0)
+    x, t = kw["hidden_states"], kw["timestep"]
+    with pytest.raises(TypeError, match=r"unknown inputs \['timesteps'\]; the exported graph takes \['hidden_states', 'timestep'\]"):
+        runner(hidden_states=x, timestep=t, timesteps=t)
+    with pytest.raises(TypeError, match="input 'timestep': expected dtype float32, got int64"):
+        runner(hidden_states=x, timestep=t.long())
+    with pytest.raises(TypeError, match="input 'hidden_states': expected dtype float32, got float64"):
+        runner(hidden_states=x.numpy().astype(np.float64), timestep=t.numpy())
+    with pytest.raises(ValueError, match=r"input 'hidden_states': expected rank 4 \(\?, 4, 8, 8\), got shape \(4, 8, 8\)"):
+        runner(hidden_states=x[0], timestep=t)
+    with pytest.raises(ValueError, match=r"input 'hidden_states': expected shape \(\?, 4, 8, 8\), got \(2, 4, 4, 8\) \(axis 2\)"):
+        runner(hidden_states=x[:, :, :4], timestep=t)
+    with pytest.raises(ValueError, match="input 'timestep': axis 0 is 3 but the same dynamic dimension of 'hidden_states' is 2"):
+        runner(hidden_states=x, timestep=torch.cat([t, t[:1]]))
+    with pytest.raises(ValueError, match="return_dict"):
+        runner(**kw, return_dict=True)
+    assert runner.steps == 0
+    runner(**kw, return_dict=False)  # as model(..., return_dict=False)
+    assert runner.steps == 1
+    with pytest.raises(ValueError, match="num_steps got '20': expected None"):
+        OnnxRunner(path, num_steps="20")
+    with pytest.raises(ValueError, match="num_steps got 0"):
+        runner.reset(num_steps=0)
+    with pytest.raises(ValueError, match="num_steps got 2.5"):
+        runner.generation(num_steps=2.5)  # at the call, before any block
+
+
+def test_runner_threads_and_generations_are_private(plain_export):
+    """Two threads stepping one runner in lockstep each sample as if alone (each thread its
+    own generation, as with a compiled model); a generation() block is private too."""
+    path, inputs = plain_export
+    steps = list(enumerate(timesteps(5)))
+    alone = OnnxRunner(path)
+    want = _sample(alone, inputs, steps)
+    shared = OnnxRunner(path)
+    barrier = threading.Barrier(2)
+    results, errors = {}, []
+
+    def sample(name):
+        try:
+            outs = []
+            for k, t in steps:
+                barrier.wait(timeout=30)  # the threads' steps interleave
+                outs.append(shared(**inputs(k, t))[0])
+            results[name] = (outs, shared.stats())
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            barrier.abort()
+            errors.append(exc)
+
+    threads = [threading.Thread(target=sample, args=(n,)) for n in "ab"]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert not errors, errors
+    for outs, stats in results.values():
+        for k, (a, b) in enumerate(zip(outs, want)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"step {k}: {m}")
+        assert _traces(stats) == _traces(alone.stats())
+    assert shared.steps == 0  # the main thread's generation saw none of it
+    with shared.generation(num_steps=len(steps)):
+        inside = _sample(shared, inputs, steps)
+        assert shared.steps == len(steps)
+    assert shared.steps == 0
+    for a, b in zip(inside, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------- CLI and benchmark
 
 
@@ -273,8 +396,9 @@ def test_cli_export_uncached_and_bench(tmp_path, exports, capsys):
     assert parse_option("reuse_threshold=0.1") == ("reuse_threshold", 0.1)
     assert parse_option("correction=false") == ("correction", False)
     assert parse_option("policy=interval") == ("policy", "interval")
-    with pytest.raises(SystemExit, match="reuse_threshold"):
+    with pytest.raises(SystemExit) as exc:
         main(["export", "onnx", "--model", "dit", "--out", str(tmp_path / "x.onnx"), "--option", "reuse_threshold=7"])
+    assert exc.value.code == 2 and "reuse_threshold" in capsys.readouterr().err.splitlines()[-1]
     plain = tmp_path / "dit_plain.onnx"
     # the factory route (package.module:factory), uncached: the baseline of the benchmark
     assert main(["export", "onnx", "--model", "adacorr_compile.tiny:tiny_dit", "--out", str(plain), "--no-cache"]) == 0
@@ -285,6 +409,52 @@ def test_cli_export_uncached_and_bench(tmp_path, exports, capsys):
         torch.testing.assert_close(OnnxRunner(plain)(**kw)[0], model(**kw, return_dict=False)[0], rtol=1e-4, atol=2e-5)
     result = bench_onnxruntime(plain, cached, inputs, steps=6, repeats=1)
     assert result["uncached"]["median_ms"] > 0 and result["cached"]["mean_ms"] > 0 and 0 < result["reuse_fraction"] < 1
+
+
+def test_block_outputs_aliasing_inputs_are_found():
+    """torch.cond rejects a branch output that aliases an operand or another output (Wan's
+    block passes ``temb.float()``, a no-op, through): the export clones exactly those."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from adacorr_compile.export.onnx import _aliasing_outputs
+
+    def body(x, y):
+        z = y * 2
+        return x.float(), z, x.view(-1), z, torch.tanh(x), y.chunk(2)[1]
+
+    gm = make_fx(body)(torch.randn(2, 4), torch.randn(2, 4))
+    assert _aliasing_outputs(gm) == {0, 2, 3, 5}
+
+
+@pytest.mark.parametrize("family", ["wan", "hunyuan_dit"])
+def test_cli_export_of_families_that_failed_inside_torch(family, tmp_path, capsys):
+    """Every family the backend guards either exports (Wan: its outputs and decisions are
+    the backend's) or is refused up front with one line and exit code 2 (HunyuanDiT: a
+    tuple input)."""
+    from adacorr_compile.cli import main
+    from adacorr_compile.tiny import ALL_FAMILIES
+
+    out = tmp_path / f"{family}.onnx"
+    if family == "hunyuan_dit":
+        with pytest.raises(SystemExit) as exc:
+            main(["export", "onnx", "--model", family, "--out", str(out)])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and "Traceback" not in err and not out.exists()
+        assert err.splitlines()[-1] == ("adacorr: error: adacorr export: model input 'image_rotary_emb' is a tuple of tensors; "
+                                        "the export takes tensors (and fixed non-tensor values) as keyword inputs: wrap the "
+                                        "model to take its tensors as separate inputs")
+        return
+    assert main(["export", "onnx", "--model", family, "--out", str(out)]) == 0
+    model, inputs = ALL_FAMILIES[family][0]()
+    runner = OnnxRunner(out)
+    compiled = torch.compile(model, backend="adacorr", options={"lowering": "eager"})  # the CLI's options: the defaults
+    with torch.no_grad():
+        for k, t in enumerate(timesteps(6)):
+            kw = inputs(k, t)
+            torch.testing.assert_close(runner(**kw)[0], compiled(**kw, return_dict=False)[0], rtol=1e-4, atol=2e-5)
+    ours, theirs = runner.stats(), adacorr_compile.stats(compiled)
+    assert [r["reuse_trace"] for r in ours["regions"]] == [r["reuse_trace"] for r in theirs["regions"]]
+    assert 0 < ours["totals"]["reuses"] < ours["totals"]["calls"]
 
 
 # --------------------------------------------------------------------------- TensorRT

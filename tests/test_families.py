@@ -94,7 +94,7 @@ def test_num_inference_steps_changes_between_generations():
 
 def test_explicit_num_steps_guards_the_final_steps():
     model, inputs = FAMILIES["dit"][0]()
-    fast = torch.compile(model, backend="adacorr", options={"lowering": "eager", "reuse_threshold": 1.0, "final_steps": 3, "timestep_arg": "nothing"})
+    fast = torch.compile(model, backend="adacorr", options={"lowering": "eager", "reuse_threshold": 1.0, "final_steps": 3})
     with adacorr_compile.generation(fast, num_steps=10):
         loop(fast, inputs, 10)
         for r in adacorr_compile.stats(fast)["regions"]:

@@ -27,7 +27,7 @@ def make_region(**options):
 
 
 def call(region, state, step, *args):
-    token = ACTIVE.set(Active(state, 0, step))
+    token = ACTIVE.set(Active(state, (0, 0), step))
     try:
         return region(*args)[0]
     finally:

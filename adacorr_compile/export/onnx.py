@@ -359,6 +359,42 @@ def _same_layout(values: Sequence[torch.Tensor], flat: bool = False) -> tuple[to
 
 
 
+# composite ops that may return their first argument itself (their schemas declare no alias)
+_MAYBE_SELF = {"type_as", "contiguous", "reshape", "flatten", "expand_as", "view_as", "float", "to", "type"}
+
+
+def _alias_base(node: Any) -> Any:
+    """The node whose storage ``node``'s value may share: followed back through views and
+    ops that may return their input (``x.float()`` of a float ``x``), item access of a split."""
+    seen = 0
+    while isinstance(node, fx.Node) and node.op == "call_function" and seen < 1000:
+        seen += 1
+        target = node.target
+        if target is operator.getitem:
+            node = node.args[0]
+            continue
+        schema = getattr(target, "_schema", None)
+        packet = getattr(target, "_overloadpacket", None)
+        aliases = schema is not None and any(r.alias_info is not None for r in schema.returns)
+        if not (aliases or getattr(packet, "__name__", None) in _MAYBE_SELF) or not node.args:
+            break
+        node = node.args[0]
+    return node
+
+
+def _aliasing_outputs(body: fx.GraphModule) -> set[int]:
+    """Positions of ``body``'s outputs that may alias one of its inputs or an earlier output."""
+    out = next(n for n in body.graph.nodes if n.op == "output")
+    values = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
+    aliasing, bases = set(), set()
+    for j, v in enumerate(values):
+        base = _alias_base(v)
+        if isinstance(base, fx.Node) and (base.op == "placeholder" or base in bases):
+            aliasing.add(j)
+        bases.add(base)
+    return aliasing
+
+
 class CondRegion(torch.nn.Module):
     """One guarded block as ``torch.cond(reuse, reuse_fn, compute_fn, operands)``.
 
@@ -387,6 +423,9 @@ class CondRegion(torch.nn.Module):
         # torch.cond rejects outputs whose strides involve compound sizes (SD3's token count
         # (H/2)*(W/2) with dynamic H, W): the branches then return flat tensors, reshaped after
         self.flat = any(isinstance(d, list) for s in plan.states for d in s.dims)
+        # torch.cond rejects a branch output that aliases an operand or another output
+        # (Wan's block passes temb.float() through: a no-op view of its input); those are cloned
+        self.aliasing = _aliasing_outputs(body)
 
     def extra_repr(self) -> str:
         return f"path={self.plan.path!r}"
@@ -507,7 +546,7 @@ class CondRegion(torch.nn.Module):
         def compute_fn(*ops: torch.Tensor) -> tuple[torch.Tensor, ...]:
             a, ref, cache, prev, fc_ = unpack(ops)
             lam_ = ops[-1]
-            fresh = list(self.body(*a))
+            fresh = [f.clone() if j in self.aliasing else f for j, f in enumerate(self.body(*a))]
             by_pair = [fresh[j] for _, j in plan.stream_pairs]
             outs_paired = by_pair
             if cfg.blend and srole != "leader":  # the leader measures nothing: no lambda to blend by
@@ -881,6 +920,12 @@ def _drop_noop_squeezes(gm: fx.GraphModule) -> int:
 
 
 def _export_model(model: torch.nn.Module, kwargs: dict[str, Any], dynamic: Any) -> tuple[Any, dict[str, Any]]:
+    for name, value in kwargs.items():  # the step graph and its runner take flat tensor inputs
+        if not isinstance(value, torch.Tensor) and any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves(value)):
+            raise ExportError(
+                f"model input {name!r} is a {type(value).__name__} of tensors; the export takes tensors (and fixed "
+                "non-tensor values) as keyword inputs: wrap the model to take its tensors as separate inputs"
+            )
     shapes = model_dynamic_shapes(kwargs, dynamic)
     with torch.no_grad():
         ep = torch.export.export(model, (), kwargs, dynamic_shapes=shapes, strict=False)
@@ -992,6 +1037,9 @@ def to_onnx(
         "config": dataclasses.asdict(cfg),
         "regions": regions,
         "model_inputs": model_inputs,
+        # non-tensor inputs, fixed at export: the runner accepts them with these values only
+        "fixed_inputs": {k: v for k, v in kwargs.items()
+                         if k not in model_inputs and k != "return_dict" and isinstance(v, (bool, int, float, str, type(None)))},
         "model_outputs": model_outputs,
         "states": [dataclasses.asdict(s) for s in states],
         "stats_outputs": list(STATS_OUTPUTS) if cache else [],

@@ -3,8 +3,14 @@
 ``runner(**inputs)`` runs one denoising step: it feeds the model inputs plus the state
 of the previous step and keeps the new state for the next call. A new generation
 starts (state back to an empty cache) the way the backend decides it
-(:class:`adacorr_compile.runtime.graph.GraphRuntime`): the timestep went up, or the
-shapes or dtypes of the model inputs changed; or explicitly with :meth:`reset`.
+(:meth:`adacorr_compile.runtime.state.GenerationState.begin_step`): the timestep turned
+back, the shapes or dtypes of the model inputs changed, ``num_steps`` steps are done;
+or explicitly with :meth:`OnnxRunner.reset`.
+
+Inputs are checked before anything runs: unknown or missing names, dtypes, ranks and
+the fixed and shared dimensions the graph declares, each error naming the input. A step
+is a transaction: the state and statistics change only when onnxruntime succeeded, so a
+failed call leaves the runner exactly as it was.
 
 On CUDA (onnxruntime-gpu with the CUDA provider), the step runs through IOBinding:
 the state lives in device ``OrtValue`` buffers that onnxruntime allocates for each
@@ -15,15 +21,19 @@ input with an output, is avoided by construction). On CPU a plain ``run`` is use
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 import statistics
+import threading
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from ..api import check_num_steps
 from ..policies import STEPS_UNKNOWN
 from ..runtime.state import GenerationState, summarize
 from .onnx import StateSpec, initial_state, read_metadata
@@ -32,11 +42,42 @@ logger = logging.getLogger("adacorr_compile")
 
 _GRAPH = 0  # the exported step graph is one graph: its id in GenerationState's per-graph maps
 
+# onnxruntime's input type strings -> dtype names (numpy's, which are torch's without "torch.")
+_ORT_DTYPES = {
+    "tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
+    "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int16)": "int16", "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8", "tensor(uint16)": "uint16", "tensor(uint32)": "uint32", "tensor(uint64)": "uint64",
+    "tensor(bool)": "bool",
+}
+
 
 def _to_numpy(v: Any) -> np.ndarray:
     if isinstance(v, torch.Tensor):
         return v.detach().cpu().numpy()
     return np.asarray(v)
+
+
+def _same_fixed(value: Any, fixed: Any) -> bool:
+    """``value`` is the scalar ``fixed`` at export (JSON's round trip keeps int, float, str, None)."""
+    scalars = (bool, int, float, str, type(None))
+    return isinstance(value, scalars) and isinstance(value, bool) == isinstance(fixed, bool) and value == fixed
+
+
+def _dtype_name(v: Any) -> str:
+    if isinstance(v, torch.Tensor):
+        return str(v.dtype).removeprefix("torch.")
+    return np.asarray(v).dtype.name
+
+
+class _Context:
+    """One generation context of a runner: the backend's bookkeeping and the cache state."""
+
+    __slots__ = ("gen", "state", "lock")
+
+    def __init__(self, num_steps: int | None) -> None:
+        self.gen = GenerationState(num_steps)
+        self.state: dict[str, Any] | None = None  # by ONNX input name; None: empty cache
+        self.lock = threading.Lock()  # a step is atomic, even in a context shared with copy_context()
 
 
 class OnnxRunner:
@@ -47,6 +88,17 @@ class OnnxRunner:
     ``adacorr_compile.reset(model, num_steps=N)``); otherwise the steps left are
     extrapolated from the timestep spacing or taken from the previous generation's
     length, exactly as the backend does (:meth:`GenerationState.steps_left`).
+
+    Threads: one runner may be shared. Like a compiled model, each thread has its own
+    generation (cache state, step counter, statistics: :meth:`reset`, :meth:`stats`,
+    :meth:`state` and :attr:`steps` are the calling thread's), and
+    :meth:`generation` gives a block its own private one; the onnxruntime session is
+    shared (its ``run`` is thread-safe). Two threads never see each other's cache, so
+    each samples as if it ran alone.
+
+    Keyword inputs are the export's model inputs (:attr:`model_inputs`), plus the
+    non-tensor inputs fixed at export with their exported values and
+    ``return_dict=False``; anything else is refused, naming it.
     """
 
     def __init__(
@@ -58,6 +110,7 @@ class OnnxRunner:
     ) -> None:
         import onnxruntime as ort
 
+        self.num_steps = check_num_steps(num_steps)
         self.path = os.fspath(path)
         self.metadata = read_metadata(self.path)
         if providers is None:
@@ -71,95 +124,180 @@ class OnnxRunner:
         self.regions: list[str] = list(self.metadata["regions"])
         self.stats_outputs: list[str] = list(self.metadata["stats_outputs"])
         self.timestep_arg: str = self.metadata["timestep_arg"]
-        graph_inputs = {i.name for i in self.session.get_inputs()}
+        # non-tensor inputs fixed at export (older exports do not record them)
+        self.fixed_inputs: dict[str, Any] = dict(self.metadata.get("fixed_inputs") or {})
+        graph_inputs = {i.name: i for i in self.session.get_inputs()}
+        # what the graph declares of each model input, for the up-front checks: (dtype name
+        # or None, shape: ints, dimension names (str) and None, or None when unknown)
+        self._specs = {
+            n: (_ORT_DTYPES.get(graph_inputs[n].type), None if graph_inputs[n].shape is None else list(graph_inputs[n].shape))
+            for n in self.model_inputs
+            if n in graph_inputs
+        }
         self._steps_left_input = self.metadata.get("steps_left_input")
         if self._steps_left_input not in graph_inputs:
             self._steps_left_input = None  # not used by the graph (final_steps=0)
         self._output_names = self.model_outputs + [s.output for s in self.states] + self.stats_outputs
-        # the backend's own per-generation bookkeeping (steps, timesteps, statistics), one graph
-        self._gen = GenerationState(num_steps)
-        self._state: dict[str, Any] | None = None
+        # per-thread default generations, and the generation() context that overrides them
+        self._thread = threading.local()
+        self._active: contextvars.ContextVar[_Context | None] = contextvars.ContextVar(f"adacorr_onnx_{id(self)}", default=None)
 
     # -- generations -----------------------------------------------------------------
 
+    def _current(self) -> _Context:
+        ctx = self._active.get()
+        if ctx is None:
+            ctx = getattr(self._thread, "ctx", None)
+            if ctx is None:
+                ctx = self._thread.ctx = _Context(self.num_steps)
+        return ctx
+
+    @property
+    def _gen(self) -> GenerationState:
+        return self._current().gen
+
     @property
     def steps(self) -> int:
-        """Steps run in the current generation."""
+        """Steps run in the current generation (of the calling thread or context)."""
         return self._gen.steps.get(_GRAPH, 0)
 
     def reset(self, num_steps: int | None = None) -> None:
         """Start afresh: empty cache, counters and statistics. ``num_steps`` tells the
         ``final_steps`` guard where the generation ends, as ``adacorr_compile.reset`` does."""
-        self._gen.reset(num_steps)
-        self._state = None
+        num_steps = check_num_steps(num_steps)
+        ctx = self._current()
+        ctx.gen.reset(num_steps)
+        ctx.state = None
 
-    def _begin_step(self, feeds: Mapping[str, np.ndarray]) -> None:
-        """What :meth:`GraphRuntime._begin_step` does: a new generation when the input
-        shapes or dtypes change or the timestep goes up; the timestep spacing is kept for
-        the ``final_steps`` extrapolation."""
-        gen = self._gen
-        signature = tuple((name, feeds[name].shape, feeds[name].dtype.str) for name in self.model_inputs)
-        previous = gen.signature.get(_GRAPH)
-        if previous is not None and previous != signature:
-            logger.info("adacorr onnx: input shapes or dtypes changed: new generation")
-            gen.new_generation("input shapes changed")
-        gen.signature[_GRAPH] = signature
-        if self.timestep_arg in feeds:
-            t = feeds[self.timestep_arg]
-            value = float(np.max(t.astype(np.float32))) if t.size else 0.0
-            last = gen.last_t.get(_GRAPH)
-            if last is not None and value > last + 1e-6 * max(1.0, abs(last)):
-                gen.new_generation(f"timestep went up ({last:g} -> {value:g})")
-                gen.signature[_GRAPH] = signature
-            elif last is not None and value < last:
-                gen.t_spacing[_GRAPH] = last - value
-            gen.last_t[_GRAPH] = value
-        gen.steps.setdefault(_GRAPH, 0)
-        if gen.steps[_GRAPH] == 0:
-            self._state = None  # a new generation starts from an empty cache
+    def generation(self, num_steps: int | None = None) -> contextlib.AbstractContextManager[GenerationState]:
+        """A private generation for the block, as ``adacorr_compile.generation(model)``:
+        its own cache, counters and statistics, invisible to other threads and to code
+        outside the block. ``num_steps`` (None or an int >= 1) is checked at the call."""
+        return self._generation(_Context(check_num_steps(num_steps)))
 
-    # -- one step --------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _generation(self, ctx: _Context) -> Iterator[GenerationState]:
+        token = self._active.set(ctx)
+        try:
+            yield ctx.gen
+        finally:
+            self._active.reset(token)
 
-    def __call__(self, **inputs: Any) -> tuple[Any, ...]:
-        """One step; returns the model outputs as a tuple (torch tensors when the inputs
-        were torch tensors, numpy arrays otherwise), like ``model(..., return_dict=False)``."""
+    # -- inputs ----------------------------------------------------------------------
+
+    def _check_inputs(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """The feeds of the model inputs, or an error naming the input: unknown and missing
+        names, dtypes, ranks, fixed dimensions and dimensions two inputs share."""
+        unknown = [n for n in inputs if n not in self.model_inputs and n not in self.fixed_inputs and n != "return_dict"]
+        if unknown:
+            raise TypeError(f"unknown inputs {unknown}; the exported graph takes {self.model_inputs}"
+                            + (f" (and, fixed at export, {sorted(self.fixed_inputs)})" if self.fixed_inputs else ""))
         missing = [n for n in self.model_inputs if n not in inputs]
         if missing:
             raise TypeError(f"missing model inputs {missing}; the exported graph takes {self.model_inputs}")
-        as_torch = any(isinstance(v, torch.Tensor) for v in inputs.values())
+        for name, fixed in self.fixed_inputs.items():
+            if name in inputs and not _same_fixed(inputs[name], fixed):
+                raise ValueError(f"input {name!r} was fixed at export to {fixed!r}, got {inputs[name]!r}: export again for another value")
+        if inputs.get("return_dict", False) is not False:
+            raise ValueError("return_dict: the runner returns a tuple, as model(..., return_dict=False); got return_dict=True")
+        feeds: dict[str, np.ndarray] = {}
+        dims: dict[str, tuple[str, int]] = {}  # dimension name -> (input, size) where first seen
+        for name in self.model_inputs:
+            value = inputs[name]
+            want, shape = self._specs.get(name, (None, None))
+            if not isinstance(value, (torch.Tensor, np.ndarray, np.generic)) and want is not None and want != "bfloat16":
+                try:  # a Python number or list: take the graph's dtype
+                    value = np.asarray(value, dtype=want)
+                except (TypeError, ValueError) as exc:
+                    raise TypeError(f"input {name!r}: expected a {want} tensor, got {type(value).__name__} ({exc})") from None
+            got = _dtype_name(value)
+            if want is not None and got != want:
+                raise TypeError(f"input {name!r}: expected dtype {want}, got {got}")
+            array = _to_numpy(value)
+            if shape is not None:
+                expected = "(" + ", ".join(str(d) if isinstance(d, int) else "?" for d in shape) + ")"  # ?: dynamic
+                if array.ndim != len(shape):
+                    raise ValueError(f"input {name!r}: expected rank {len(shape)} {expected}, got shape {tuple(array.shape)}")
+                for axis, (d, size) in enumerate(zip(shape, array.shape)):
+                    if isinstance(d, int) and d != size:
+                        raise ValueError(f"input {name!r}: expected shape {expected}, got {tuple(array.shape)} (axis {axis})")
+                    if isinstance(d, str) and d:
+                        seen = dims.setdefault(d, (name, size))
+                        if seen[1] != size:
+                            raise ValueError(f"input {name!r}: axis {axis} is {size} but the same dynamic dimension of "
+                                             f"{seen[0]!r} is {seen[1]}; the exported graph needs them equal")
+            feeds[name] = array
+        return feeds
+
+    # -- one step --------------------------------------------------------------------
+
+    def _begin_step(self, gen: GenerationState, feeds: Mapping[str, np.ndarray]) -> None:
+        """What :meth:`GraphRuntime._begin_step` does: the backend's generation boundaries."""
+        signature = tuple((name, feeds[name].shape, feeds[name].dtype.str) for name in self.model_inputs)
+        timestep = None
+        if self.timestep_arg in feeds:
+            t = feeds[self.timestep_arg]
+            timestep = float(np.max(t.astype(np.float32))) if t.size else 0.0
+        gen.begin_step(_GRAPH, signature, timestep)
+
+    def __call__(self, **inputs: Any) -> tuple[Any, ...]:
+        """One step; returns the model outputs as a tuple (torch tensors when the inputs
+        were torch tensors, numpy arrays otherwise), like ``model(..., return_dict=False)``.
+
+        A call that raises (a bad input, an onnxruntime error) changes nothing: the next
+        call continues the generation as if it had not happened."""
+        feeds = self._check_inputs(inputs)
+        # torch in, torch out (on the first tensor input's device); numpy otherwise
         device = next((v.device for v in inputs.values() if isinstance(v, torch.Tensor)), None)
-        feeds = {n: _to_numpy(inputs[n]) for n in self.model_inputs}
-        self._begin_step(feeds)
-        if self._state is None and self.states:
-            shapes = {n: a.shape for n, a in feeds.items()}
-            self._state = self._device_state(initial_state(self.states, shapes))
-        if self.on_cuda:
-            results = self._run_iobinding(feeds)
-        else:
-            results = self._run_plain(feeds)
-        outs = results[: len(self.model_outputs)]
-        n_state = len(self.states)
-        if self.states:
-            new = results[len(self.model_outputs) : len(self.model_outputs) + n_state]
-            self._state = {s.name: v for s, v in zip(self.states, new)}
-        self._record([_host(v) for v in results[len(self.model_outputs) + n_state :]])
-        self._gen.steps[_GRAPH] += 1
-        outs = [_host(o) for o in outs]
-        if as_torch:
+        ctx = self._current()
+        with ctx.lock:
+            return self._step(ctx, feeds, device)
+
+    def _step(self, ctx: _Context, feeds: dict[str, np.ndarray], device: Any) -> tuple[Any, ...]:
+        gen = ctx.gen
+        # the step is a transaction: begin_step runs on the bookkeeping with the statistics
+        # set aside (their traces are folded only once the step succeeded), and everything
+        # it changes is put back if the step fails
+        saved = {k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(gen).items() if k not in ("stats", "caches")}
+        stats, gen.stats = gen.stats, {}
+        generations = gen.generations
+        try:
+            self._begin_step(gen, feeds)
+            state = ctx.state if gen.steps[_GRAPH] > 0 else None  # a new generation starts from an empty cache
+            if state is None and self.states:
+                state = self._device_state(initial_state(self.states, {n: a.shape for n, a in feeds.items()}))
+            steps_left = gen.steps_left(_GRAPH, gen.steps[_GRAPH])
+            if self.on_cuda:
+                results = self._run_iobinding(feeds, state, steps_left)
+            else:
+                results = self._run_plain(feeds, state, steps_left)
+            n_out, n_state = len(self.model_outputs), len(self.states)
+            outs = [_host(o) for o in results[:n_out]]
+            recorded = [_host(v) for v in results[n_out + n_state :]]
+        except BaseException:
+            gen.stats = stats
+            vars(gen).update(saved)
+            raise
+        # commit
+        gen.stats = stats
+        if gen.generations != generations:  # the step began a new generation: fold the old one's traces
+            for s in stats.values():
+                s.new_generation()
+        ctx.state = {s.name: v for s, v in zip(self.states, results[n_out : n_out + n_state])} if self.states else None
+        self._record(gen, recorded)
+        gen.steps[_GRAPH] += 1
+        if device is not None:
             return tuple(torch.from_numpy(np.ascontiguousarray(o)).to(device) for o in outs)
         return tuple(outs)
 
-    def _feeds_with_steps_left(self, feeds: dict[str, Any]) -> dict[str, Any]:
-        if self._steps_left_input is not None:
-            left = self._gen.steps_left(_GRAPH, self.steps)
-            feeds[self._steps_left_input] = np.array(STEPS_UNKNOWN if left is None else left, dtype=np.int64)
-        return feeds
+    def _steps_left_feed(self, steps_left: int | None) -> dict[str, np.ndarray]:
+        if self._steps_left_input is None:
+            return {}
+        return {self._steps_left_input: np.array(STEPS_UNKNOWN if steps_left is None else steps_left, dtype=np.int64)}
 
-    def _run_plain(self, feeds: dict[str, np.ndarray]) -> list[Any]:
-        run_feeds = dict(feeds)
-        if self._state:
-            run_feeds.update(self._state)
-        return self.session.run(self._output_names, self._feeds_with_steps_left(run_feeds))
+    def _run_plain(self, feeds: dict[str, np.ndarray], state: dict[str, Any] | None, steps_left: int | None) -> list[Any]:
+        run_feeds = {**feeds, **(state or {}), **self._steps_left_feed(steps_left)}
+        return self.session.run(self._output_names, run_feeds)
 
     def _device_state(self, state: dict[str, np.ndarray]) -> dict[str, Any]:
         if not self.on_cuda:
@@ -169,11 +307,11 @@ class OnnxRunner:
         # one device buffer per state input: none aliases another
         return {k: ort.OrtValue.ortvalue_from_numpy(v, "cuda", 0) for k, v in state.items()}
 
-    def _run_iobinding(self, feeds: dict[str, np.ndarray]) -> list[Any]:
+    def _run_iobinding(self, feeds: dict[str, np.ndarray], state: dict[str, Any] | None, steps_left: int | None) -> list[Any]:
         io = self.session.io_binding()
-        for name, value in self._feeds_with_steps_left(dict(feeds)).items():
+        for name, value in {**feeds, **self._steps_left_feed(steps_left)}.items():
             io.bind_cpu_input(name, value)
-        for name, value in (self._state or {}).items():
+        for name, value in (state or {}).items():
             io.bind_ortvalue_input(name, value)
         state_outputs = {s.output for s in self.states}
         for name in self._output_names:
@@ -182,19 +320,20 @@ class OnnxRunner:
         self.session.run_with_iobinding(io)
         return list(io.get_outputs())
 
-    def _record(self, stats: list[np.ndarray]) -> None:
+    def _record(self, gen: GenerationState, stats: list[np.ndarray]) -> None:
         if not self.stats_outputs:
             return
         values = dict(zip(self.stats_outputs, stats))
         reused, nonfinite = values["adacorr_reused"], values["adacorr_nonfinite"]
         lam, score = values["adacorr_lambda"], values["adacorr_score"]
+        step = gen.steps.get(_GRAPH, 0)
         for k, path in enumerate(self.regions):
-            rs = self._gen.region_stats(path)
+            rs = gen.region_stats(path)
             r = bool(reused[k])
             if np.isnan(lam[k]):
-                rs.record(self.steps, None, None, float(r))
+                rs.record(step, None, None, float(r))
             else:
-                rs.record(self.steps, torch.tensor(float(lam[k])), torch.tensor(float(score[k])), float(r))
+                rs.record(step, torch.tensor(float(lam[k])), torch.tensor(float(score[k])), float(r))
             if r:
                 rs.reuses += 1
             else:
@@ -204,16 +343,18 @@ class OnnxRunner:
     # -- statistics ------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        """Per-region statistics with the keys of :func:`adacorr_compile.stats`."""
+        """Per-region statistics with the keys of :func:`adacorr_compile.stats` (the
+        calling thread's or ``generation()`` context's)."""
+        gen = self._gen
         return {
-            **summarize(self._gen, list(self.regions)),
-            "steps": self.steps,
-            "generations": self._gen.generations,
+            **summarize(gen, list(self.regions)),
+            "steps": gen.steps.get(_GRAPH, 0),
+            "generations": gen.generations,
         }
 
     def state(self) -> dict[str, np.ndarray]:
         """The current cache state (host copies), by ONNX input name."""
-        return {k: _host(v) for k, v in (self._state or {}).items()}
+        return {k: _host(v) for k, v in (self._current().state or {}).items()}
 
 
 def _host(v: Any) -> np.ndarray:

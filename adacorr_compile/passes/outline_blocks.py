@@ -8,19 +8,27 @@ tuple of the block's outputs; the block's nodes in the parent graph become one
 ``call_module`` node plus a ``getitem`` per output, and the graph is re-sorted
 topologically. Each block gets a structural key (ops, wiring, input shapes,
 strides and dtypes): equal keys share one compiled body.
+
+Order: the re-sort is stable (a node moves only when a dependency forces it; the
+call takes the place of the block's first node) and counts, besides data edges,
+the ordering edges of every in-place write (``find_blocks.mutation_analysis``): a
+write such as ``seq[:, T:] = x`` has no users, so a plain topological sort may
+move it after a block that reads ``seq``. If the edges cannot be kept (a cycle),
+the pass raises and the backend compiles the graph unguarded.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import operator
 
 import torch.fx as fx
 from torch.fx.node import _get_qualified_name
-from torch.fx.passes.tools_common import legalize_graph
 
 from ..config import AdaCorrConfig
 from .common import Block, analysis, example_value, tensor_shape_key
+from .find_blocks import mutation_analysis
 
 
 def _target_name(node: fx.Node) -> str:
@@ -73,10 +81,50 @@ def _outline(gm: fx.GraphModule, block: Block) -> fx.GraphModule:
     return body
 
 
+def _stable_sort(graph: fx.Graph, after: dict[fx.Node, set[fx.Node]], position: dict[fx.Node, tuple[int, int]]) -> None:
+    """Reorder ``graph`` in place topologically over data edges plus ``after`` (node ->
+    nodes that must run before it), taking among the ready nodes the one of smallest
+    ``position``: a node moves only when a dependency forces it."""
+    nodes = list(graph.nodes)
+    preds: dict[fx.Node, set[fx.Node]] = {}
+    for n in nodes:
+        preds[n] = set(n.all_input_nodes) | after.get(n, set())
+    output = next((n for n in nodes if n.op == "output"), None)
+    if output is not None:  # the output stays last, after writes nobody reads
+        preds[output] = set(nodes) - {output}
+    succs: dict[fx.Node, list[fx.Node]] = {n: [] for n in nodes}
+    for n, ps in preds.items():
+        for p in ps:
+            succs[p].append(n)
+    indeg = {n: len(ps) for n, ps in preds.items()}
+    ready = [(position[n], k, n) for k, n in enumerate(nodes) if indeg[n] == 0]
+    heapq.heapify(ready)
+    index = {n: k for k, n in enumerate(nodes)}
+    ordered: list[fx.Node] = []
+    while ready:
+        _, _, n = heapq.heappop(ready)
+        ordered.append(n)
+        for s in succs[n]:
+            indeg[s] -= 1
+            if indeg[s] == 0:
+                heapq.heappush(ready, (position[s], index[s], s))
+    if len(ordered) != len(nodes):
+        stuck = [n.name for n in nodes if indeg[n] > 0][:5]
+        raise RuntimeError(f"outline_blocks: the order of in-place writes cannot be kept around the blocks (cycle through {stuck})")
+    if ordered[0] is not nodes[0]:
+        nodes[0].prepend(ordered[0])
+    for prev, n in zip(ordered, ordered[1:]):
+        if prev.next is not n:
+            prev.append(n)
+
+
 def outline_blocks(gm: fx.GraphModule, config: AdaCorrConfig) -> fx.GraphModule:
     """Outline every recorded block (see module docstring)."""
     info = analysis(gm)
     graph = gm.graph
+    mut = mutation_analysis(graph)  # on the graph as traced, before any node moves
+    position = {n: (i, 0) for i, n in enumerate(graph.nodes)}
+    owner: dict[fx.Node, fx.Node] = {}  # block node -> the call that replaces it
     output_node = next(n for n in graph.nodes if n.op == "output")
     replaced: dict[fx.Node, fx.Node] = {}  # outputs of outlined blocks -> their getitem
     for k, block in enumerate(info.blocks):
@@ -85,24 +133,37 @@ def outline_blocks(gm: fx.GraphModule, config: AdaCorrConfig) -> fx.GraphModule:
         block.key = _structural_key(body)
         name = f"adacorr_body_{k}"
         gm.add_submodule(name, body)
+        at = position[block.nodes[0]][0]
         with graph.inserting_before(output_node):
             call = graph.call_module(name, tuple(block.inputs))
             call.meta["adacorr_block"] = block.path
             call.meta["example_value"] = tuple(example_value(o) for o in block.outputs)
+            position[call] = (at, 0)
             for j, out in enumerate(block.outputs):
                 item = graph.call_function(operator.getitem, (call, j))
                 item.meta = dict(out.meta)
+                position[item] = (at, 1 + j)
                 replaced[out] = item
                 node_set = set(block.nodes)
                 for user in list(out.users):
                     if user not in node_set:
                         user.replace_input_with(out, item)
+        for n in block.nodes:
+            owner[n] = call
         for n in reversed(block.nodes):
             graph.erase_node(n)
     for node in list(graph.nodes):  # shared subgraph attributes now copied into the bodies
         if node.op == "get_attr" and not node.users:
             graph.erase_node(node)
-    gm = legalize_graph(gm)  # installs a new, topologically sorted graph
+    live = set(graph.nodes)
+    after: dict[fx.Node, set[fx.Node]] = {}
+    for node, preds in mut.after.items():
+        node = owner.get(node, node)
+        for p in preds:
+            p = owner.get(p, p)
+            if p is not node and p in live and node in live:
+                after.setdefault(node, set()).add(p)
+    _stable_sort(graph, after, position)
     gm.graph.lint()
     gm.recompile()
     return gm

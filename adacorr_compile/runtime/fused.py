@@ -21,8 +21,9 @@ With ``lowering="eager"`` the same functions run eagerly. The math itself lives 
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -32,6 +33,19 @@ from ..config import AdaCorrConfig
 logger = logging.getLogger("adacorr_compile")
 
 Signature = tuple[Any, ...]
+
+
+@contextlib.contextmanager
+def _compiling_at_run_time() -> Iterator[None]:
+    """Compile at run time as Dynamo compiles: under its process-wide compile lock, so
+    that it never overlaps a Dynamo compile in another thread, and with its "compiling"
+    flag set (where this torch has it), so that a thread entering a compiled model
+    meanwhile does not take the FX tracing flag, which is process-wide, for its own."""
+    from torch._dynamo import convert_frame
+
+    session = getattr(torch.compiler, "_compile_session_context", contextlib.nullcontext)
+    with convert_frame.compile_lock, session():
+        yield
 
 
 def _signature(tensors: Sequence[torch.Tensor]) -> Signature:
@@ -85,8 +99,14 @@ class RegionMath:
         key = (name, n, _signature(tensors))
         compiled = self._fns.get(key)
         if compiled is None:
-            compiled = self._compile(name, fn, n, tensors)
-            self._fns[key] = compiled
+            # traced and compiled at run time, so under Dynamo's compile lock: FX tracing
+            # patches torch.nn.Module for its duration, which a Dynamo compile running in
+            # another thread would otherwise see (and build broken guards on)
+            with _compiling_at_run_time():
+                compiled = self._fns.get(key)
+                if compiled is None:
+                    compiled = self._compile(name, fn, n, tensors)
+                    self._fns[key] = compiled
         return tuple(compiled(*tensors))
 
     def _compile(self, name: str, fn: Callable[..., Any], n: int, tensors: list[torch.Tensor]) -> Callable[..., Any]:

@@ -1,23 +1,32 @@
 """GraphRuntime: the callable the backend hands back to Dynamo for one graph.
 
 It runs the lowered graph (glue compiled by Inductor, guarded regions in
-between) once per denoising step. Before each step it decides whether a new
-generation has begun: the timestep argument went up, or the shapes or dtypes of
-the model's inputs changed. Step counting happens here, on the host, outside any
-traced code, so Dynamo never guards on it and a sampling loop never recompiles.
+between) once per denoising step. Before each step it finds whose state the step
+runs on (the calling compiled model and module instance: :mod:`.owners`; Dynamo
+may hand one graph to several) and whether a new generation has begun
+(:meth:`GenerationState.begin_step`: the timestep turned back, the shapes or dtypes
+of the inputs changed, or the step count the user gave is done). Step counting
+happens here, on the host, outside any traced code, so Dynamo never guards on it
+and a sampling loop never recompiles. A graph with no timestep input has no
+generation signal: it never reuses a cache unless the user marks generations
+(``generation()``, or a step count), and says so in ``stats()["fallbacks"]``.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Any, Sequence
 
 import torch
 
+from .owners import calling_wrapper, state_on
 from .region import ACTIVE, Active, GuardedRegion
 from .state import GenerationState, ModelState
 
 logger = logging.getLogger("adacorr_compile")
+
+_IDS = itertools.count()
 
 
 class GraphRuntime:
@@ -31,51 +40,62 @@ class GraphRuntime:
         input_indices: Sequence[int],
         timestep_index: int | None,
         bodies_compiled: int,
+        owner_index: int | None = None,
     ) -> None:
-        self.model = model
-        self.id = len(model.graphs)
+        self.model = model  # the state of the compile that built this graph
+        self.id = next(_IDS)
         self.runner = runner
         self.regions = list(regions)
         self.input_indices = list(input_indices)  # non-parameter tensor inputs
         self.timestep_index = timestep_index
+        self.owner_index = owner_index  # the first parameter input: tells module instances apart
         self.bodies_compiled = bodies_compiled
         self.paths = {r.spec.path for r in self.regions}
-        model.graphs.append(self)
+        model.attach(self)
+        if timestep_index is None:
+            model.note(
+                f"graph {self.id}: no timestep input (option timestep_arg={model.config.timestep_arg!r}, no per-sample "
+                "float input): caches are reused only inside generation(model, num_steps=...) or after "
+                "reset(model, num_steps=...)"
+            )
+
+    def _model_for_call(self) -> ModelState:
+        wrapper = calling_wrapper()
+        if wrapper is None:
+            return self.model
+        model = state_on(wrapper, lambda: ModelState(self.model.config))
+        if model is not self.model:
+            model.attach(self)
+        return model
 
     def __call__(self, *args: Any) -> Any:
-        state = self.model.current()
+        model = self._model_for_call()
+        owner = model.owner_token(args[self.owner_index]) if self.owner_index is not None else 0
+        key = (owner, self.id)
+        state = model.current()
         with state.lock:
-            self._begin_step(state, args)
-            step = state.steps[self.id]
-            token = ACTIVE.set(Active(state, self.id, step))
+            self._begin_step(model, state, key, args)
+            step = state.steps[key]
+            known = self.timestep_index is not None or state.has_boundaries()
+            token = ACTIVE.set(Active(state, key, step, known))
             try:
                 out = self.runner(*args)
             finally:
                 ACTIVE.reset(token)
-            state.steps[self.id] = step + 1
+            state.steps[key] = step + 1
         return out
 
-    def _begin_step(self, state: GenerationState, args: Sequence[Any]) -> None:
-        if self.id not in state.steps and any(
-            g is not self and state.steps.get(g.id, 0) > 0 and g.paths & self.paths for g in self.model.graphs
+    def _begin_step(self, model: ModelState, state: GenerationState, key: Any, args: Sequence[Any]) -> None:
+        owner = key[0]
+        if key not in state.steps and any(
+            g is not self and state.steps.get((owner, g.id), 0) > 0 and g.paths & self.paths for g in model.graphs
         ):
             # Dynamo recompiled the same blocks for new input shapes or dtypes
             logger.info("adacorr: graph %d replaces graph(s) with the same blocks (new shapes or dtypes): new generation", self.id)
             state.new_generation("recompiled for new input shapes")
         signature = tuple((tuple(args[i].shape), args[i].dtype) for i in self.input_indices)
-        previous = state.signature.get(self.id)
-        if previous is not None and previous != signature:
-            logger.info("adacorr: input shapes or dtypes changed (%s -> %s): new generation", previous, signature)
-            state.new_generation("input shapes changed")
-        state.signature[self.id] = signature
+        timestep = None
         if self.timestep_index is not None:
             t = args[self.timestep_index]
-            value = float(t.detach().float().max()) if isinstance(t, torch.Tensor) else float(t)
-            last = state.last_t.get(self.id)
-            if last is not None and value > last + 1e-6 * max(1.0, abs(last)):
-                state.new_generation(f"timestep went up ({last:g} -> {value:g})")
-                state.signature[self.id] = signature
-            elif last is not None and value < last:
-                state.t_spacing[self.id] = last - value
-            state.last_t[self.id] = value
-        state.steps.setdefault(self.id, 0)
+            timestep = float(t.detach().float().max()) if isinstance(t, torch.Tensor) else float(t)
+        state.begin_step(key, signature, timestep)

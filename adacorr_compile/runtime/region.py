@@ -49,8 +49,9 @@ class Active:
     """What a region needs from the graph runtime during one step."""
 
     state: GenerationState
-    graph_id: int
+    graph_id: Any  # (owner token, graph id): the module instance and the graph it runs
     step: int
+    generation_known: bool = True  # a timestep or the user marks where generations end
 
 
 ACTIVE: contextvars.ContextVar[Active | None] = contextvars.ContextVar("adacorr_active_step", default=None)
@@ -84,7 +85,7 @@ def _per_sample(mask: list[bool], like: torch.Tensor) -> torch.Tensor:
 
 def _guarded_call(region: GuardedRegion, args: Sequence[Any], active: Active) -> tuple[torch.Tensor, ...]:
     cfg, spec, state = region.config, region.spec, active.state
-    cache = state.cache(spec.path)
+    cache = state.cache((active.graph_id[0], spec.path))
     stats = state.region_stats(spec.path)
     observed = [args[i] for i in spec.observed]
     signature = tuple((tuple(t.shape), t.dtype, t.device) for t in observed)
@@ -102,6 +103,7 @@ def _guarded_call(region: GuardedRegion, args: Sequence[Any], active: Active) ->
         consecutive_reuses=cache.consecutive,
         has_cache=has_cache,
         is_first_region=spec.order == 0,
+        generation_known=active.generation_known,
     )
     forced = guards.forced(cfg)
 

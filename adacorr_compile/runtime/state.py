@@ -1,18 +1,21 @@
 """Runtime state, apart from config: cache tensors, step counters and statistics.
 
-One :class:`ModelState` per ``torch.compile`` call (two compiled models never
-share state). It holds a default :class:`GenerationState` and, per
-:func:`adacorr_compile.generation` context, a private one: the active state is
-looked up through a ``contextvars.ContextVar``, so two threads (or asyncio tasks)
-sampling with one compiled model in their own ``generation()`` contexts never see
-each other's cache. Caches are keyed by the block's module path, so they survive
-a recompilation (new graph, same blocks) and are shared by graph pieces of one
-model split by graph breaks.
+One :class:`ModelState` per compiled model (per ``torch.compile`` call, whatever
+graphs Dynamo shares between calls: :mod:`.owners`). Inside it, the active
+:class:`GenerationState` is the one of the innermost
+:func:`adacorr_compile.generation` context (a ``contextvars.ContextVar``: private to
+its thread or asyncio task), else the calling thread's default one: two threads
+sampling with one compiled model never see each other's cache. Within a generation,
+caches and step counters are kept per module instance (an owner token from the
+graph's first parameter) and per block path, so two models of one class run by one
+compiled function never share a cache, and a recompilation (new graph, same blocks)
+finds the caches of its blocks.
 """
 
 from __future__ import annotations
 
 import contextvars
+import itertools
 import math
 import logging
 import threading
@@ -20,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..config import AdaCorrConfig
 
@@ -135,28 +139,33 @@ class RegionStats:
         }
 
 
+GraphKey = Any  # (owner token, graph id): one module instance running one compiled graph
+
+
 class GenerationState:
     """Everything that changes while sampling; one per generation context."""
 
-    def __init__(self, num_steps: int | None = None) -> None:
+    def __init__(self, num_steps: int | None = None, private: bool = False) -> None:
         self.num_steps = num_steps  # told by the user
+        self.private = private  # a generation() context: its end is a generation boundary
         self.learned_steps: int | None = None  # length of the previous generation
-        self.steps: dict[int, int] = {}  # graph id -> calls in this generation
-        self.last_t: dict[int, float] = {}
-        self.t_spacing: dict[int, float] = {}  # graph id -> last timestep decrement
-        self.signature: dict[int, tuple] = {}
-        self.caches: dict[str, RegionCache] = {}
+        self.steps: dict[GraphKey, int] = {}  # calls in this generation
+        self.last_t: dict[GraphKey, float] = {}
+        self.t_spacing: dict[GraphKey, float] = {}  # last timestep change (absolute)
+        self.t_direction: dict[GraphKey, int] = {}  # +1 rising, -1 falling, within this generation
+        self.signature: dict[GraphKey, tuple] = {}
+        self.caches: dict[Any, RegionCache] = {}  # (owner token, block path) -> cache
         self.stats: dict[str, RegionStats] = {}
-        # graph id -> what the graph's regions share within a step: FBCache's first-block
+        # graph key -> what the graph's regions share within a step: FBCache's first-block
         # residual and verdict; with scope="step" the leader's residuals and the probe's verdict
-        self.shared: dict[int, dict[str, Any]] = {}
+        self.shared: dict[GraphKey, dict[str, Any]] = {}
         self.generations = 0
         self.lock = threading.RLock()
 
-    def cache(self, path: str) -> RegionCache:
-        c = self.caches.get(path)
+    def cache(self, key: Any) -> RegionCache:
+        c = self.caches.get(key)
         if c is None:
-            c = self.caches[path] = RegionCache()
+            c = self.caches[key] = RegionCache()
         return c
 
     def region_stats(self, path: str) -> RegionStats:
@@ -165,18 +174,53 @@ class GenerationState:
             s = self.stats[path] = RegionStats(path)
         return s
 
-    def steps_left(self, graph_id: int, step: int) -> int | None:
+    def has_boundaries(self) -> bool:
+        """The user marks where generations end: a ``generation()`` context or a step count."""
+        return self.private or self.num_steps is not None
+
+    def begin_step(self, key: GraphKey, signature: tuple, timestep: float | None) -> None:
+        """Before a call of graph ``key``: start a new generation where one begins.
+
+        A generation is a monotone run of timesteps, falling (DDPM/DDIM, most
+        flow-matching pipelines) or rising (pipelines that pass ``1 - sigma``); a step
+        against the run's direction starts a new one, as do changed input shapes or
+        dtypes and, when ``num_steps`` is known, a call after the last step. A repeated
+        timestep (second-order solvers) continues the run."""
+        if self.num_steps is not None and self.steps.get(key, 0) >= self.num_steps:
+            self.new_generation(f"{self.num_steps} steps done")
+        previous = self.signature.get(key)
+        if previous is not None and previous != signature:
+            logger.info("adacorr: input shapes or dtypes changed (%s -> %s): new generation", previous, signature)
+            self.new_generation("input shapes changed")
+        if timestep is not None:
+            last = self.last_t.get(key)
+            delta = 0.0 if last is None else timestep - last
+            if last is not None and abs(delta) > 1e-6 * max(1.0, abs(last)):
+                direction = 1 if delta > 0 else -1
+                run = self.t_direction.get(key)
+                if run is not None and run != direction:
+                    self.new_generation(f"timestep turned back ({last:g} -> {timestep:g})")
+                else:
+                    self.t_direction[key] = direction
+                    self.t_spacing[key] = abs(delta)
+            self.last_t[key] = timestep
+        self.signature[key] = signature
+        self.steps.setdefault(key, 0)
+
+    def steps_left(self, key: GraphKey, step: int) -> int | None:
         """Steps after ``step`` in this generation: from ``num_steps`` if the user gave it;
-        else extrapolated from the timestep (it falls by about the same amount each step
-        and the last call is at most one spacing above 0: ``ceil(t / spacing) - 1`` steps
-        remain; DDIM's last call is at t=1 with spacing 20, a flow-matching Euler
-        sampler's at t=1/N with spacing 1/N); else from the length of
-        the previous generation; else unknown."""
+        else extrapolated from a falling timestep (it falls by about the same amount each
+        step and the last call is at most one spacing above 0: ``ceil(t / spacing) - 1``
+        steps remain; DDIM's last call is at t=1 with spacing 20, a flow-matching Euler
+        sampler's at t=1/N with spacing 1/N), or from a rising one in [0, 1] (it ends
+        below 1); else from the length of the previous generation; else unknown."""
         if self.num_steps is not None:
             return self.num_steps - 1 - step
-        t, dt = self.last_t.get(graph_id), self.t_spacing.get(graph_id)
-        if t is not None and dt is not None and dt > 0 and t >= 0:
-            return math.ceil(t / dt - 1e-3) - 1 if t / dt < 1e6 else None
+        t, dt, direction = self.last_t.get(key), self.t_spacing.get(key), self.t_direction.get(key)
+        if t is not None and dt is not None and dt > 0:
+            remaining = t if direction == -1 else (1.0 - t if 0.0 <= t <= 1.0 else None)
+            if remaining is not None and remaining >= 0 and remaining / dt < 1e6:
+                return math.ceil(remaining / dt - 1e-3) - 1
         if self.learned_steps is not None:
             return self.learned_steps - 1 - step
         return None
@@ -195,6 +239,7 @@ class GenerationState:
         self.steps.clear()
         self.last_t.clear()
         self.t_spacing.clear()
+        self.t_direction.clear()
         self.signature.clear()
         self.shared.clear()
 
@@ -226,20 +271,61 @@ def summarize(state: GenerationState, paths: list[str]) -> dict[str, Any]:
 
 
 class ModelState:
-    """State of one compiled model: its config, graph runtimes and generation states."""
+    """State of one compiled model: its config, graph runtimes and generation states.
+
+    The default generation state is per thread; a ``generation()`` context is private to
+    its thread or task. A copy (``copy.deepcopy``, ``pickle``) of a compiled model is a
+    new compiled model: it gets a fresh state with the same config."""
 
     def __init__(self, config: AdaCorrConfig) -> None:
         self.config = config
-        self.default = GenerationState()
+        self._thread = threading.local()
         self.active: contextvars.ContextVar[GenerationState | None] = contextvars.ContextVar(
             f"adacorr_generation_{id(self)}", default=None
         )
-        self.graphs: list[Any] = []  # GraphRuntime objects, in compile order
-        self.fallbacks: list[str] = []  # reasons of graphs compiled without regions
+        self.graphs: list[Any] = []  # GraphRuntime objects this model has run or compiled, in that order
+        self.fallbacks: list[str] = []  # reasons of graphs compiled without regions (or caching)
+        self._owners = WeakIdKeyDictionary()  # first parameter -> owner token
+        self._tokens = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (ModelState, (self.config,))
+
+    @property
+    def default(self) -> GenerationState:
+        """The calling thread's default generation state."""
+        state = getattr(self._thread, "state", None)
+        if state is None:
+            state = self._thread.state = GenerationState()
+        return state
 
     def current(self) -> GenerationState:
         state = self.active.get()
         return self.default if state is None else state
+
+    def attach(self, graph: Any) -> None:
+        """Record a graph runtime this model runs (Dynamo may share one between models)."""
+        if not any(g is graph for g in self.graphs):
+            with self._lock:
+                if not any(g is graph for g in self.graphs):
+                    self.graphs.append(graph)
+
+    def note(self, reason: str) -> None:
+        """Record why something runs without caching (``stats()["fallbacks"]``), once."""
+        with self._lock:
+            if reason not in self.fallbacks:
+                self.fallbacks.append(reason)
+
+    def owner_token(self, first_param: Any) -> int:
+        """A small int per module instance, from the identity of its first parameter."""
+        token = self._owners.get(first_param)
+        if token is None:
+            with self._lock:
+                token = self._owners.get(first_param)
+                if token is None:
+                    token = self._owners[first_param] = next(self._tokens)
+        return token
 
     def regions(self) -> list[Any]:
         seen: dict[str, Any] = {}
