@@ -8,13 +8,12 @@ reference families' fast cases; the rest is marked ``slow`` and runs in
 ``benchmarks/validate_trust.py`` (``ADACORR_SLOW=1 python -m pytest -m slow tests``).
 """
 
-import threading
-
 import pytest
 import torch
 
 import adacorr_compile
 from adacorr_compile.tiny import ALL_FAMILIES, TRUST_FAMILIES
+from threads import run_together
 
 FAMILIES = {**ALL_FAMILIES, **TRUST_FAMILIES}
 NEVER = {"policy": "never"}
@@ -111,23 +110,7 @@ def test_never_worse_than_plain_compile(family, scenario):
     elif scenario == "threads":
         want = [_call(model, calls[0])]
         ours = torch.compile(model, backend="adacorr", options=NEVER)
-        results, errors = [], []
-        barrier = threading.Barrier(4)
-
-        def worker():
-            try:
-                barrier.wait()
-                results.append(_call(ours, calls[0]))
-            except Exception as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=worker) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not errors, errors
-        _assert_all_close(results, want * 4)
+        _assert_all_close(run_together([lambda: _call(ours, calls[0])] * 4), want * 4)
     elif scenario == "caching":
         ours = torch.compile(model, backend="adacorr", options={"reuse_threshold": 1.0, "lowering": "eager"})
         steps = _schedule(inputs, 6)

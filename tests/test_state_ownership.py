@@ -5,13 +5,12 @@ pickles (issue 11, items 1, 3, 4, 7, 8)."""
 
 import copy
 import pickle
-import threading
-
 import pytest
 import torch
 
 import adacorr_compile
 from adacorr_compile.tiny import tiny_dit
+from threads import run_together
 
 REUSE = {"lowering": "eager", "reuse_threshold": 1.0}  # reuse wherever the guards allow
 
@@ -172,24 +171,9 @@ def test_threads_without_generation_each_get_their_own_state():
     _steps(fast, inputs, 2)  # compile before the threads start
     adacorr_compile.reset(fast)
     reference = {s: _steps(fast, inputs, 8, shift=s) for s in shifts}  # one thread, one after another
-    results, errors = {}, []
-    barrier = threading.Barrier(len(shifts))
-
-    def worker(shift):
-        try:
-            barrier.wait()
-            results[shift] = _steps(fast, inputs, 8, shift=shift)
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker, args=(s,)) for s in shifts]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    for s in shifts:
-        for got, want in zip(results[s], reference[s]):
+    results = run_together([lambda s=s: _steps(fast, inputs, 8, shift=s) for s in shifts])
+    for s, outs in zip(shifts, results):
+        for got, want in zip(outs, reference[s]):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
@@ -199,24 +183,11 @@ def test_cold_first_call_from_four_threads(lowering):
     fast = torch.compile(model, backend="adacorr", options={"lowering": lowering, "policy": "never"})
     with torch.no_grad():
         want = model(**inputs(0, 900.0)).sample
-    results, errors = [], []
-    barrier = threading.Barrier(4)
+    def two_calls():
+        with torch.no_grad():
+            return [fast(**inputs(0, 900.0)).sample for _ in range(2)]
 
-    def worker():
-        try:
-            barrier.wait()
-            with torch.no_grad():
-                for k in range(2):
-                    results.append(fast(**inputs(0, 900.0)).sample)
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    results = [out for outs in run_together([two_calls] * 4) for out in outs]
     assert len(results) == 8
     for out in results:
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)

@@ -15,6 +15,11 @@ Eagerly, the relative score alone is about ten reductions over the block input
 ``make_fx`` for the exact input signature the first time it is met and compiled by
 Inductor into a few fused kernels; signatures are cached here, one object per lowered
 graph (no Dynamo, so no guards and no recompiles of the user's model are involved).
+Shapes that change (a new resolution, ``dynamic=True``): when a function meets a second
+shape of the same ranks, dtypes and devices, it is traced once more with symbolic sizes
+and compiled for any size; that kernel serves every later shape whose values pass the
+guards its shape environment recorded (checked once per new shape, with static sizes
+guarded too), and a shape that fails them gets a kernel of its own.
 With ``lowering="eager"`` the same functions run eagerly. The math itself lives in
 :mod:`adacorr_compile.oem` and :mod:`adacorr_compile.acm`.
 """
@@ -52,6 +57,20 @@ def _signature(tensors: Sequence[torch.Tensor]) -> Signature:
     return tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
 
 
+def _kind(signature: Signature) -> tuple[Any, ...]:
+    """A signature without its sizes: ranks, dtypes and devices."""
+    return tuple((len(shape), dtype, device) for shape, dtype, device in signature)
+
+
+def _guards_hold(shape_env: Any, fakes: list[Any], tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether a kernel compiled for ``fakes`` (symbolic sizes) is valid for ``tensors``:
+    every guard its shape environment recorded, static sizes included, holds."""
+    try:
+        return bool(shape_env.evaluate_guards_for_args(fakes, list(tensors), ignore_static=False))
+    except Exception:  # noqa: BLE001 - cannot tell: not valid
+        return False
+
+
 class RegionMath:
     """The per-step math of the regions of one lowered graph (see module docstring)."""
 
@@ -59,6 +78,8 @@ class RegionMath:
         self.config = config
         self.compiled_kernels = 0
         self._fns: dict[tuple[str, Signature], Callable[..., Any]] = {}
+        # (name, n, ranks/dtypes/devices) -> [(shape env, fake inputs, kernel for any size)]
+        self._dynamic: dict[tuple[Any, ...], list[tuple[Any, list[Any], Callable[..., Any]]]] = {}
 
     # ---------------------------------------------------------------- the math
     def _measure(self, n: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -105,9 +126,45 @@ class RegionMath:
             with _compiling_at_run_time():
                 compiled = self._fns.get(key)
                 if compiled is None:
-                    compiled = self._compile(name, fn, n, tensors)
+                    compiled = self._for_new_shape(name, fn, n, tensors)
                     self._fns[key] = compiled
         return tuple(compiled(*tensors))
+
+    def _for_new_shape(self, name: str, fn: Callable[..., Any], n: int, tensors: list[torch.Tensor]) -> Callable[..., Any]:
+        """A kernel for a signature met for the first time: the symbolic one of its kind
+        if its guards hold, a symbolic one compiled now if the function has met another
+        shape of the same kind before, else one for this exact signature."""
+        kind = (name, n, tuple((t.dim(), t.dtype, t.device) for t in tensors))
+        for shape_env, fakes, compiled in self._dynamic.get(kind, ()):
+            if _guards_hold(shape_env, fakes, tensors):
+                return compiled
+        seen_kind = any(k[0] == name and k[1] == n and _kind(k[2]) == kind[2] for k in self._fns)
+        if seen_kind and len(self._dynamic.get(kind, ())) < 2:
+            entry = self._compile_dynamic(name, fn, n, tensors)
+            if entry is not None:
+                self._dynamic.setdefault(kind, []).append(entry)
+                if _guards_hold(entry[0], entry[1], tensors):
+                    return entry[2]
+        return self._compile(name, fn, n, tensors)
+
+    def _compile_dynamic(self, name: str, fn: Callable[..., Any], n: int, tensors: list[torch.Tensor]) -> tuple[Any, list[Any], Callable[..., Any]] | None:
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        from ..passes.lower import compile_graph
+
+        try:
+            examples = [t.contiguous() for t in tensors]
+            gm = make_fx(lambda *ts: fn(n, *ts), tracing_mode="symbolic")(*examples)
+            fakes = [node.meta["val"] for node in gm.graph.nodes if node.op == "placeholder"]
+            shape_env = next(f.fake_mode.shape_env for f in fakes if hasattr(f, "fake_mode"))
+            compiled = compile_graph(gm, fakes, self.config.replace(lowering="inductor"), f"region {name} (any size)")
+        except Exception as exc:  # noqa: BLE001 - a kernel per shape then, as before
+            logger.info("adacorr: region %s math not compiled for symbolic sizes (%s: %s); one kernel per shape",
+                        name, type(exc).__name__, exc)
+            return None
+        self.compiled_kernels += 1
+        logger.debug("adacorr: compiled region %s math for symbolic sizes", name)
+        return shape_env, fakes, compiled
 
     def _compile(self, name: str, fn: Callable[..., Any], n: int, tensors: list[torch.Tensor]) -> Callable[..., Any]:
         from torch.fx.experimental.proxy_tensor import make_fx
