@@ -258,15 +258,17 @@ class PlainDiT(torch.nn.Module):
         return (out,)
 
 
+def _plain_inputs(step: int, t: float, batch: int = 2):
+    """Forward kwargs of the plain-torch DiTs: 4x8x8 latents drifting with ``step``, a ``[B]`` timestep."""
+    g = torch.Generator().manual_seed(1)
+    return dict(hidden_states=torch.randn(batch, 4, 8, 8, generator=g) + 0.01 * step, timestep=torch.full((batch,), t))
+
+
 def tiny_plain(depth: int = 4):
     torch.manual_seed(0)
     model = PlainDiT(depth=depth).eval()
 
-    def inputs(step: int, t: float, batch: int = 2):
-        g = torch.Generator().manual_seed(1)
-        return dict(hidden_states=torch.randn(batch, 4, 8, 8, generator=g) + 0.01 * step, timestep=torch.full((batch,), t))
-
-    return model, inputs
+    return model, _plain_inputs
 
 
 class _NestedBlock(_PlainBlock):
@@ -406,11 +408,7 @@ def tiny_plain_inplace(depth: int = 3):
     torch.manual_seed(0)
     model = InplaceDiT(depth=depth).eval()
 
-    def inputs(step: int, t: float, batch: int = 2):
-        g = torch.Generator().manual_seed(1)
-        return dict(hidden_states=torch.randn(batch, 4, 8, 8, generator=g) + 0.01 * step, timestep=torch.full((batch,), t))
-
-    return model, inputs
+    return model, _plain_inputs
 
 
 # {name: (factory, expected region paths)}; an empty list: the family falls back with a reason
