@@ -286,3 +286,26 @@ def test_unshare_scalars_moves_sizes_out_of_blocks():
     size.meta["example_value"] = 4
     assert fb.unshare_scalars(graph) == 1
     assert fb._block_of(size) is None and fb._block_of(inner) == ("blocks.0", "Module")
+
+
+# --------------------------------------------------------------- region math, changing shapes
+def test_region_math_follows_changing_shapes():
+    """The per-step region math compiles once per shape, then once for any size: later
+    shapes of the same ranks reuse that kernel where its guards hold (a size of 1,
+    specialized when traced, gets its own), and every result equals the eager math."""
+    from adacorr_compile.config import AdaCorrConfig
+    from adacorr_compile.runtime.fused import RegionMath
+
+    cfg = AdaCorrConfig()
+    fused, eager = RegionMath(cfg), RegionMath(cfg.replace(lowering="eager"))
+    g = torch.Generator().manual_seed(0)
+    kernels = []
+    with torch.no_grad():
+        for shape in [(2, 16, 8), (2, 36, 8), (3, 64, 8), (2, 1, 8), (2, 36, 8)]:
+            h, r = [torch.randn(*shape, generator=g)], [torch.randn(*shape, generator=g)]
+            valid = torch.tensor(True)
+            for a, b in zip(fused.measure(h, r, valid), eager.measure(h, r, valid)):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+            kernels.append(fused.compiled_kernels)
+    # one for the exact shape, one for any size, none more until the size-1 shape
+    assert kernels == [1, 2, 2, 3, 3]

@@ -360,12 +360,17 @@ def unshare_scalars(graph: fx.Graph) -> int:
 
 def _same(a: object, b: object) -> bool:
     """Same shape and dtype, and token-shaped (``[B, tokens..., channels]``, rank >= 3):
-    a Transformer block's stream, not a vector such as an embedding MLP's."""
+    a Transformer block's stream, not a vector such as an embedding MLP's. Symbolic
+    sizes are equal only when provably so: the comparison adds no guard to the graph
+    (``(s0//2)*(s1//2) == s2`` is not asked of the shape environment)."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
     return (
         isinstance(a, torch.Tensor)
         and isinstance(b, torch.Tensor)
         and a.dim() >= 3
-        and tuple(a.shape) == tuple(b.shape)
+        and a.dim() == b.dim()
+        and all(statically_known_true(x == y) for x, y in zip(a.shape, b.shape))
         and a.dtype == b.dtype
     )
 
