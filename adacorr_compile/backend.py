@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import sys
 from typing import Any, Callable
 
 import torch
@@ -20,6 +21,7 @@ from .passes import PASSES
 from .passes.common import Analysis, analysis, dump, example_value
 from .passes.find_blocks import _is_param
 from .passes.lower import compile_graph
+from .runtime import contexts
 from .runtime.graph import GraphRuntime
 from .runtime.owners import compiling_wrapper, state_on
 from .runtime.state import ModelState
@@ -29,6 +31,12 @@ logger = logging.getLogger("adacorr_compile")
 # forward argument names that carry a diffusion timestep (or noise level), tried after
 # ``timestep_arg`` while it has its default value
 _TIMESTEP_NAMES = ("timestep", "timesteps", "t", "time", "sigma", "sigmas", "noise_level")
+
+
+# diffusers' cache_context (cond / uncond, step index) is recorded from the moment this
+# module is imported (torch.compile(..., backend="adacorr") imports it), or from when
+# diffusers' hooks are: before the first call of a model either way
+contexts.install_when_loaded()
 
 
 def model_state_for(wrapper: Any | None, config: AdaCorrConfig) -> ModelState:
@@ -51,8 +59,9 @@ def _fallback(gm: fx.GraphModule, example_inputs: list[Any], config: AdaCorrConf
     pending = sys.exc_info()[1]  # set when called from the backend's ``except`` clause
     if isinstance(pending, RestartAnalysis):
         raise pending
-    logger.warning("adacorr: compiling without cache guards: %s", reason)
-    model.fallbacks.append(reason)
+    if reason not in model.fallbacks:  # once per model and reason (Dynamo may compile many such graphs)
+        logger.warning("adacorr: compiling without cache guards: %s", reason)
+    model.note(reason)
     source_meta = getattr(gm.graph, "_adacorr_source_meta", None)  # see _copy_graph
     if source_meta:
         for key, value in source_meta.items():
@@ -85,6 +94,45 @@ def _frame_arguments() -> tuple[tuple[str, ...], bool, str] | None:
     code = tx.f_code
     count = code.co_argcount + code.co_kwonlyargcount
     return code.co_varnames[:count], bool(code.co_flags & inspect.CO_VARKEYWORDS), code.co_name
+
+
+def _compiled_module() -> torch.nn.Module | None:
+    """The module of the ``torch.compile``d model being called (the innermost
+    ``OptimizedModule`` on the stack), else the module whose frame Dynamo compiles
+    (``self``, or a diffusers hook's ``module``), else None."""
+    frame = sys._getframe(1)
+    try:
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, torch._dynamo.eval_frame.OptimizedModule):
+                return owner._orig_mod
+            frame = frame.f_back
+    finally:
+        del frame
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+    except Exception:  # noqa: BLE001 - not inside Dynamo (a direct backend call) or another torch
+        return None
+    for name in ("module", "self"):
+        value = getattr(tx, "f_locals", {}).get(name) if tx is not None else None
+        if isinstance(value, torch.nn.Module):
+            return value
+    return None
+
+
+def _diffusers_cache_conflict() -> str | None:
+    """Why not to guard this graph: diffusers' own cache hooks run on the module, or None."""
+    module = _compiled_module()
+    hooks = contexts.diffusers_cache_hooks(module) if module is not None else []
+    if not hooks:
+        return None
+    return (
+        f"diffusers cache hooks are enabled on this {type(module).__name__} ({', '.join(hooks[:3])}"
+        f"{', ...' if len(hooks) > 3 else ''}: enable_cache): they decide which blocks run, so adacorr adds no "
+        "cache guards; call model.disable_cache() to use adacorr's"
+    )
 
 
 def check_timestep_arg(config: AdaCorrConfig) -> None:
@@ -157,6 +205,10 @@ def adacorr_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Any 
         config = config.replace(inductor_mode=mode)
     model = model_state_for(compiling_wrapper(), config)
     model.config = config
+    contexts.install()  # read diffusers' cache_context (cond / uncond, step index) from now on
+    conflict = _diffusers_cache_conflict()
+    if conflict is not None:
+        return _fallback(gm, example_inputs, config, model, conflict)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
         return _fallback(gm, example_inputs, config, model, "gradients are enabled; caching is for inference (call under torch.no_grad() or torch.inference_mode())")

@@ -492,16 +492,11 @@ def find_blocks(gm: fx.GraphModule, config: AdaCorrConfig) -> fx.GraphModule:
                 info.skip(block.path, f"an output (shapes {shapes}) has no token-shaped input (rank >= 3) of the same shape and dtype to be its residual stream")
                 continue
             block.stream_pairs = pairs
-            paired = {i for i, _ in pairs}
-            extra = [
-                i
-                for i, n in enumerate(block.inputs)
-                if i not in paired
-                and i not in block.param_inputs
-                and isinstance(example_value(n), torch.Tensor)
-                and example_value(n).dim() >= 3
-            ]
-            block.observed = sorted(paired) + extra
+            # the OEM watches the streams the block transforms, nothing else: side inputs
+            # (attention-mask biases, timestep projections, rotary tables, constant text
+            # states) do not say how far the block's input drifted, and a padded mask's
+            # -10000 entries would swamp the spatial term
+            block.observed = sorted({i for i, _ in pairs})
             blocks.append(block)
 
     blocks.sort(key=lambda b: order[b.nodes[0]])

@@ -10,6 +10,10 @@ happens here, on the host, outside any traced code, so Dynamo never guards on it
 and a sampling loop never recompiles. A graph with no timestep input has no
 generation signal: it never reuses a cache unless the user marks generations
 (``generation()``, or a step count), and says so in ``stats()["fallbacks"]``.
+
+Inside a diffusers ``cache_context`` (:mod:`.contexts`), each context name (``"cond"``,
+``"uncond"``, ...) keeps its own caches and counters within the generation, and the
+pipeline's step index, step count and timestep replace the ones guessed here.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
+from . import contexts
 from .owners import calling_wrapper, state_on
 from .region import ACTIVE, Active, GuardedRegion
 from .state import GenerationState, ModelState
@@ -51,6 +56,11 @@ class GraphRuntime:
         self.owner_index = owner_index  # the first parameter input: tells module instances apart
         self.bodies_compiled = bodies_compiled
         self.paths = {r.spec.path for r in self.regions}
+        # a recompilation of the same blocks (new shapes, a guard that failed) takes the
+        # place of the graph it replaces: one step counter, so a recompile for a reason
+        # other than the inputs (diffusers sets an attribute on the first cache_context)
+        # continues the generation, and changed inputs end it (GenerationState.begin_step)
+        self.slot = next((g.slot for g in model.graphs if g.paths & self.paths), self.id)
         model.attach(self)
         if timestep_index is None:
             model.note(
@@ -70,32 +80,38 @@ class GraphRuntime:
 
     def __call__(self, *args: Any) -> Any:
         model = self._model_for_call()
-        owner = model.owner_token(args[self.owner_index]) if self.owner_index is not None else 0
-        key = (owner, self.id)
+        param = args[self.owner_index] if self.owner_index is not None else None
+        owner: Any = model.owner_token(param) if param is not None else 0
+        found = contexts.context_for(param)
+        context = None
+        if found is not None:
+            context = found[0]
+            owner = (owner, context.name)  # cond and uncond: their own caches and counters
+        key = (owner, self.slot)
         state = model.current()
         with state.lock:
-            self._begin_step(model, state, key, args)
-            step = state.steps[key]
-            known = self.timestep_index is not None or state.has_boundaries()
+            step = self._begin_step(model, state, key, args, context)
+            known = self.timestep_index is not None or state.has_boundaries() or (
+                context is not None and context.step_index is not None
+            )
             token = ACTIVE.set(Active(state, key, step, known))
             try:
                 out = self.runner(*args)
             finally:
                 ACTIVE.reset(token)
-            state.steps[key] = step + 1
+            state.steps[key] += 1
         return out
 
-    def _begin_step(self, model: ModelState, state: GenerationState, key: Any, args: Sequence[Any]) -> None:
-        owner = key[0]
-        if key not in state.steps and any(
-            g is not self and state.steps.get((owner, g.id), 0) > 0 and g.paths & self.paths for g in model.graphs
-        ):
-            # Dynamo recompiled the same blocks for new input shapes or dtypes
-            logger.info("adacorr: graph %d replaces graph(s) with the same blocks (new shapes or dtypes): new generation", self.id)
-            state.new_generation("recompiled for new input shapes")
+    def _begin_step(
+        self, model: ModelState, state: GenerationState, key: Any, args: Sequence[Any], context: contexts.CallContext | None
+    ) -> int:
         signature = tuple((tuple(args[i].shape), args[i].dtype) for i in self.input_indices)
         timestep = None
-        if self.timestep_index is not None:
+        if context is not None and context.timestep is not None:
+            timestep = context.timestep
+        elif self.timestep_index is not None:
             t = args[self.timestep_index]
             timestep = float(t.detach().float().max()) if isinstance(t, torch.Tensor) else float(t)
-        state.begin_step(key, signature, timestep)
+        if context is None:
+            return state.begin_step(key, signature, timestep)
+        return state.begin_step(key, signature, timestep, context.step_index, context.num_steps)

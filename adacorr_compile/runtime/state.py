@@ -154,6 +154,8 @@ class GenerationState:
         self.t_spacing: dict[GraphKey, float] = {}  # last timestep change (absolute)
         self.t_direction: dict[GraphKey, int] = {}  # +1 rising, -1 falling, within this generation
         self.signature: dict[GraphKey, tuple] = {}
+        self.index: dict[GraphKey, int] = {}  # the pipeline's step index of the last call (cache_context)
+        self.total: dict[GraphKey, int] = {}  # the pipeline's number of steps (cache_context)
         self.caches: dict[Any, RegionCache] = {}  # (owner token, block path) -> cache
         self.stats: dict[str, RegionStats] = {}
         # graph key -> what the graph's regions share within a step: FBCache's first-block
@@ -178,15 +180,29 @@ class GenerationState:
         """The user marks where generations end: a ``generation()`` context or a step count."""
         return self.private or self.num_steps is not None
 
-    def begin_step(self, key: GraphKey, signature: tuple, timestep: float | None) -> None:
-        """Before a call of graph ``key``: start a new generation where one begins.
+    def begin_step(
+        self,
+        key: GraphKey,
+        signature: tuple,
+        timestep: float | None,
+        step_index: int | None = None,
+        total: int | None = None,
+    ) -> int:
+        """Before a call of graph ``key``: start a new generation where one begins, and
+        return the call's step (the pipeline's ``step_index`` when it gives one, else
+        the number of calls so far in this generation).
 
         A generation is a monotone run of timesteps, falling (DDPM/DDIM, most
         flow-matching pipelines) or rising (pipelines that pass ``1 - sigma``); a step
         against the run's direction starts a new one, as do changed input shapes or
-        dtypes and, when ``num_steps`` is known, a call after the last step. A repeated
-        timestep (second-order solvers) continues the run."""
-        if self.num_steps is not None and self.steps.get(key, 0) >= self.num_steps:
+        dtypes, a pipeline step index that goes back (or repeats 0) and, when
+        ``num_steps`` is known, a call after the last step. A repeated timestep
+        (second-order solvers) continues the run."""
+        if step_index is not None:
+            last_index = self.index.get(key)
+            if last_index is not None and (step_index < last_index or step_index == last_index == 0):
+                self.new_generation(f"step index went back ({last_index} -> {step_index})")
+        elif self.num_steps is not None and self.steps.get(key, 0) >= self.num_steps:
             self.new_generation(f"{self.num_steps} steps done")
         previous = self.signature.get(key)
         if previous is not None and previous != signature:
@@ -205,7 +221,12 @@ class GenerationState:
                     self.t_spacing[key] = abs(delta)
             self.last_t[key] = timestep
         self.signature[key] = signature
-        self.steps.setdefault(key, 0)
+        count = self.steps.setdefault(key, 0)
+        if step_index is not None:
+            self.index[key] = step_index
+        if total is not None:
+            self.total[key] = total
+        return count if step_index is None else step_index
 
     def steps_left(self, key: GraphKey, step: int) -> int | None:
         """Steps after ``step`` in this generation: from ``num_steps`` if the user gave it;
@@ -213,7 +234,11 @@ class GenerationState:
         step and the last call is at most one spacing above 0: ``ceil(t / spacing) - 1``
         steps remain; DDIM's last call is at t=1 with spacing 20, a flow-matching Euler
         sampler's at t=1/N with spacing 1/N), or from a rising one in [0, 1] (it ends
-        below 1); else from the length of the previous generation; else unknown."""
+        below 1); else from the length of the previous generation; else unknown. A
+        pipeline's step count (``cache_context(num_inference_steps=...)``) comes first."""
+        total = self.total.get(key)
+        if total is not None:
+            return total - 1 - step
         if self.num_steps is not None:
             return self.num_steps - 1 - step
         t, dt, direction = self.last_t.get(key), self.t_spacing.get(key), self.t_direction.get(key)
@@ -241,6 +266,8 @@ class GenerationState:
         self.t_spacing.clear()
         self.t_direction.clear()
         self.signature.clear()
+        self.index.clear()
+        self.total.clear()
         self.shared.clear()
 
     def reset(self, num_steps: int | None = None) -> None:
