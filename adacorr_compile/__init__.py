@@ -4,10 +4,10 @@
 cache-guarded region implementing AdaCorrection (arXiv 2602.13357).
 """
 
-from .api import generation, regions, reset, stats
+from .api import cache_context, generation, regions, reset, stats
 from .report import report
 from .backend import adacorr_backend
 from .config import AdaCorrConfig
 
-__all__ = ["AdaCorrConfig", "adacorr_backend", "generation", "regions", "report", "reset", "stats"]
+__all__ = ["AdaCorrConfig", "adacorr_backend", "cache_context", "generation", "regions", "report", "reset", "stats"]
 __version__ = "0.1.0"

@@ -6,7 +6,10 @@ import contextlib
 import operator
 from typing import Any, Iterator
 
+import torch
+
 from .config import AdaCorrConfig
+from .runtime import contexts
 from .runtime.graph import GraphRuntime
 from .runtime.owners import STATE_ATTR, compile_wrapper_of, state_on
 from .runtime.state import GenerationState, ModelState, summarize
@@ -97,3 +100,35 @@ def _generation(compiled: Any, num_steps: int | None) -> Iterator[GenerationStat
         yield state
     finally:
         model.active.reset(token)
+
+
+def cache_context(
+    model: Any,
+    name: str,
+    *,
+    step_index: int | None = None,
+    num_inference_steps: int | None = None,
+    timestep: float | None = None,
+) -> contextlib.AbstractContextManager[None]:
+    """What diffusers' ``model.cache_context(name, step_index=..., ...)`` tells the backend,
+    for models that lack it (plain ``nn.Module``s, diffusers models without ``CacheMixin``)
+    and hand-written sampling loops: calls of ``model`` in the block belong to the context
+    ``name`` (each name keeps its own caches and counters, e.g. ``"cond"`` and
+    ``"uncond"`` when CFG is two calls per step); ``step_index`` and
+    ``num_inference_steps`` (optional) replace the step counting and the step count
+    guessed from the timestep. ``model`` is the compiled model or the module inside it."""
+    module = getattr(model, "_orig_mod", model)
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"cache_context: model must be an nn.Module or a compiled one, got {type(model).__name__}")
+    if not isinstance(name, str):
+        raise TypeError(f"cache_context: name must be a str such as 'cond' or 'uncond', got {name!r}")
+    if step_index is not None and (isinstance(step_index, bool) or operator.index(step_index) < 0):
+        raise ValueError(f"cache_context: step_index got {step_index!r}: expected None or an int >= 0")
+    try:
+        total = check_num_steps(num_inference_steps)
+    except ValueError:
+        raise ValueError(
+            f"cache_context: num_inference_steps got {num_inference_steps!r}: expected None or an int >= 1"
+        ) from None
+    info = contexts.CallContext(name, step_index, total, None if timestep is None else float(timestep))
+    return contexts.scoped(module, info)

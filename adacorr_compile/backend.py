@@ -223,6 +223,18 @@ def adacorr_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Any 
         reasons = "; ".join(f"{w}: {r}" for w, r in info.skipped) or "no blocks found"
         return _fallback(original, example_inputs, config, model, reasons)
     owner_index = next((i for i, (n, x) in enumerate(zip(placeholders, example_inputs)) if _is_param(n, x)), None)
+    # a cache_context is looked up by a parameter of the first guarded block: the context
+    # is set on the module that holds the blocks (the transformer), which may be a part
+    # of the compiled model (a wrapper that embeds class labels around a diffusers model)
+    context_index = next(
+        (
+            placeholders.index(b.inputs[i])
+            for b in info.blocks[:1]
+            for i in sorted(b.param_inputs)
+            if b.inputs[i] in placeholders
+        ),
+        owner_index,
+    )
     input_indices = [
         i
         for i, (n, x) in enumerate(zip(placeholders, example_inputs))
@@ -236,6 +248,7 @@ def adacorr_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Any 
         _timestep_index(gm, config.timestep_arg, example_inputs),
         info.bodies_compiled,
         owner_index,
+        context_index,
     )
     logger.info(
         "adacorr: %d guarded regions (%s), %d distinct block bodies compiled (lowering=%s), %d left unguarded",

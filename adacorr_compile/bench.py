@@ -38,6 +38,7 @@ class Method:
     setting: float | None = None  # the swept value (threshold, interval)
     options: dict[str, Any] = field(default_factory=dict)
     cleanup: Callable[[Any], None] | None = None
+    sampler_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. cfg_calls=2: CFG as two calls per step
 
 
 @dataclass
@@ -103,7 +104,10 @@ class BlockCounter:
             h.remove()
 
 
-def ours(name: str, options: dict[str, Any], setting: float | None = None, lowering: str = "inductor") -> Method:
+def ours(name: str, options: dict[str, Any], setting: float | None = None, lowering: str = "inductor",
+         cfg_calls: int = 1) -> Method:
+    """Our backend with ``options``; ``cfg_calls=2`` samples with CFG as two calls per step
+    (cond and uncond in diffusers' ``cache_context``, as Wan's or Flux's true-CFG pipeline)."""
     options = {"lowering": lowering, **options}
 
     def build(model: Any) -> Any:
@@ -111,7 +115,8 @@ def ours(name: str, options: dict[str, Any], setting: float | None = None, lower
         return with_transformer(model, compiled)
 
     cfg = adacorr_compile.AdaCorrConfig.from_options(options)  # labels from the config's own defaults
-    return Method(name, "ours", build, cfg.lowering, cfg.policy, cfg.correction, setting, options)
+    return Method(name, "ours", build, cfg.lowering, cfg.policy, cfg.correction, setting, options,
+                  sampler_kwargs={"cfg_calls": cfg_calls} if cfg_calls != 1 else {})
 
 
 def eager_baseline() -> Method:
@@ -296,7 +301,7 @@ def run_method(
         t0 = time.perf_counter()
         if method.kind == "ours" or method.lowering != "eager":
             # compile outside the timed runs, for the batch size the timed runs use
-            sampler(fn, labels, num_steps=2, seed=seed)
+            sampler(fn, labels, num_steps=2, seed=seed, **method.sampler_kwargs)
         compile_seconds = time.perf_counter() - t0
         stats_target = _stats_of(fn)
         if stats_target is not None:
@@ -307,13 +312,13 @@ def run_method(
             counter.count = 0
         seconds = []
         t0 = time.perf_counter()
-        images = sampler(fn, labels, num_steps=steps, seed=seed, progress=progress)
+        images = sampler(fn, labels, num_steps=steps, seed=seed, progress=progress, **method.sampler_kwargs)
         seconds.append(time.perf_counter() - t0)
         eager_evals = counter.count if counter is not None else None
         stats = _stats_of(fn)
         for _ in range(reps - 1):
             t0 = time.perf_counter()
-            sampler(fn, labels, num_steps=steps, seed=seed)
+            sampler(fn, labels, num_steps=steps, seed=seed, **method.sampler_kwargs)
             seconds.append(time.perf_counter() - t0)
     finally:
         if counter is not None:
@@ -321,7 +326,7 @@ def run_method(
         if method.cleanup is not None:
             method.cleanup(model)
     n_blocks = len(block_modules(transformer_of(model)))
-    calls = n_blocks * steps
+    calls = n_blocks * steps * method.sampler_kwargs.get("cfg_calls", 1)
     if stats is not None and stats["totals"]["calls"]:
         # compiled code runs no Python hooks: count from the runtime; the
         # calls must add up to one per block per step

@@ -4,8 +4,12 @@ Both samplers work with any callable model: an eager module, a
 ``torch.compile``'d module, or a wrapper. Conventions the caching backend relies
 on:
 
-* exactly one model call per denoising step; classifier-free guidance is one
-  batched call on ``cat([x, x])`` with labels ``cat([y, null])``;
+* classifier-free guidance is one batched call per denoising step on
+  ``cat([x, x])`` with labels ``cat([y, null])`` (``cfg_calls=1``, the default), or
+  two calls per step as many diffusers pipelines make them (``cfg_calls=2``: Wan,
+  Flux with ``true_cfg_scale``), the conditional one in
+  ``cache_context("cond", step_index=i, num_inference_steps=n, timestep=t)`` and the
+  unconditional one in ``cache_context("uncond", ...)`` of the diffusers model;
 * the timestep handed to the model strictly decreases within a generation (a
   timestep that goes back up marks a new generation);
 * when a diffusers cache is enabled on the model (``enable_cache``), each call
@@ -125,6 +129,18 @@ def _cache_dit_owner(model: Any) -> Any:
         and getattr(getattr(obj, "_context_manager", None), "persistent_context", False) is True))
 
 
+class _BackendContexts:
+    """``adacorr_compile.cache_context`` for a model without diffusers' ``cache_context``."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def cache_context(self, name: str, **kwargs: Any):
+        import adacorr_compile
+
+        return adacorr_compile.cache_context(self.model, name, **kwargs)
+
+
 class _DiffusersCacheSteps:
     """Per-generation bookkeeping for diffusers' own cache hooks
     (``transformer.enable_cache(...)``): resets their state at the start and end
@@ -132,10 +148,14 @@ class _DiffusersCacheSteps:
     cache-dit on a bare transformer: a fresh cache context at the start of each
     generation. A no-op when neither is enabled."""
 
-    def __init__(self, model: Any, num_steps: int):
+    def __init__(self, model: Any, num_steps: int, cfg_calls: int = 1):
         self.owner = _cache_owner(model)
         self.cache_dit_owner = _cache_dit_owner(model)
         self.num_steps = num_steps
+        # with CFG as two calls, every diffusers model gets the pipeline's cond/uncond contexts
+        self.context_owner = self.owner
+        if self.owner is None and cfg_calls == 2:  # the model's diffusers contexts, else the backend's own
+            self.context_owner = _find_wrapped(model, lambda obj: hasattr(obj, "cache_context")) or _BackendContexts(model)
 
     def __enter__(self) -> "_DiffusersCacheSteps":
         if self.owner is not None:
@@ -150,11 +170,27 @@ class _DiffusersCacheSteps:
         if self.owner is not None:
             self.owner._reset_stateful_cache()
 
-    def step(self, index: int, timestep: Any):
-        if self.owner is None:
+    def step(self, index: int, timestep: Any, name: str = "cond"):
+        if self.context_owner is None:
             return contextlib.nullcontext()
-        return self.owner.cache_context("cond", step_index=index, num_inference_steps=self.num_steps,
-                                        timestep=timestep)
+        return self.context_owner.cache_context(name, step_index=index, num_inference_steps=self.num_steps,
+                                                timestep=float(timestep))
+
+    def guided(self, call: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any], x: torch.Tensor,
+               t_batch: torch.Tensor, labels: torch.Tensor, null_class: int, index: int, timestep: Any,
+               cfg_calls: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(conditional, unconditional) model outputs of one step: one batched call on
+        ``cat([x, x])``, or two calls in the pipeline's ``cond`` / ``uncond`` contexts."""
+        null = torch.full_like(labels, null_class)
+        if cfg_calls == 1:
+            with self.step(index, timestep):
+                out = _output_tensor(call(torch.cat([x, x]), torch.cat([t_batch, t_batch]), torch.cat([labels, null])))
+            return out.float().chunk(2)
+        outs = []
+        for name, lab in (("cond", labels), ("uncond", null)):
+            with self.step(index, timestep, name):
+                outs.append(_output_tensor(call(x, t_batch, lab)).float())
+        return outs[0], outs[1]
 
 
 def make_dit_scheduler(scheduler: str = "ddim"):
@@ -173,6 +209,13 @@ def check_guidance_scale(guidance_scale: float) -> float:
     if not math.isfinite(guidance_scale) or guidance_scale < 0:
         raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance), got {guidance_scale}")
     return guidance_scale
+
+
+def check_cfg_calls(cfg_calls: int) -> int:
+    """``cfg_calls`` if it is 1 (batched CFG) or 2 (two calls per step), else ValueError."""
+    if cfg_calls not in (1, 2) or isinstance(cfg_calls, bool):
+        raise ValueError(f"cfg_calls must be 1 (one batched CFG call per step) or 2 (cond and uncond calls), got {cfg_calls!r}")
+    return cfg_calls
 
 
 def _check_steps_and_guidance(num_steps: int, guidance_scale: float) -> None:
@@ -200,6 +243,7 @@ def sample_dit(
     progress: bool = False,
     callback: StepCallback | None = None,
     *,
+    cfg_calls: int = 1,
     null_class: int | None = None,
     image_size: int | None = None,
     channels: int | None = None,
@@ -211,9 +255,11 @@ def sample_dit(
     Returns images [B, C, H, W] in [-1, 1] (float32, on the model's device).
     The initial noise is drawn on the CPU from ``seed``. ``callback(step_index, t, x)``
     is called after each step with the updated sample. Geometry and the null
-    class are read from the model's diffusers config when not given.
+    class are read from the model's diffusers config when not given. ``cfg_calls=2``:
+    CFG as two calls per step (see the module docstring).
     """
     _check_steps_and_guidance(num_steps, guidance_scale)
+    check_cfg_calls(cfg_calls)
     null_default, c_default, s_default = _dit_geometry(model)
     null_class = null_default if null_class is None else int(null_class)
     channels = c_default if channels is None else int(channels)
@@ -224,7 +270,6 @@ def sample_dit(
 
     labels = _as_labels(class_labels, device)
     b = labels.shape[0]
-    labels_in = torch.cat([labels, torch.full_like(labels, null_class)])
 
     sched = make_dit_scheduler(scheduler)
     sched.set_timesteps(num_steps, device=device)
@@ -232,13 +277,13 @@ def sample_dit(
     x = torch.randn((b, channels, image_size, image_size), generator=gen, dtype=torch.float32)
     x = (x * sched.init_noise_sigma).to(device=device, dtype=dtype)
 
-    with _DiffusersCacheSteps(model, num_steps) as cache:
+    def call(x_in: torch.Tensor, t_in: torch.Tensor, y_in: torch.Tensor) -> Any:
+        return model(x_in, timestep=t_in, class_labels=y_in)
+
+    with _DiffusersCacheSteps(model, num_steps, cfg_calls) as cache:
         for i, t in enumerate(_progress(sched.timesteps, progress, "DiT DDIM")):
-            x_in = torch.cat([x, x])
-            t_batch = torch.full((2 * b,), int(t), dtype=torch.long, device=device)
-            with cache.step(i, t):
-                out = _output_tensor(model(x_in, timestep=t_batch, class_labels=labels_in))
-            eps_cond, eps_uncond = out.float().chunk(2)
+            t_batch = torch.full((b,), int(t), dtype=torch.long, device=device)
+            eps_cond, eps_uncond = cache.guided(call, x, t_batch, labels, null_class, i, t, cfg_calls)
             eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
             x = sched.step(eps, t, x.float(), eta=0.0).prev_sample.to(dtype)
             if callback is not None:
@@ -261,6 +306,7 @@ def sample_flux(
     progress: bool = False,
     callback: StepCallback | None = None,
     *,
+    cfg_calls: int = 1,
     null_class: int | None = None,
     image_size: int | None = None,
     channels: int = 3,
@@ -272,9 +318,11 @@ def sample_flux(
     The model is called once per step as ``wrapper(x_in, timestep=t_batch,
     class_labels=labels)`` with ``t_batch`` a float tensor [2B] holding the
     current flow time, and must return the velocity ``noise - data`` in the
-    layout of ``x_in`` ([2B, C, H, W]). Returns images in [-1, 1].
+    layout of ``x_in`` ([2B, C, H, W]). Returns images in [-1, 1]. ``cfg_calls=2``: CFG
+    as two calls per step on [B] (see the module docstring).
     """
     _check_steps_and_guidance(num_steps, guidance_scale)
+    check_cfg_calls(cfg_calls)
     from adacorr_compile.reference.models import NUM_CLASSES
 
     if null_class is None:
@@ -287,20 +335,19 @@ def sample_flux(
 
     labels = _as_labels(class_labels, device)
     b = labels.shape[0]
-    labels_in = torch.cat([labels, torch.full_like(labels, null_class)])
 
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     x = torch.randn((b, channels, image_size, image_size), generator=gen, dtype=torch.float32)
     x = x.to(device=device, dtype=dtype)
     ts = flux_timesteps(num_steps)
-    with _DiffusersCacheSteps(wrapper, num_steps) as cache:
+    def call(x_in: torch.Tensor, t_in: torch.Tensor, y_in: torch.Tensor) -> Any:
+        return wrapper(x_in, timestep=t_in, class_labels=y_in)
+
+    with _DiffusersCacheSteps(wrapper, num_steps, cfg_calls) as cache:
         for i in _progress(range(num_steps), progress, "Flux Euler"):
             t, t_next = float(ts[i]), float(ts[i + 1])
-            x_in = torch.cat([x, x])
-            t_batch = torch.full((2 * b,), t, dtype=dtype, device=device)
-            with cache.step(i, t):
-                v = _output_tensor(wrapper(x_in, timestep=t_batch, class_labels=labels_in)).float()
-            v_cond, v_uncond = v.chunk(2)
+            t_batch = torch.full((b,), t, dtype=dtype, device=device)
+            v_cond, v_uncond = cache.guided(call, x, t_batch, labels, null_class, i, t, cfg_calls)
             v = v_uncond + guidance_scale * (v_cond - v_uncond)
             x = (x.float() + (t_next - t) * v).to(dtype)
             if callback is not None:

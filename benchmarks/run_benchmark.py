@@ -51,6 +51,10 @@ def methods_for(model_name: str, quick: bool, lowering: str, workdir: str) -> li
     ours = partial(bench.ours, lowering=lowering)
     m: list[bench.Method] = [bench.eager_baseline(), bench.inductor_baseline(), ours("ours caching off", {"policy": "never"}),
                              ours("default", {})]  # the backend's defaults (config.py)
+    # CFG as two calls per step, cond and uncond in diffusers' cache_context (Wan, Flux true CFG):
+    # the same images as batched CFG with caching off, and each branch keeps its own cache
+    m += [ours("ours caching off, CFG as two calls", {"policy": "never"}, cfg_calls=2),
+          ours("default, CFG as two calls", {}, cfg_calls=2)]
     veto = 0.08  # lambda above which "X + AdaCorrection" vetoes a reuse
     for thr in ([0.03, 0.08] if quick else [0.02, 0.03, 0.05, 0.08, 0.12]):
         m.append(ours(f"adacorr thr={thr}", {**ADACORR, "reuse_threshold": thr}, thr))

@@ -256,3 +256,52 @@ def test_diffusers_cache_hooks_are_reported_and_left_alone(caplog):
     assert fallbacks and all("diffusers cache hooks" in f for f in fallbacks)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+class _Wrapped(torch.nn.Module):
+    """A wrapper that embeds class labels around a diffusers model (the context is set
+    on the inner model, the whole wrapper is compiled)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.label_scale = torch.nn.Parameter(torch.ones(1))
+        self.transformer = _model()
+
+    def forward(self, hidden_states, timestep):
+        return self.transformer(hidden_states * self.label_scale, timestep)
+
+
+def test_context_set_on_an_inner_model_reaches_the_compiled_wrapper():
+    wrapper = _Wrapped().eval()
+    fast = torch.compile(wrapper, backend="adacorr", options=REUSE)
+    with torch.no_grad():
+        for i in range(STEPS):
+            for b in ("cond", "uncond"):
+                with wrapper.transformer.cache_context(b, step_index=i, num_inference_steps=STEPS):
+                    fast(**_inputs(i, b))
+    s = adacorr_compile.stats(fast)
+    assert s["steps"] == STEPS and s["totals"]["reuses"] > 0
+
+
+def test_backend_cache_context_for_a_plain_module():
+    """``adacorr_compile.cache_context`` gives a model without diffusers' CacheMixin the
+    same per-name state; bad arguments are named."""
+    from adacorr_compile.tiny import tiny_plain
+
+    model, _ = tiny_plain()
+    fast = torch.compile(model, backend="adacorr", options=REUSE)
+    with torch.no_grad():
+        for i in range(STEPS):
+            for b in ("cond", "uncond"):
+                with adacorr_compile.cache_context(fast, b, step_index=i, num_inference_steps=STEPS):
+                    fast(**_inputs(i, b))
+    s = adacorr_compile.stats(fast)
+    assert s["steps"] == STEPS and s["totals"]["reuses"] > 0
+    with pytest.raises(ValueError, match="step_index got -1"):
+        adacorr_compile.cache_context(fast, "cond", step_index=-1)
+    with pytest.raises(ValueError, match="num_inference_steps got 0"):
+        adacorr_compile.cache_context(fast, "cond", num_inference_steps=0)
+    with pytest.raises(TypeError, match="name must be a str"):
+        adacorr_compile.cache_context(fast, 1)
+    with pytest.raises(TypeError, match="must be an nn.Module"):
+        adacorr_compile.cache_context(lambda x: x, "cond")

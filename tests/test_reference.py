@@ -442,3 +442,30 @@ def test_train_reference_eval_only_rescores_without_training(tmp_path):
     assert (results / "reference_samples_dit.png").stat().st_size > 0
     bad = subprocess.run(cmd + ["--skip-eval"], capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "--eval-only and --skip-eval exclude each other" in bad.stderr
+
+
+def test_samplers_cfg_as_two_calls_give_the_batched_images(dit, flux):
+    """``cfg_calls=2``: cond and uncond as two calls per step, in diffusers' cache_context
+    where the model has one (Flux) and in ``adacorr_compile.cache_context`` where it has
+    not (DiT), give the batched-CFG images up to float rounding."""
+    from adacorr_compile.runtime import contexts
+
+    seen = []
+    original = contexts.scoped
+
+    def recording(module, context):
+        seen.append((type(module).__name__, context.name, context.step_index, context.num_steps))
+        return original(module, context)
+
+    contexts.scoped = recording
+    try:
+        with torch.no_grad():
+            for sample, model in ((sample_dit, dit), (sample_flux, flux)):
+                batched = sample(model, [3, 7], num_steps=3, seed=1)
+                separate = sample(model, [3, 7], num_steps=3, seed=1, cfg_calls=2)
+                torch.testing.assert_close(separate, batched, rtol=0, atol=5e-3)  # batch 2B vs B: BLAS rounding
+    finally:
+        contexts.scoped = original
+    assert seen == [("DiTTransformer2DModel", name, i, 3) for i in range(3) for name in ("cond", "uncond")]
+    with pytest.raises(ValueError, match="cfg_calls must be 1"):
+        sample_flux(flux, [1], num_steps=2, cfg_calls=3)

@@ -19,6 +19,7 @@ runtime, so a context never causes a recompilation.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import importlib.abc
@@ -29,7 +30,7 @@ import sys
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -105,12 +106,23 @@ def from_diffusers(context: Any) -> CallContext:
     )
 
 
-def set_context(module: torch.nn.Module, context: CallContext | None) -> None:
-    """Record (or, with None, clear) ``module``'s context for the calling thread or task."""
+def set_context(module: torch.nn.Module, context: CallContext | None) -> contextvars.Token:
+    """Record (or, with None, clear) ``module``'s context for the calling thread or task;
+    returns the token that restores the previous contexts (``_ACTIVE.reset``)."""
     entries = tuple(e for e in _ACTIVE.get() if e.module() is not module and e.module() is not None)
     if context is not None:
         entries += (_Entry(module, context),)
-    _ACTIVE.set(entries)
+    return _ACTIVE.set(entries)
+
+
+@contextlib.contextmanager
+def scoped(module: torch.nn.Module, context: CallContext) -> Iterator[None]:
+    """``module``'s context for the block; the previous contexts afterwards."""
+    token = set_context(module, context)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
 
 
 def context_for(param: Any) -> tuple[CallContext, torch.nn.Module] | None:

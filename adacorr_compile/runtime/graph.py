@@ -46,6 +46,7 @@ class GraphRuntime:
         timestep_index: int | None,
         bodies_compiled: int,
         owner_index: int | None = None,
+        context_index: int | None = None,
     ) -> None:
         self.model = model  # the state of the compile that built this graph
         self.id = next(_IDS)
@@ -54,6 +55,7 @@ class GraphRuntime:
         self.input_indices = list(input_indices)  # non-parameter tensor inputs
         self.timestep_index = timestep_index
         self.owner_index = owner_index  # the first parameter input: tells module instances apart
+        self.context_index = owner_index if context_index is None else context_index  # a parameter of the first block
         self.bodies_compiled = bodies_compiled
         self.paths = {r.spec.path for r in self.regions}
         # a recompilation of the same blocks (new shapes, a guard that failed) takes the
@@ -80,9 +82,8 @@ class GraphRuntime:
 
     def __call__(self, *args: Any) -> Any:
         model = self._model_for_call()
-        param = args[self.owner_index] if self.owner_index is not None else None
-        owner: Any = model.owner_token(param) if param is not None else 0
-        found = contexts.context_for(param)
+        owner: Any = model.owner_token(args[self.owner_index]) if self.owner_index is not None else 0
+        found = contexts.context_for(args[self.context_index] if self.context_index is not None else None)
         context = None
         if found is not None:
             context = found[0]
