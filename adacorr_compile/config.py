@@ -61,8 +61,10 @@ class AdaCorrConfig:
         return the cached block output as it was; ``first_block`` adds the cached
         residual, as FBCache does).
     reuse_threshold: lambda at or below which a region may reuse.
-    blend: on a compute step, return ``(1 - lambda) * corrected_cache + lambda * fresh``
-        (the paper's ACM blend) instead of the fresh output alone.
+    blend: on a compute step the policy chose, return ``(1 - lambda) * corrected_cache +
+        lambda * fresh`` (the paper's ACM blend) instead of the fresh output alone; a
+        compute a guard forces (warm-up, final steps, reuse cap, a non-finite cache) returns
+        the fresh output. Meaningless with ``policy="never"`` (rejected).
     interval: recompute period of the ``interval`` policy (steps).
     first_block_threshold: relative residual change threshold of ``first_block``.
     warmup_steps: the first steps of a generation always compute.
@@ -145,6 +147,11 @@ class AdaCorrConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             _check_field(f.name, getattr(self, f.name))
+        if self.blend and self.policy == "never":
+            raise ValueError(
+                "adacorr options 'blend'=True and 'policy'='never' mean nothing together: 'never' computes every "
+                "block fresh and blend only blends the computes the policy chooses; use blend=False, or another policy"
+            )
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | "AdaCorrConfig" | None = None) -> "AdaCorrConfig":

@@ -23,7 +23,7 @@ others follow its verdict.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -132,6 +132,14 @@ def decide(
 STEPS_UNKNOWN = 1 << 62  # ``steps_left`` as a tensor when the host's value is None
 
 
+class TensorVerdict(NamedTuple):
+    """:func:`decide_tensor`'s result, three 0-d bool tensors."""
+
+    reuse: torch.Tensor  # the region reuses its cache
+    nonfinite: torch.Tensor  # no guard forced a compute, but the cache or the score is not finite
+    by_policy: torch.Tensor  # the policy itself chose to compute: only then does blend=True blend
+
+
 def decide_tensor(
     config: AdaCorrConfig,
     step: torch.Tensor,
@@ -143,9 +151,9 @@ def decide_tensor(
     lam: torch.Tensor | None,
     first_block_similar: torch.Tensor | None,
     score: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> TensorVerdict:
     """In-graph twin of :meth:`Guards.forced` + :func:`decide` + the region's non-finite
-    checks, for ``decision="batch"``: ``(reuse, nonfinite)``, two 0-d bool tensors.
+    checks, for ``decision="batch"``: a :class:`TensorVerdict`.
 
     Used where the decision must live inside a traced graph (ONNX ``If``, ``torch.cond``):
     ``step``, ``steps_left``, ``consecutive`` are 0-d int64 (``steps_left`` is
@@ -175,7 +183,7 @@ def decide_tensor(
         finite = finite & torch.isfinite(score).all()
     nonfinite = ~forced & ~finite
     if config.policy == "never" or leads:
-        return false, nonfinite  # always forced: the policy is not consulted
+        return TensorVerdict(false, nonfinite, false)  # always forced: the policy is not consulted
     lam_ok = None
     if needs_lambda(config):
         assert lam is not None, "lambda is needed by this policy"
@@ -192,4 +200,5 @@ def decide_tensor(
             raise ValueError(f"unknown policy {config.policy!r}")
         if config.correction:
             proposed = proposed & lam_ok
-    return ~forced & finite & proposed, nonfinite
+    consulted = ~forced & finite
+    return TensorVerdict(consulted & proposed, nonfinite, consulted & ~proposed)

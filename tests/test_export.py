@@ -119,7 +119,7 @@ def test_decide_tensor_matches_host_decide():
         guards = Guards(step=step, steps_left=left, consecutive_reuses=consecutive, has_cache=has_cache, is_first_region=first)
         valid, score_ok = finite != "cache", finite != "input"
         want = _host_verdict(cfg, guards, lam, similar, valid, score_ok)
-        reuse, nonfinite = decide_tensor(
+        reuse, nonfinite, _ = decide_tensor(
             cfg,
             torch.tensor(step),
             torch.tensor(STEPS_UNKNOWN if left is None else left),
@@ -207,7 +207,7 @@ def test_runner_dynamic_batch_generations_and_reset(exports):
     assert result.dynamic["hidden_states"] == [0]
     runner = OnnxRunner(path)
     with torch.no_grad():
-        for k, t in enumerate(timesteps(4)):
+        for k, t in enumerate(timesteps(8)[:4]):  # not the final steps (forced)
             runner(**inputs(k, t))
         assert runner.stats()["steps"] == 4 and runner.stats()["generations"] == 0
         runner(**inputs(0, 900.0))  # timestep went up: new generation
@@ -510,3 +510,30 @@ def test_reference_dit_onnxruntime_sampling_matches_compiled_model(tmp_path):
     assert [r["path"] for r in a["regions"]] == [r["path"] for r in b["regions"]]
     assert [r["reuse_trace"] for r in a["regions"]] == [r["reuse_trace"] for r in b["regions"]]
     assert a["totals"]["reuses"] > 0 and a["totals"]["computes"] > 0
+
+
+def test_onnx_blend_only_on_computes_the_policy_chose(tmp_path):
+    """The exported step blends as the runtime does (issue 14): a forced compute (warm-up,
+    a cache that is not finite) is the fresh block, never a blend with the NaN cache; a
+    compute the policy chose is blended."""
+    model, inputs = tiny_plain(depth=3)
+    options = {"blend": True, "reuse_threshold": 0.0, "warmup_steps": 2, "scope": "block", "forecast": "none"}
+    path = tmp_path / "blend.onnx"
+    with torch.no_grad():
+        to_onnx(model, inputs(0, 900.0), path, config=options)
+    runner = OnnxRunner(str(path))
+    compiled = torch.compile(model, backend="adacorr", options={"lowering": "eager", **options})
+    with torch.no_grad():
+        for k, t in enumerate(timesteps(8)[:4]):  # not the final steps (forced)
+            kw = inputs(k, t)
+            if k == 1:  # a warm-up compute caches NaN residuals
+                kw["hidden_states"] = kw["hidden_states"].clone()
+                kw["hidden_states"][0, 0, 0, 0] = float("nan")
+            got, backend, eager = runner(**kw)[0], compiled(**kw)[0], model(**kw)[0]
+            if k == 2:  # the cache is not finite: a forced compute, fresh and finite
+                assert torch.isfinite(got).all()
+                torch.testing.assert_close(got, eager, rtol=1e-4, atol=2e-5)
+            if k == 3:  # the policy's compute (threshold 0): blended with the corrected cache
+                assert not torch.allclose(got, eager, rtol=1e-4, atol=2e-5)
+            if k != 1:
+                torch.testing.assert_close(got, backend, rtol=1e-4, atol=2e-5)

@@ -156,3 +156,93 @@ def test_guarded_region_under_inductor_lowering_uses_compiled_math():
     stats = state.region_stats("blocks.0").summary()
     expected = acm.correction_weight(oem.score(cfg.score, [h0 + 0.01], [h0], cfg.spatial_weight), cfg.gamma)
     assert stats["mean_lambda"] == pytest.approx(float(expected), rel=1e-4)
+
+
+# ------------------------------------------------------------ issue 14: region-step bugs
+def test_blend_never_blends_a_nonfinite_cache():
+    """blend=True: a cache that is not finite forces a compute, which returns the fresh
+    block alone (it used to blend with the NaN cache: NaN output)."""
+    region, cfg, state = make_region(reuse_threshold=0.0, blend=True)
+    h0, cond = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    bad = cond.clone()
+    bad[0, 0, 0] = float("nan")
+    call(region, state, 0, h0, bad)  # the cached residual is NaN
+    h1 = h0 + 0.3
+    y1 = call(region, state, 1, h1, cond)
+    assert torch.isfinite(y1).all()
+    torch.testing.assert_close(y1, Body()(h1, cond)[0], rtol=0, atol=0)
+
+
+def test_blend_only_on_computes_the_policy_chose():
+    """A compute forced by a guard (here the final step) is the fresh block exactly; one
+    the policy chose is blended."""
+    region, cfg, state = make_region(reuse_threshold=0.0, blend=True, final_steps=1)
+    state.num_steps = 3
+    h0, cond = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    call(region, state, 0, h0, cond)
+    h1, h2 = h0 + 0.3, h0 + 0.6
+    y1 = call(region, state, 1, h1, cond)  # the policy computes (lambda > 0): blended
+    y2 = call(region, state, 2, h2, cond)  # the final step: forced, fresh
+    assert not torch.equal(y1, Body()(h1, cond)[0])
+    torch.testing.assert_close(y2, Body()(h2, cond)[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="'blend'=True and 'policy'='never'"):
+        AdaCorrConfig(policy="never", blend=True)
+
+
+def test_per_sample_reuse_cap_holds_for_each_sample():
+    """decision="sample": a sample that keeps reusing computes once it reaches
+    max_consecutive_reuses, even while another sample's computes keep the region busy."""
+    region, cfg, state = make_region(reuse_threshold=0.02, decision="sample", max_consecutive_reuses=2)
+    h0, cond = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    call(region, state, 0, h0, cond)
+    g = torch.Generator().manual_seed(0)
+    h = h0.clone()
+    for step in range(1, 7):
+        h = h.clone()
+        h[1] += 0.5 * torch.randn(4, 8, generator=g)  # sample 1 drifts every step, sample 0 never
+        call(region, state, step, h, cond)
+    trace = state.stats["blocks.0"].reuse_trace[1:]  # fraction of samples reused per call
+    # sample 0 reuses twice, then must compute (with sample 1): 0.5, 0.5, 0.0, 0.5, 0.5, 0.0
+    assert trace == [0.5, 0.5, 0.0, 0.5, 0.5, 0.0]
+
+
+def region_cache(state):
+    return state.cache((0, "blocks.0"))
+
+
+def test_forecast_never_extrapolates_from_a_partial_refresh():
+    """decision="sample" + forecast="linear": values some samples kept from an earlier
+    step are not extrapolated as if they came from the latest compute."""
+    region, cfg, state = make_region(reuse_threshold=0.05, decision="sample", forecast="linear",
+                                     max_consecutive_reuses=10)
+    h0, cond = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    call(region, state, 0, h0, cond)
+    h1 = h0.clone()
+    h1[1] += 1.0  # step 1: sample 0 reuses, sample 1 computes (a partial refresh)
+    call(region, state, 1, h1, cond)
+    assert state.stats["blocks.0"].partial == 1
+    h2 = h1 + 1.0  # step 2: both compute
+    call(region, state, 2, h2, cond)
+    stored = [r.clone() for r in region_cache(state).ref_res]
+    h3 = h2 + 1e-4  # step 3: both reuse
+    y3 = call(region, state, 3, h3, cond)
+    assert state.stats["blocks.0"].reuse_trace[-1] == 1.0
+    torch.testing.assert_close(y3, h3 + stored[0], rtol=0, atol=0)  # as stored: no slope from mixed steps
+
+
+def test_uncorrected_reuse_hands_out_a_copy_of_the_cache():
+    """correction=False: an in-place write into a returned output (fresh or reused)
+    leaves the cache as it was."""
+    region, cfg, state = make_region(policy="interval", interval=2, correction=False, warmup_steps=0,
+                                     max_consecutive_reuses=10)
+    h0, cond = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    y0 = call(region, state, 0, h0, cond)
+    want = y0.clone()
+    y0.add_(100.0)  # the caller writes into the fresh output
+    y1 = call(region, state, 1, h0, cond)  # reuse
+    torch.testing.assert_close(y1, want, rtol=0, atol=0)
+    y1.mul_(0.0)
+    y2 = call(region, state, 2, h0, cond)  # (2 - 0) % 2 == 0: compute
+    y3 = call(region, state, 3, h0, cond)  # reuse again
+    torch.testing.assert_close(y3, y2, rtol=0, atol=0)
+    assert not torch.equal(y3, torch.zeros_like(y3))

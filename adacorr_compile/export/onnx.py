@@ -473,9 +473,11 @@ class CondRegion(torch.nn.Module):
         nan_lam = torch.full((), float("nan"), dtype=torch.float32, device=step.device)
         if srole == "follower":
             # scope="step": the probe's verdict (it covers every guard and every cache's
-            # finiteness); the follower measures nothing (its statistics are NaN, as on the host)
+            # finiteness); the follower measures nothing (its statistics are NaN, as on the host).
+            # The probe's lambda is NaN where its verdict was not the policy's: no blend then
             score, lam = nan_lam, named["probe_lam"]
             reuse, nonfinite = named["probe_reuse"] & has_cache, torch.zeros_like(has_cache)
+            blend_lam = torch.where(has_cache, lam, nan_lam)
         else:
             if srole == "probe":  # the OEM on the leader's fresh residual (see runtime/region.py)
                 score = oem.score(cfg.score, named["leader_res"], named["probe_ref"], cfg.spatial_weight, False)
@@ -485,9 +487,12 @@ class CondRegion(torch.nn.Module):
             valid_all = valid
             for v in named.get("followers_valid", []):
                 valid_all = valid_all & v
-            reuse, nonfinite = decide_tensor(
+            reuse, nonfinite, by_policy = decide_tensor(
                 cfg, step, steps_left, consecutive, has_cache, valid_all, plan.index == 0, lam, named.get("similar"), score
             )
+            # blend=True blends a compute the policy chose, never a forced one (warm-up, final
+            # steps, reuse cap, a non-finite cache): NaN marks "do not blend"
+            blend_lam = torch.where(by_policy, lam, nan_lam)
 
         n_obs, n_pairs = len(plan.observed), len(plan.stream_pairs)
         # "cached" drift: the reference input changes only on a compute, so it goes through
@@ -551,14 +556,15 @@ class CondRegion(torch.nn.Module):
             outs_paired = by_pair
             if cfg.blend and srole != "leader":  # the leader measures nothing: no lambda to blend by
                 cached = reuse_values(a, cache, prev, fc_)
-                outs_paired = [torch.where(step > 0, acm.blend(c, f, lam_), f) for c, f in zip(cached, by_pair)]
+                blends = torch.isfinite(lam_)  # the policy chose this compute (see blend_lam)
+                outs_paired = [torch.where(blends, acm.blend(c, f, lam_), f) for c, f in zip(cached, by_pair)]
             residuals = [f - a[i] for (i, _), f in zip(plan.stream_pairs, by_pair)]
             new_cache = residuals if res_kind == "ref_res" else [f.clone() for f in by_pair]
             new_valid = torch.stack([torch.isfinite(r).all() for r in residuals]).all()
             new_ref = [a[i].clone() for i in plan.observed] if n_ref else []
             return _same_layout((*ordered(outs_paired), *new_ref, *new_cache, new_valid), flat)
 
-        operands = (*(args[i] for i in tensor_pos), *reference[:n_ref], *cached_vals, *prev_vals, *fc, valid, lam)
+        operands = (*(args[i] for i in tensor_pos), *reference[:n_ref], *cached_vals, *prev_vals, *fc, valid, blend_lam)
         # shapes of the branch outputs: the paired stream inputs, the observed inputs, the cache
         shapes = [args[i].shape for i, _ in sorted(plan.stream_pairs, key=lambda p: p[1])]
         shapes += [o.shape for o in observed[:n_ref]] + [c.shape for c in cached_vals] + [valid.shape]
@@ -614,7 +620,7 @@ class CondRegion(torch.nn.Module):
                 new_ref = [torch.where(reuse, r, c) for r, c in zip(ref, current)]
             else:
                 new_ref = [c.clone() for c in current]
-            extra_out += [reuse, lam.to(torch.float32).reshape(()), *new_ref]
+            extra_out += [reuse, blend_lam.to(torch.float32).reshape(()), *new_ref]
         return (*outs, *new_state, *stats, *extra_out)
 
 

@@ -97,10 +97,13 @@ def _guarded_call(region: GuardedRegion, args: Sequence[Any], active: Active) ->
 
     role = step_role(cfg, spec.order)
     shared = state.shared.setdefault(active.graph_id, {"similar": None, "ref": None})
+    streaks = cache.streaks if per_sample and cache.streaks is not None else None
     guards = Guards(
         step=active.step,
         steps_left=state.steps_left(active.graph_id, active.step),
-        consecutive_reuses=cache.consecutive,
+        # per-sample decisions: the cap forces a compute of all samples only when all are
+        # at it; a sample at the cap computes alone (below)
+        consecutive_reuses=min(streaks) if streaks else cache.consecutive,
         has_cache=has_cache,
         is_first_region=spec.order == 0,
         generation_known=active.generation_known,
@@ -152,12 +155,20 @@ def _guarded_call(region: GuardedRegion, args: Sequence[Any], active: Active) ->
 
     batch = observed[0].shape[0] if observed else 1
     mask = None if isinstance(verdict, str) else (verdict * batch if len(verdict) == 1 else verdict)
+    if mask is not None and streaks is not None and len(streaks) == len(mask):
+        mask = [m and k < cfg.max_consecutive_reuses for m, k in zip(mask, streaks)]
+    # the policy itself chose to compute (some samples): only then does blend=True blend; a
+    # compute forced by a guard (warm-up, final steps, reuse cap, policy "never", a cache or
+    # input that is not finite, an empty cache) returns the fresh block alone
+    by_policy = verdict == "policy" or (mask is not None and not all(mask))
 
     def reuse_values() -> list[torch.Tensor]:
         values = _forecast(cfg, cache, active.step)
         if caches_residuals(cfg):
             return [acm.corrected_cache(args[i], r) for (i, _), r in zip(spec.stream_pairs, values)]
-        return values
+        # the cached outputs themselves (correction=False): a copy, so that an in-place op
+        # on the returned value cannot change the cache
+        return [v.clone() if any(v is c for c in cache.ref_out) else v for v in values]
 
     if role == "probe" and cfg.drift_reference == "previous":
         shared["probe_ref"] = shared.get("leader_res")
@@ -165,6 +176,8 @@ def _guarded_call(region: GuardedRegion, args: Sequence[Any], active: Active) ->
         outs = _order_outputs(spec, reuse_values())
         stats.reuses += 1
         cache.consecutive += 1
+        if per_sample:
+            cache.streaks = [k + 1 for k in (cache.streaks or [0] * batch)]
         stats.record(active.step, lam, score, 1.0)
         if cfg.drift_reference == "previous":
             cache.prev_in = observed
@@ -174,9 +187,10 @@ def _guarded_call(region: GuardedRegion, args: Sequence[Any], active: Active) ->
     fresh = list(region.body_fn(*args))
     by_pair = [fresh[j] for _, j in spec.stream_pairs]
     outs_paired = by_pair
-    if has_cache and (cfg.blend or (mask is not None and any(mask))):
+    blend = cfg.blend and by_policy and lam is not None
+    if has_cache and (blend or (mask is not None and any(mask))):
         cached = reuse_values()
-        if cfg.blend and lam is not None:
+        if blend:
             outs_paired = [acm.blend(c, f, lam) for c, f in zip(cached, by_pair)]
         if mask is not None and any(mask):
             m = _per_sample(mask, by_pair[0])
@@ -195,6 +209,9 @@ def _guarded_call(region: GuardedRegion, args: Sequence[Any], active: Active) ->
         _first_block_update(cfg, shared, cache.ref_res[0])
     stats.computes += 1
     cache.consecutive = 0
+    if per_sample:  # a sample that reused keeps its streak, one that computed starts afresh
+        old = cache.streaks if cache.streaks is not None and len(cache.streaks) == batch else [0] * batch
+        cache.streaks = [k + 1 if m else 0 for k, m in zip(old, mask)] if mask is not None else [0] * batch
     reused = 0.0 if mask is None else sum(mask) / len(mask)
     stats.record(active.step, lam, score, reused)
     return tuple(_order_outputs(spec, outs_paired))
@@ -228,12 +245,16 @@ def _refresh(
     partial = keep_mask is not None and any(keep_mask)
     if cfg.forecast != "none":
         old = cache.ref_res if caches_residuals(cfg) else cache.ref_out
-        cache.prev_val = None if partial or old is None else old
+        # values some samples kept from an earlier step have no single step: no slope from
+        # them (they are not extrapolated until two computes of all samples)
+        mixed, cache.mixed = cache.mixed, partial
+        cache.prev_val = None if partial or mixed or old is None else old
         cache.prev_step = None if cache.prev_val is None else cache.ref_step
         cache.prev_valid = None if cache.prev_val is None else cache.valid
         cache.ref_step = step
     residuals, valid = math.refresh(fresh, [args[i] for i, _ in spec.stream_pairs])
-    outputs = list(fresh) if not caches_residuals(cfg) else None
+    # correction=False caches the outputs: a copy, the caller may write into what it gets
+    outputs = [f.clone() for f in fresh] if not caches_residuals(cfg) else None
     new_in = list(observed)
     if partial:
         def keep(old: list[torch.Tensor], new: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -45,10 +45,14 @@ class RegionCache:
     prev_val: list[torch.Tensor] | None = None  # the cached values of the compute before it
     prev_step: int | None = None
     prev_valid: torch.Tensor | None = None  # 0-d bool: prev_val is finite (a non-finite one is not extrapolated from)
+    streaks: list[int] | None = None  # decision="sample": consecutive reuses per sample
+    mixed: bool = False  # the cached values come from a partial (per-sample) refresh: not one step
 
     def clear(self) -> None:
         self.prev_in = self.ref_in = self.ref_res = self.ref_out = self.valid = None
         self.ref_step = self.prev_val = self.prev_step = self.prev_valid = None
+        self.streaks = None
+        self.mixed = False
         self.consecutive = 0
         self.signature = None
 
