@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 SCORES = ("relative", "paper")
-POLICIES = ("adacorr", "interval", "first_block", "never")
+POLICIES = ("adacorr", "interval", "first_block", "never", "paper")
 LOWERINGS = ("inductor", "eager", "tensorrt")
 DRIFT_REFERENCES = ("previous", "cached")
 DECISIONS = ("batch", "sample")
@@ -54,6 +54,9 @@ class AdaCorrConfig:
         ``"first_block"``: the first region always computes; the others reuse when the
         relative change of its residual is below ``first_block_threshold`` (FBCache).
         ``"never"``: never reuse (the compiled model equals plain compilation).
+        ``"paper"``: the paper's algorithm as written: every block computes at every
+        step and its output is blended with the stored one by lambda (``blend=True``
+        required); nothing is skipped, so nothing is saved (``preset="paper"``).
     correction: apply AdaCorrection on top of the policy. True: reuse returns the
         offset-corrected cache ``input + cached residual`` and, for ``interval`` and
         ``first_block``, a reuse is vetoed when lambda > ``reuse_threshold``.
@@ -147,6 +150,11 @@ class AdaCorrConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             _check_field(f.name, getattr(self, f.name))
+        if self.policy == "paper" and not self.blend:
+            raise ValueError(
+                "adacorr option 'policy'='paper' computes every block and blends its output by lambda: it needs "
+                "'blend'=True (options={'preset': 'paper'} sets both)"
+            )
         if self.blend and self.policy == "never":
             raise ValueError(
                 "adacorr options 'blend'=True and 'policy'='never' mean nothing together: 'never' computes every "
@@ -164,11 +172,18 @@ class AdaCorrConfig:
             raise ValueError(f"adacorr options must be a dict, got {type(options).__name__}")
         known = {f.name for f in fields(cls)}
         for key in options:
-            if key not in known:
+            if key not in known and key != "preset":
                 raise ValueError(
-                    f"unknown adacorr option {key!r} (value {options[key]!r}); allowed options: {', '.join(sorted(known))}"
+                    f"unknown adacorr option {key!r} (value {options[key]!r}); allowed options: "
+                    f"{', '.join(sorted(known | {'preset'}))}"
                 )
-        return cls(**dict(options))
+        options = dict(options)
+        preset = options.pop("preset", None)
+        if preset is not None:
+            if preset not in PRESETS:
+                raise ValueError(f"adacorr option 'preset' got {preset!r}; expected one of {', '.join(map(repr, PRESETS))}")
+            options = {**PRESETS[preset], **options}  # options given beside the preset override it
+        return cls(**options)
 
     def replace(self, **changes: Any) -> "AdaCorrConfig":
         """A copy with some fields changed (validated)."""
@@ -182,6 +197,23 @@ class AdaCorrConfig:
         for f in fields(cls):
             rows.append((f.name, repr(getattr(defaults, f.name)), _ALLOWED[f.name][1]))
         return rows
+
+
+# Named option sets (``options={"preset": name}``; options given beside it override it).
+# Only these are "the paper's method" (arXiv 2602.13357, Algorithm 1 as DESIGN.md section 1
+# states it): the paper's offset score against the previous step, gamma and lambda_s as in
+# the paper, the blend of the stored and the fresh output by lambda.
+PRESETS: dict[str, dict[str, Any]] = {
+    # every block computes at every step; its output is (1 - lambda) * stored + lambda * fresh
+    "paper": {"score": "paper", "drift_reference": "previous", "gamma": 1.0, "spatial_weight": 1.0, "policy": "paper",
+              "blend": True, "correction": False, "scope": "block", "forecast": "none", "decision": "batch",
+              "warmup_steps": 0, "final_steps": 0},
+    # the same signal turned into a skip: lambda <= reuse_threshold reuses the stored output,
+    # a compute blends as above
+    "paper-skip": {"score": "paper", "drift_reference": "previous", "gamma": 1.0, "spatial_weight": 1.0,
+                   "policy": "adacorr", "blend": True, "correction": False, "scope": "block", "forecast": "none",
+                   "decision": "batch"},
+}
 
 
 def _is_number(v: Any) -> bool:

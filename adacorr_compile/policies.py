@@ -11,6 +11,8 @@ the rest.
 * ``first_block``: the first region always computes; the others reuse when the
   relative change of its residual is below ``first_block_threshold`` (FBCache).
 * ``never``: never reuse.
+* ``paper``: never reuse, and every compute is the policy's choice (so ``blend=True``
+  blends it by lambda): the paper's algorithm as written.
 
 With ``correction=True``, a reuse proposed by ``interval`` or ``first_block`` is
 vetoed when lambda exceeds ``reuse_threshold``: "X + AdaCorrection".
@@ -85,7 +87,7 @@ def caches_residuals(config: AdaCorrConfig) -> bool:
 
 def needs_lambda(config: AdaCorrConfig) -> bool:
     """Whether the decision reads lambda on the host."""
-    return config.policy == "adacorr" or config.correction
+    return config.policy in ("adacorr", "paper") or config.correction
 
 
 def relative_change(current: torch.Tensor, reference: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -115,6 +117,8 @@ def decide(
     if config.policy == "adacorr":
         assert lam is not None
         return [x <= config.reuse_threshold for x in lam]
+    if config.policy == "paper":
+        return "policy"
     if config.policy == "interval":
         proposed = (guards.step - config.warmup_steps) % config.interval != 0
     elif config.policy == "first_block":
@@ -190,6 +194,8 @@ def decide_tensor(
         lam_ok = lam <= config.reuse_threshold
     if config.policy == "adacorr":
         proposed = lam_ok
+    elif config.policy == "paper":
+        proposed = false
     else:
         if config.policy == "interval":
             proposed = torch.remainder(step - config.warmup_steps, config.interval) != 0
