@@ -86,10 +86,10 @@ class AdaCorrConfig:
         with the OEM against its value when the probe last computed and decides with
         the policy (lambda, guards, correction veto); every later region follows that
         verdict without measuring anything, so the network reuses or recomputes as a
-        whole and a step costs one host read. (Scoring the probe's own input instead
-        was measured: 6 dB worse on the reference DiT at equal skipping, on par on Flux;
-        the input is dominated by the noisy latent, which moves little between steps,
-        while the block's response to the timestep does.)
+        whole and a step costs one host read. (The probe scores the first block's
+        response rather than its own input: the input is dominated by the noisy latent,
+        which moves little between steps, while the block's response to the timestep
+        does; benchmarks/results has the comparison.)
     forecast: what a reuse returns. ``"none"``: the cached value (output, or residual
         added to the input) as it was at the last compute. ``"linear"``: that value
         extrapolated to the current step from the last two computes of the region
@@ -114,21 +114,9 @@ class AdaCorrConfig:
     spatial_weight: float = 1.0
     score: str = "relative"
     drift_reference: str = "cached"
-    # Defaults chosen by benchmarks/run_benchmark.py on both reference models (10 images x 50
-    # steps at the samplers' default guidance; benchmarks/results/benchmark_{dit,flux}_forecast.md,
-    # the "default" rows): one AdaCorrection decision per step (scope="step": the first
-    # block's residual scored by the OEM, lambda <= 0.08 reuses every later block),
-    # offset-corrected reuse (correction=True) extrapolated from the last two computes
-    # (forecast="linear"). It meets PSNR >= 30 dB against the uncached images with >= 40% of
-    # the block evaluations skipped and >= 1.5x over uncached Inductor on both: DiT 59.5%
-    # skipped, 31.6 dB, 1.90x; Flux 50.8%, 39.2 dB, 2.01x (speedups vary by about +-30%
-    # between runs on the shared CPU: 1.90-2.05x on the DiT); one host read per step; exports
-    # to ONNX as is. thr 0.1 also keeps 30 dB on both (DiT 30.8 dB), with less margin.
-    # Extrapolating the residual rather than the output is worth 6 dB on the DiT
-    # (benchmark_dit_correction.md). The fixed schedule policy="interval" (N=3) does about as
-    # well (62%; DiT 35.3, Flux 32.3 dB with forecast) but does not adapt to the step count
-    # or the model; the per-block scope (the paper's) loses fidelity much faster on both
-    # (README, "Reference models and benchmark").
+    # The defaults of the decision (scope="step", correction, forecast="linear", the threshold)
+    # were chosen with benchmarks/run_benchmark.py on both reference models; the figures that
+    # chose them live in the README's summary table and benchmarks/results/, not here.
     policy: str = "adacorr"
     correction: bool = True
     reuse_threshold: float = 0.08
