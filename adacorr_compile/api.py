@@ -39,8 +39,9 @@ def _model_state(compiled: Any) -> ModelState:
 def stats(compiled: Any) -> dict[str, Any]:
     """Per-region statistics of the current generation context.
 
-    Returns ``{"regions": [...], "totals": {...}, "steps": n, "generations": k,
-    "fallbacks": [...]}``; each region has ``path, calls, reuses, computes, partial,
+    Returns ``{"regions": [...], "totals": {...}, "steps": n, "cache_bytes": b,
+    "generations": k, "fallbacks": [...]}`` (``cache_bytes``: bytes the caches hold now,
+    each storage once); each region has ``path, calls, reuses, computes, partial,
     nonfinite, last_lambda, mean_lambda, last_score, mean_score`` and per-step traces
     (``lambda_trace``, ``score_trace``, ``reuse_trace``) of the current generation.
     Counters run since the last :func:`reset`; traces since the generation began.
@@ -52,6 +53,7 @@ def stats(compiled: Any) -> dict[str, Any]:
     return {
         **report,
         "steps": max(state.steps.values(), default=0),
+        "cache_bytes": state.cache_bytes(),
         "generations": state.generations,
         "fallbacks": list(model.fallbacks),
     }

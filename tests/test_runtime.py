@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import adacorr_compile
-from adacorr_compile.tiny import FAMILIES
+from adacorr_compile.tiny import FAMILIES, tiny_dit
 
 
 def run_loop(compiled, inputs, steps=10, start=900.0, batch=2):
@@ -362,3 +362,20 @@ def test_linear_forecast_does_not_extrapolate_from_a_nonfinite_compute():
         assert (outs[k] - want[k]).abs().max() > 1e-3, k
     for k in (6, 7):  # computes at 2 and 5 are finite: extrapolated again, exact on this model
         assert (outs[k] - want[k]).abs().max() < 1e-4, k
+
+
+@pytest.mark.parametrize("options, per_region", [({}, 2), ({"forecast": "none"}, 1), ({"scope": "block", "forecast": "none"}, 2)])
+def test_cache_bytes_hold_only_what_the_decision_needs(options, per_region):
+    """``stats()["cache_bytes"]``: under scope="step" no region keeps its inputs (one
+    residual per region, two with the linear forecast); a region that decides for itself
+    keeps the input its OEM compares with and its residual (issue 13)."""
+    model, inputs = tiny_dit()
+    fast = torch.compile(model, backend="adacorr", options={"lowering": "eager", **options})
+    with torch.no_grad():
+        for k in range(8):
+            kw = inputs(k, 900.0 - k * 900.0 / 8)
+            fast(**kw)
+    s = adacorr_compile.stats(fast)
+    block_input = 2 * 16 * 16 * 4  # [B=2, 16 tokens, 16 channels] float32: the tiny DiT stream
+    want = per_region * s["totals"]["regions"] * block_input
+    assert want <= s["cache_bytes"] < want + 64  # plus a few 0-d scalars (the step's lambda, flags)

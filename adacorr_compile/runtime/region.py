@@ -92,10 +92,14 @@ def _guarded_call(region: GuardedRegion, args: Sequence[Any], active: Active) ->
     if cache.signature != signature:
         cache.clear()
         cache.signature = signature
-    has_cache = cache.ref_in is not None
+    has_cache = (cache.ref_res if caches_residuals(cfg) else cache.ref_out) is not None
     per_sample = cfg.decision == "sample"
 
     role = step_role(cfg, spec.order)
+    # the inputs a region keeps are the ones its own OEM compares with: only a region that
+    # decides for itself (scope="block") measures its input; under scope="step" the probe
+    # scores the leader's residual and the others measure nothing
+    keeps = None if role != "block" else ("prev" if cfg.drift_reference == "previous" else "ref")
     shared = state.shared.setdefault(active.graph_id, {"similar": None, "ref": None})
     streaks = cache.streaks if per_sample and cache.streaks is not None else None
     guards = Guards(
@@ -179,7 +183,7 @@ def _guarded_call(region: GuardedRegion, args: Sequence[Any], active: Active) ->
         if per_sample:
             cache.streaks = [k + 1 for k in (cache.streaks or [0] * batch)]
         stats.record(active.step, lam, score, 1.0)
-        if cfg.drift_reference == "previous":
+        if keeps == "prev":
             cache.prev_in = observed
         return tuple(outs)
 
@@ -196,7 +200,7 @@ def _guarded_call(region: GuardedRegion, args: Sequence[Any], active: Active) ->
             m = _per_sample(mask, by_pair[0])
             outs_paired = [torch.where(m, c, o) for c, o in zip(cached, outs_paired)]
             stats.partial += 1
-    _refresh(region.math, cfg, spec, cache, args, observed, by_pair, mask if has_cache else None, active.step)
+    _refresh(region.math, cfg, spec, cache, args, observed, by_pair, mask if has_cache else None, active.step, keeps)
     if role == "leader":
         shared["leader_res"] = cache.ref_res
     elif role == "probe":
@@ -238,8 +242,11 @@ def _refresh(
     fresh: list[torch.Tensor],
     keep_mask: list[bool] | None,
     step: int,
+    keeps: str | None = "ref",
 ) -> None:
-    """Store the fresh residuals (or outputs) and inputs; samples in ``keep_mask`` keep theirs.
+    """Store the fresh residuals (or outputs) and the inputs the region's OEM compares with
+    (``keeps``: ``"ref"`` the input of this compute, ``"prev"`` the previous step's, None:
+    none); samples in ``keep_mask`` keep theirs.
     With ``forecast="linear"`` the values being replaced are kept, with their step, as the
     second point of the extrapolation (not after a partial, per-sample refresh)."""
     partial = keep_mask is not None and any(keep_mask)
@@ -255,18 +262,18 @@ def _refresh(
     residuals, valid = math.refresh(fresh, [args[i] for i, _ in spec.stream_pairs])
     # correction=False caches the outputs: a copy, the caller may write into what it gets
     outputs = [f.clone() for f in fresh] if not caches_residuals(cfg) else None
-    new_in = list(observed)
+    new_in = list(observed) if keeps == "ref" else None
     if partial:
         def keep(old: list[torch.Tensor], new: list[torch.Tensor]) -> list[torch.Tensor]:
             return [torch.where(_per_sample(keep_mask, n), o, n) for o, n in zip(old, new)]
 
         residuals = keep(cache.ref_res, residuals)
         outputs = keep(cache.ref_out, outputs) if outputs is not None else None
-        new_in = keep(cache.ref_in, new_in)
+        new_in = keep(cache.ref_in, new_in) if new_in is not None and cache.ref_in is not None else new_in
     cache.ref_res = residuals
     cache.ref_out = outputs
     cache.ref_in = new_in
-    cache.prev_in = list(observed)
+    cache.prev_in = list(observed) if keeps == "prev" else None
     if partial:
         valid = torch.stack([torch.isfinite(r).all() for r in residuals]).all()
     cache.valid = valid

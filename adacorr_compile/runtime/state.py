@@ -180,6 +180,29 @@ class GenerationState:
             s = self.stats[path] = RegionStats(path)
         return s
 
+    def cache_bytes(self) -> int:
+        """Bytes of the tensors the caches of this generation hold now (inputs, residuals or
+        outputs, forecast values, the step's shared values), each storage counted once
+        (``ref_in`` and ``prev_in`` are often the same tensors)."""
+        seen: dict[int, int] = {}
+
+        def add(value: Any) -> None:
+            if isinstance(value, torch.Tensor):
+                storage = value.untyped_storage()
+                seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+            elif isinstance(value, (list, tuple)):
+                for v in value:
+                    add(v)
+            elif isinstance(value, dict):
+                for v in value.values():
+                    add(v)
+
+        for c in self.caches.values():
+            for name in ("prev_in", "ref_in", "ref_res", "ref_out", "prev_val"):
+                add(getattr(c, name))
+        add(self.shared)
+        return sum(seen.values())
+
     def has_boundaries(self) -> bool:
         """The user marks where generations end: a ``generation()`` context or a step count."""
         return self.private or self.num_steps is not None
