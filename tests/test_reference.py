@@ -382,6 +382,7 @@ def test_save_grid(tmp_path):
 # ------------------------------------------------------------ training script
 
 
+@pytest.mark.slow  # 30 s of training
 def test_train_reference_resume_continues_the_committed_checkpoint(tmp_path):
     """``benchmarks/train_reference.py --resume`` starts from the weights in ``--out``
     (the loss of its first steps is that of the trained model, not of a fresh init) and
