@@ -100,3 +100,39 @@ def test_cfg_as_two_calls_reuses_like_one_call(name):
     assert s["totals"]["calls"] == 2 * STEPS * s["totals"]["regions"]
     double = _reuse_fraction(tp.pipe)
     assert single > 0 and double >= 0.75 * single, (single, double)
+
+
+def test_wan22_two_compiled_transformers_split_the_steps():
+    """Wan 2.2: ``transformer`` runs the high-noise steps and ``transformer_2`` the rest
+    (``boundary_ratio``), both compiled, each called in the pipeline's cond/uncond
+    contexts: with caching off the images equal the uncached pipeline's, with caching each
+    model counts its own steps and reuses, and a second call gives the same images."""
+    from diffusers import WanPipeline
+
+    from adacorr_compile.tiny import tiny_wan
+
+    torch._dynamo.reset()
+    tp = build_wan()
+    second, _ = tiny_wan()
+    with torch.no_grad():
+        for p in second.parameters():
+            p.mul_(0.9)  # another model
+    parts = {k: v for k, v in tp.pipe.components.items() if k not in ("transformer_2",)}
+    pipe = WanPipeline(**parts, transformer_2=second, boundary_ratio=0.5)
+    pipe.set_progress_bar_config(disable=True)
+    tp.pipe = pipe
+    want = _images(pipe, tp.kwargs(steps=STEPS))
+    for options in (NEVER, CACHING):
+        torch._dynamo.reset()
+        pipe.transformer = torch.compile(getattr(pipe.transformer, "_orig_mod", pipe.transformer), backend="adacorr", options=options)
+        pipe.transformer_2 = torch.compile(getattr(pipe.transformer_2, "_orig_mod", pipe.transformer_2), backend="adacorr",
+                                           options=options)
+        first = _images(pipe, tp.kwargs(steps=STEPS))
+        high, low = adacorr_compile.stats(pipe.transformer), adacorr_compile.stats(pipe.transformer_2)
+        assert high["steps"] + low["steps"] == STEPS and high["steps"] > 0 and low["steps"] > 0
+        if options is NEVER:
+            torch.testing.assert_close(first, want, rtol=0, atol=0)
+        else:
+            assert high["totals"]["reuses"] + low["totals"]["reuses"] > 0
+            torch.testing.assert_close(_images(pipe, tp.kwargs(steps=STEPS)), first, rtol=0, atol=0)
+            assert adacorr_compile.stats(pipe.transformer_2)["generations"] == 1
