@@ -16,11 +16,11 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from .compilers import compile_graph
 from .config import AdaCorrConfig, option_error
 from .passes import PASSES
 from .passes.common import Analysis, analysis, dump, example_value
 from .passes.find_blocks import _is_param
-from .passes.lower import compile_graph
 from .runtime import contexts
 from .runtime.graph import GraphRuntime
 from .runtime.owners import compiling_wrapper, state_on
@@ -70,7 +70,7 @@ def _fallback(gm: fx.GraphModule, example_inputs: list[Any], config: AdaCorrConf
         return gm
     from torch._inductor.compile_fx import compile_fx
 
-    from .passes.lower import inductor_patches
+    from .compilers import inductor_patches
 
     return compile_fx(gm, example_inputs, config_patches=inductor_patches(config))
 

@@ -3,59 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
 import logging
 import sys
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import torch
 
-from .cli_export import parse_option
+from .cli_common import CliError, load_factory, parse_option
 
 logger = logging.getLogger("adacorr_compile")
-
-
-class CliError(Exception):
-    """A one-line error of the ``adacorr`` command: printed with the usage, exit code 2."""
-
-
-def _load_factory(spec: str) -> Callable[[], tuple[torch.nn.Module, Callable[..., dict[str, Any]]]]:
-    """The ``--model`` factory: a tiny family's, or ``package.module:factory``'s wrapped so
-    that each way it can fail (no such module or attribute, not callable, it raises, it
-    returns something else than ``(model, inputs)``) is one line naming the problem."""
-    from .tiny import ALL_FAMILIES
-
-    if spec in ALL_FAMILIES:
-        return ALL_FAMILIES[spec][0]
-    mod, _, attr = spec.partition(":")
-    if not mod or not attr:
-        raise CliError(f"--model {spec!r}: expected one of {', '.join(ALL_FAMILIES)} or 'package.module:factory'")
-    try:
-        module = importlib.import_module(mod)
-    except ImportError as exc:
-        raise CliError(f"--model {spec!r}: cannot import module {mod!r}: {type(exc).__name__}: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - the module's own code failed on import
-        raise CliError(f"--model {spec!r}: importing {mod!r} raised {type(exc).__name__}: {exc}") from None
-    try:
-        factory = functools.reduce(getattr, attr.split("."), module)
-    except AttributeError:
-        raise CliError(f"--model {spec!r}: module {mod!r} has no attribute {attr!r}") from None
-    if not callable(factory):
-        raise CliError(f"--model {spec!r}: {attr!r} is a {type(factory).__name__}, not a callable factory")
-
-    def checked() -> tuple[torch.nn.Module, Callable[..., dict[str, Any]]]:
-        try:
-            made = factory()
-        except Exception as exc:  # noqa: BLE001 - the user's factory: say which and what it raised
-            raise CliError(f"--model {spec!r}: the factory raised {type(exc).__name__}: {exc}") from None
-        if not (isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module) and callable(made[1])):
-            got = (f"({', '.join(type(x).__name__ for x in made)})" if isinstance(made, tuple) else type(made).__name__)
-            raise CliError(f"--model {spec!r}: the factory returned {got}; expected (model, inputs): an nn.Module and a "
-                           "callable inputs(step, t) -> forward kwargs")
-        return made
-
-    return checked
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -63,7 +20,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .config import AdaCorrConfig
     from .report import format_report, report
 
-    factory = _load_factory(args.model)
+    factory = load_factory(args.model)
     model, inputs = factory()
     options = {"lowering": "eager", "dump_graphs": args.dump_graphs, **dict(args.option)}
     AdaCorrConfig.from_options(options)

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .cli_export import parse_option
+from .cli_common import parse_option
 
 logger = logging.getLogger("adacorr_compile")
 

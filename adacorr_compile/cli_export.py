@@ -14,29 +14,15 @@ optionally ``batch=``) giving one step's forward keyword arguments.
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import json
 import logging
 import sys
 from typing import Any, Callable, Iterator
 
+from .cli_common import CliError, load_factory, parse_option
+
 logger = logging.getLogger("adacorr_compile")
-
-
-def parse_option(text: str) -> tuple[str, Any]:
-    """``key=value`` -> ``(key, value)``; the value is a Python literal if it parses as one
-    (``0.1``, ``3``, ``True``), ``true``/``false`` are booleans, anything else a string."""
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--option {text!r}: expected key=value")
-    key, _, raw = text.partition("=")
-    key, raw = key.strip(), raw.strip()
-    if raw.lower() in ("true", "false"):
-        return key, raw.lower() == "true"
-    try:
-        return key, ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return key, raw
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
@@ -59,7 +45,6 @@ def _make_inputs(inputs: Callable[..., dict[str, Any]], t: float, batch: int | N
 @contextlib.contextmanager
 def _refusals() -> Iterator[None]:
     """An export the exporter refuses (:class:`ExportError`, its message says why): one line, exit code 2."""
-    from .cli import CliError
     from .export.onnx import ExportError
 
     try:
@@ -72,11 +57,10 @@ def _refusals() -> Iterator[None]:
 def cmd_export_onnx(args: argparse.Namespace) -> int:
     import torch
 
-    from .cli import _load_factory
     from .export import to_onnx
 
     options = _options(args)
-    model, inputs = _load_factory(args.model)()
+    model, inputs = load_factory(args.model)()
     example = _make_inputs(inputs, args.t, args.batch)
     with torch.no_grad(), _refusals():
         result = to_onnx(model, example, args.out, config=options, dynamic=args.dynamic, opset=args.opset,
@@ -99,7 +83,6 @@ def cmd_export_tensorrt(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .cli import _load_factory
     from .export import read_metadata, to_onnx
     from .export.tensorrt import TensorRTUnavailable, profiles_for, tensorrt_available, to_tensorrt
 
@@ -108,7 +91,7 @@ def cmd_export_tensorrt(args: argparse.Namespace) -> int:
               "The ONNX export (adacorr export onnx) works without it.", file=sys.stderr)
         return 2
     options = _options(args)
-    model, inputs = _load_factory(args.model)()
+    model, inputs = load_factory(args.model)()
     onnx_path = args.onnx or os.path.splitext(args.out)[0] + ".onnx"
     if not (args.onnx and os.path.exists(args.onnx)):
         with torch.no_grad(), _refusals():

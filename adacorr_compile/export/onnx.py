@@ -71,6 +71,7 @@ from ..config import AdaCorrConfig
 from ..passes import find_blocks, outline_blocks
 from ..passes.common import analysis, example_value
 from ..policies import STEPS_UNKNOWN, caches_residuals, decide_tensor, first_region_computes_always, relative_change, step_role
+from .dims import ExportError, _expr_ast, eval_dim  # eval_dim and ExportError also re-exported from here
 
 logger = logging.getLogger("adacorr_compile")
 
@@ -78,64 +79,6 @@ METADATA_KEY = "adacorr"
 DEFAULT_OPSET = 18  # < 23: no fused ``Attention`` op (see module docstring)
 DYNAMIC_MODES = ("static", "batch", "tokens", "all")
 STATS_OUTPUTS = ("adacorr_reused", "adacorr_nonfinite", "adacorr_lambda", "adacorr_score")
-
-
-class ExportError(RuntimeError):
-    """The model cannot be exported with cache guards; the message says why."""
-
-
-# --------------------------------------------------------------------------- shapes
-
-
-def _expr_ast(expr: Any, bindings: Mapping[Any, tuple[str, int]]) -> Any:
-    """A JSON form of a (symbolic) dimension in terms of model-input dimensions:
-    ``int``, ``{"input": name, "axis": a}``, ``["add"|"mul", ...]``, ``["floordiv"|"mod", a, b]``."""
-    import sympy
-
-    from torch.utils._sympy.functions import FloorDiv, Mod, PythonMod
-
-    if isinstance(expr, torch.SymInt):
-        expr = expr.node.expr
-    if isinstance(expr, int):
-        return int(expr)
-    if isinstance(expr, sympy.Integer):
-        return int(expr)
-    if isinstance(expr, sympy.Symbol):
-        if expr not in bindings:
-            raise ExportError(f"dimension {expr} is not a dimension of any model input; cannot size the cache state")
-        name, axis = bindings[expr]
-        return {"input": name, "axis": axis}
-    if isinstance(expr, sympy.Add):
-        return ["add", *(_expr_ast(a, bindings) for a in expr.args)]
-    if isinstance(expr, sympy.Mul):
-        return ["mul", *(_expr_ast(a, bindings) for a in expr.args)]
-    if isinstance(expr, FloorDiv):
-        return ["floordiv", _expr_ast(expr.args[0], bindings), _expr_ast(expr.args[1], bindings)]
-    if isinstance(expr, (Mod, PythonMod)):
-        return ["mod", _expr_ast(expr.args[0], bindings), _expr_ast(expr.args[1], bindings)]
-    raise ExportError(f"cannot express the state dimension {expr} ({type(expr).__name__}) in terms of the inputs")
-
-
-def eval_dim(ast: Any, shapes: Mapping[str, Sequence[int]]) -> int:
-    """Evaluate a dimension written by :func:`_expr_ast` for the given input shapes."""
-    if isinstance(ast, int):
-        return ast
-    if isinstance(ast, dict):
-        return int(shapes[ast["input"]][ast["axis"]])
-    op, *args = ast
-    vals = [eval_dim(a, shapes) for a in args]
-    if op == "add":
-        return sum(vals)
-    if op == "mul":
-        out = 1
-        for v in vals:
-            out *= v
-        return out
-    if op == "floordiv":
-        return vals[0] // vals[1]
-    if op == "mod":
-        return vals[0] % vals[1]
-    raise ValueError(f"unknown dimension operator {op!r}")
 
 
 # --------------------------------------------------------------------------- plan

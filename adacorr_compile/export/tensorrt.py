@@ -9,7 +9,7 @@ Two routes, both needing NVIDIA packages that are imported only when called:
 * The fallback, one engine per block body with the host deciding, is the backend's
   ``lowering="tensorrt"``: ``torch.compile(model, backend="adacorr",
   options={"lowering": "tensorrt"})`` compiles each distinct block body with
-  :func:`compile_with_torch_tensorrt` (glue with Inductor) and the
+  :func:`~adacorr_compile.compilers.compile_with_torch_tensorrt` (glue with Inductor) and the
   :class:`~adacorr_compile.runtime.region.GuardedRegion` decides on the host. Needs
   ``torch-tensorrt``.
 
@@ -24,11 +24,13 @@ import logging
 import os
 from typing import Any, Mapping, Sequence
 
-import torch
+# the torch-tensorrt route lives with the other compilers (a leaf module the passes can
+# import without the exporters); re-exported here, where it has always been importable
+from ..compilers import TORCH_TENSORRT_HINT, TensorRTUnavailable, compile_with_torch_tensorrt  # noqa: F401
+from .dims import eval_dim
 
 logger = logging.getLogger("adacorr_compile")
 
-TORCH_TENSORRT_HINT = "lowering='tensorrt' needs torch-tensorrt: pip install torch-tensorrt (and a CUDA GPU)"
 TENSORRT_HINT = "to_tensorrt needs TensorRT's Python package: pip install tensorrt (and a CUDA GPU)"
 
 # ops TensorRT's ONNX parser does not take (sequence and optional types) or fails on in
@@ -45,10 +47,6 @@ _REJECTED_OPS = {
     "OptionalGetElement": "optional type",
     "OptionalHasElement": "optional type",
 }
-
-
-class TensorRTUnavailable(ImportError):
-    """A TensorRT package this route needs is not installed."""
 
 
 def tensorrt_available() -> bool:
@@ -214,63 +212,9 @@ def profiles_for(metadata: Mapping[str, Any], min_shapes: Mapping[str, Sequence[
                  max_shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[list[int], list[int], list[int]]]:
     """(min, opt, max) profiles for every input of an exported step graph, from the model
     inputs' shapes at the three points (state shapes are derived from them)."""
-    from .onnx import eval_dim
-
     out: dict[str, tuple[list[int], list[int], list[int]]] = {}
     for name in metadata["model_inputs"]:
         out[name] = (list(min_shapes[name]), list(opt_shapes[name]), list(max_shapes[name]))
     for s in metadata["states"]:
         out[s["name"]] = tuple([eval_dim(d, shapes) for d in s["dims"]] for shapes in (min_shapes, opt_shapes, max_shapes))  # type: ignore[assignment]
     return out
-
-
-# --------------------------------------------------------------------------- torch-tensorrt bodies
-
-
-def compile_with_torch_tensorrt(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], name: str) -> torch.nn.Module:
-    """Compile one block body (an FX graph from the backend; parameters are inputs, so the
-    engine takes the weights as inputs) with torch-tensorrt for ``lowering="tensorrt"``.
-    Symbolic dimensions get a TensorRT profile from 1 to 8x the example size. Raises
-    :class:`TensorRTUnavailable` naming the package. Not run here (no GPU, no
-    torch-tensorrt): written against torch-tensorrt's documented ``compile(ir="dynamo")``.
-
-    Note: :func:`adacorr_compile.passes.lower.compile_graph` also sends glue pieces here
-    when ``lowering="tensorrt"``."""
-    try:
-        import torch_tensorrt
-    except ImportError as exc:
-        raise TensorRTUnavailable(TORCH_TENSORRT_HINT) from exc
-    inputs = []
-    for x in example_inputs:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name}: torch-tensorrt bodies take tensors only, got {type(x).__name__}")
-        dims = list(x.shape)
-        if any(isinstance(d, torch.SymInt) for d in dims):
-            opt = [int(d.node.hint) if isinstance(d, torch.SymInt) else int(d) for d in dims]
-            lo = [1 if isinstance(d, torch.SymInt) else int(d) for d in dims]
-            hi = [8 * o if isinstance(d, torch.SymInt) else o for d, o in zip(dims, opt)]
-            inputs.append(torch_tensorrt.Input(min_shape=lo, opt_shape=opt, max_shape=hi, dtype=x.dtype))
-        else:
-            inputs.append(torch_tensorrt.Input(shape=[int(d) for d in dims], dtype=x.dtype))
-    logger.info("adacorr: compiling %s with torch-tensorrt", name)
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-    # the backend lowers under Dynamo's fake mode; torch-tensorrt traces with its own
-    with unset_fake_temporarily():
-        compiled = torch_tensorrt.compile(gm, ir="dynamo", inputs=inputs, min_block_size=1)
-    return _TensorRTPart(compiled, name)
-
-
-class _TensorRTPart(torch.nn.Module):
-    def __init__(self, fn: Any, name: str) -> None:
-        super().__init__()
-        self.fn = fn
-        self.part_name = name
-
-    def forward(self, *args: Any) -> Any:
-        args = tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
-        out = self.fn(*args)
-        return tuple(out) if isinstance(out, (list, tuple)) else (out,)
-
-    def extra_repr(self) -> str:
-        return self.part_name

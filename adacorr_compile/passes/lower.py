@@ -20,7 +20,6 @@ them.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import operator
 from typing import Any, Callable
@@ -29,87 +28,13 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.split_module import split_module
 
+from ..compilers import CompiledPart, compile_graph, inductor_patches  # noqa: F401 - re-exported: lower.compile_graph, lower.inductor_patches
 from ..config import AdaCorrConfig
 from ..runtime.fused import RegionMath
 from ..runtime.region import GuardedRegion
 from .common import analysis, example_value
 
 logger = logging.getLogger("adacorr_compile")
-
-
-class CompiledPart(torch.nn.Module):
-    """A compiled piece of graph behind a module call (boxed calling convention handled)."""
-
-    def __init__(self, fn: Callable[..., Any], boxed: bool, name: str) -> None:
-        super().__init__()
-        self.fn = fn
-        self.boxed = boxed
-        self.part_name = name
-        self.activations: list[int] | None = None  # argument positions that may be non-contiguous
-
-    def forward(self, *args: Any) -> Any:
-        # compiled for contiguous inputs (see compile_graph); parameters always are, so
-        # only the other tensor positions (found on the first call) are checked
-        if self.activations is None:
-            self.activations = [i for i, a in enumerate(args)
-                                if isinstance(a, torch.Tensor) and not isinstance(a, torch.nn.Parameter)]
-        if any(not args[i].is_contiguous() for i in self.activations):
-            args = tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
-        return self.fn(list(args)) if self.boxed else self.fn(*args)
-
-    def extra_repr(self) -> str:
-        return self.part_name
-
-
-def inductor_patches(config: AdaCorrConfig) -> dict[str, Any]:
-    """Inductor config patches of ``config.inductor_mode`` (as ``torch.compile(mode=...)``)."""
-    return dict(torch._inductor.list_mode_options(config.inductor_mode)) if config.inductor_mode != "default" else {}
-
-
-def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], config: AdaCorrConfig, name: str) -> torch.nn.Module:
-    """Lower one FX graph the way ``config.lowering`` says; the one place that picks a compiler.
-
-    ``example_inputs`` are fake tensors (Dynamo's, possibly of symbolic shapes, with
-    the SymInts of the symbols they use) or real tensors."""
-    if config.lowering == "eager":
-        return gm
-    if config.lowering == "tensorrt":
-        from ..export.tensorrt import compile_with_torch_tensorrt
-
-        return compile_with_torch_tensorrt(gm, example_inputs, name)
-    from torch._guards import TracingContext, tracing
-    from torch._inductor.compile_fx import compile_fx
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-    fake_mode = next((x.fake_mode for x in example_inputs if hasattr(x, "fake_mode")), None)
-    if fake_mode is None:  # SymInt inputs alone still name their shape environment
-        shape_env = next((x.node.shape_env for x in example_inputs if isinstance(x, torch.SymInt)), None)
-        if shape_env is not None:
-            from torch._subclasses.fake_tensor import FakeTensorMode
-
-            fake_mode = FakeTensorMode(shape_env=shape_env)
-    # Compiled pieces exchange tensors whose layout Inductor chose, which need not be
-    # the layout eager propagation predicted: compile for contiguous inputs and let
-    # CompiledPart make its inputs contiguous.
-    if fake_mode is not None:
-        with fake_mode:
-            example_inputs = [x.contiguous() if isinstance(x, torch.Tensor) else x for x in example_inputs]
-    else:
-        example_inputs = [x.contiguous() if isinstance(x, torch.Tensor) else x for x in example_inputs]
-    # compile under a tracing context of the inputs' own fake mode (its shape environment
-    # is Dynamo's: guards Inductor adds become guards of the user's graph, as for plain Inductor)
-    with unset_fake_temporarily(), tracing(TracingContext(fake_mode) if fake_mode is not None else None):
-        fn = compile_fx(gm, example_inputs, config_patches=inductor_patches(config))
-    return CompiledPart(fn, _is_boxed(fn), name)
-
-
-def _is_boxed(fn: Callable[..., Any]) -> bool:
-    """Whether ``fn`` takes its inputs as one list. ``_boxed_call`` alone is not
-    trustworthy: AOTAutograd's unboxed wrapper copies it from the boxed function it wraps."""
-    code = getattr(fn, "__code__", None)
-    if code is not None:
-        return code.co_argcount == 1 and not code.co_flags & inspect.CO_VARARGS
-    return bool(getattr(fn, "_boxed_call", False))
 
 
 def _partition(gm: fx.GraphModule) -> dict[fx.Node, int]:

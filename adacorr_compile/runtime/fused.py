@@ -150,7 +150,7 @@ class RegionMath:
     def _compile_dynamic(self, name: str, fn: Callable[..., Any], n: int, tensors: list[torch.Tensor]) -> tuple[Any, list[Any], Callable[..., Any]] | None:
         from torch.fx.experimental.proxy_tensor import make_fx
 
-        from ..passes.lower import compile_graph
+        from ..compilers import compile_graph
 
         try:
             examples = [t.contiguous() for t in tensors]
@@ -169,7 +169,7 @@ class RegionMath:
     def _compile(self, name: str, fn: Callable[..., Any], n: int, tensors: list[torch.Tensor]) -> Callable[..., Any]:
         from torch.fx.experimental.proxy_tensor import make_fx
 
-        from ..passes.lower import compile_graph
+        from ..compilers import compile_graph
 
         try:
             # compiled for contiguous inputs, as every compiled part (its call makes them so)
