@@ -52,8 +52,6 @@ def _fallback(gm: fx.GraphModule, example_inputs: list[Any], config: AdaCorrConf
     context, with ``inductor_mode`` as ``torch.compile(mode=...)`` patches it (for
     ``lowering="eager"``, the graph itself). A restart Dynamo asked for while the passes
     ran (e.g. to specialize a float it could not tensorify) is passed on, not a fallback."""
-    import sys
-
     from torch._dynamo.exc import RestartAnalysis
 
     pending = sys.exc_info()[1]  # set when called from the backend's ``except`` clause
@@ -81,14 +79,19 @@ def _source_name(node: fx.Node) -> str:
     return source() if callable(source) else source
 
 
-def _frame_arguments() -> tuple[tuple[str, ...], bool, str] | None:
-    """(argument names, takes ``**kwargs``, function name) of the frame Dynamo is compiling."""
+def _current_tx() -> Any | None:
+    """Dynamo's instruction translator of the frame being compiled, or None."""
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
-        tx = InstructionTranslator.current_tx()
+        return InstructionTranslator.current_tx()
     except Exception:  # noqa: BLE001 - not inside Dynamo (a direct backend call) or another torch
         return None
+
+
+def _frame_arguments() -> tuple[tuple[str, ...], bool, str] | None:
+    """(argument names, takes ``**kwargs``, function name) of the frame Dynamo is compiling."""
+    tx = _current_tx()
     if tx is None:
         return None
     code = tx.f_code
@@ -109,12 +112,7 @@ def _compiled_module() -> torch.nn.Module | None:
             frame = frame.f_back
     finally:
         del frame
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-
-        tx = InstructionTranslator.current_tx()
-    except Exception:  # noqa: BLE001 - not inside Dynamo (a direct backend call) or another torch
-        return None
+    tx = _current_tx()
     for name in ("module", "self"):
         value = getattr(tx, "f_locals", {}).get(name) if tx is not None else None
         if isinstance(value, torch.nn.Module):

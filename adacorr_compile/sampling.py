@@ -340,6 +340,7 @@ def sample_flux(
     x = torch.randn((b, channels, image_size, image_size), generator=gen, dtype=torch.float32)
     x = x.to(device=device, dtype=dtype)
     ts = flux_timesteps(num_steps)
+
     def call(x_in: torch.Tensor, t_in: torch.Tensor, y_in: torch.Tensor) -> Any:
         return wrapper(x_in, timestep=t_in, class_labels=y_in)
 

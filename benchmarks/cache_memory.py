@@ -23,6 +23,7 @@ import torch
 
 import adacorr_compile
 from adacorr_compile import tiny
+from adacorr_compile.runtime.state import storage_bytes
 
 logger = logging.getLogger("adacorr_compile.bench")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -79,30 +80,16 @@ def measure(family: str, depth: int, options: dict) -> dict:
 
 
 def _hook_tensor_bytes(module: torch.nn.Module) -> int:
-    """Bytes of the tensors held by diffusers hook states under ``module``, each storage once."""
-    seen: dict[int, int] = {}
-
-    def add(value: object, depth: int = 0) -> None:
-        if isinstance(value, torch.Tensor):
-            st = value.untyped_storage()
-            seen[st.data_ptr()] = st.nbytes()
-        elif isinstance(value, (list, tuple)) and depth < 4:
-            for v in value:
-                add(v, depth + 1)
-        elif isinstance(value, dict) and depth < 4:
-            for v in value.values():
-                add(v, depth + 1)
-        elif hasattr(value, "__dict__") and depth < 4 and not isinstance(value, torch.nn.Module):
-            for v in vars(value).values():
-                add(v, depth + 1)
-
+    """Bytes of the tensors held by diffusers' hook states under ``module`` (the attributes of
+    each state object of each ``StateManager``), each storage once."""
+    held = []
     for sub in module.modules():
         registry = getattr(sub, "_diffusers_hook", None)
         for hook in getattr(registry, "hooks", {}).values():
             for attr in vars(hook).values():
                 if type(attr).__name__ == "StateManager":
-                    add(attr._state_cache)
-    return sum(seen.values())
+                    held += [vars(state) for state in attr._state_cache.values()]
+    return storage_bytes(held)
 
 
 def first_block_cache(depth: int, block_input: int) -> dict:

@@ -111,6 +111,16 @@ def _randn(g: torch.Generator, *shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=g)
 
 
+def _pooled_embeds(seed: int, tokens: int, **guidance: Any) -> dict[str, Any]:
+    """Prompt and negative embeds (``[1, tokens, 12]``) with pooled ones (``[1, 10]``), as
+    SD3's and Flux's pipelines take them, plus the guidance settings."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        prompt_embeds=_randn(g, 1, tokens, 12), pooled_prompt_embeds=_randn(g, 1, 10),
+        negative_prompt_embeds=_randn(g, 1, tokens, 12), negative_pooled_prompt_embeds=_randn(g, 1, 10), **guidance,
+    )
+
+
 class SizedDiTPipeline(DiTPipeline):
     """``DiTPipeline`` whose call also takes ``height``/``width`` (pixels, square).
 
@@ -186,11 +196,7 @@ def build_sd3(seed: int = 0) -> TinyPipeline:
         transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
         tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
     ))
-    g = torch.Generator().manual_seed(seed)
-    inputs = dict(
-        prompt_embeds=_randn(g, 1, 7, 12), pooled_prompt_embeds=_randn(g, 1, 10),
-        negative_prompt_embeds=_randn(g, 1, 7, 12), negative_pooled_prompt_embeds=_randn(g, 1, 10), guidance_scale=5.0,
-    )
+    inputs = _pooled_embeds(seed, tokens=7, guidance_scale=5.0)
     return TinyPipeline("sd3", pipe, (16, 16), (24, 16), cfg_calls=1, inputs=inputs, images_arg=None)
 
 
@@ -210,11 +216,7 @@ def build_flux(seed: int = 0) -> TinyPipeline:
         scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
         transformer=transformer,
     ))
-    g = torch.Generator().manual_seed(seed)
-    inputs = dict(
-        prompt_embeds=_randn(g, 1, 6, 12), pooled_prompt_embeds=_randn(g, 1, 10),
-        negative_prompt_embeds=_randn(g, 1, 6, 12), negative_pooled_prompt_embeds=_randn(g, 1, 10), true_cfg_scale=4.0,
-    )
+    inputs = _pooled_embeds(seed, tokens=6, true_cfg_scale=4.0)
     return TinyPipeline("flux", pipe, (16, 16), (24, 16), cfg_calls=2, inputs=inputs, images_arg=None)
 
 

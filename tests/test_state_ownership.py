@@ -40,6 +40,12 @@ def _alone(model, inputs, n, options, **kw):
     return _steps(fast, inputs, n, **kw)
 
 
+def _assert_as_alone(outs, model, inputs, n=8):
+    """``outs`` equal ``model`` compiled and sampled alone, exactly."""
+    for got, want in zip(outs, _alone(model, inputs, n, REUSE)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_two_models_of_one_class_alternating_keep_their_own_caches():
     a, inputs = _perturbed_dit(1)
     b, _ = _perturbed_dit(2)
@@ -54,10 +60,8 @@ def test_two_models_of_one_class_alternating_keep_their_own_caches():
     sa, sb = adacorr_compile.stats(fa), adacorr_compile.stats(fb)
     assert sa["steps"] == sb["steps"] == 8
     assert sa["totals"]["reuses"] > 0 and sb["totals"]["reuses"] > 0
-    for got, want in zip(outs_a, _alone(a, inputs, 8, REUSE)):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
-    for got, want in zip(outs_b, _alone(b, inputs, 8, REUSE)):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    _assert_as_alone(outs_a, a, inputs)
+    _assert_as_alone(outs_b, b, inputs)
 
 
 def test_same_module_compiled_twice_has_two_states():
@@ -88,10 +92,8 @@ def test_one_compiled_function_over_two_instances_keeps_caches_apart():
             got_a.append(fast(a, kw))
             got_b.append(fast(b, kw))
     assert adacorr_compile.stats(fast)["totals"]["reuses"] > 0
-    for got, want in zip(got_a, _alone(a, inputs, 8, REUSE)):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
-    for got, want in zip(got_b, _alone(b, inputs, 8, REUSE)):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    _assert_as_alone(got_a, a, inputs)
+    _assert_as_alone(got_b, b, inputs)
 
 
 def test_rising_timesteps_are_one_generation_each():

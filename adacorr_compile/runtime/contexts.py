@@ -48,14 +48,13 @@ class CallContext:
 
 
 class _Entry:
-    """A module with a context set: a weak reference and the ids of its parameters."""
+    """A module with a context set (held weakly)."""
 
-    __slots__ = ("module", "context", "params", "first")
+    __slots__ = ("module", "context")
 
     def __init__(self, module: torch.nn.Module, context: CallContext) -> None:
         self.module = weakref.ref(module)
         self.context = context
-        self.first, self.params = _param_ids(module)
 
 
 _ACTIVE: contextvars.ContextVar[tuple[_Entry, ...]] = contextvars.ContextVar("adacorr_cache_contexts", default=())
@@ -140,9 +139,7 @@ def context_for(param: Any) -> tuple[CallContext, torch.nn.Module] | None:
         if param is None:
             found.append((e.context, module))
             continue
-        first = next(iter(module.parameters()), None)
-        ids = e.params if first is e.first else _param_ids(module)[1]
-        if id(param) in ids:
+        if id(param) in _param_ids(module)[1]:
             found.append((e.context, module))
     if param is None and len(found) != 1:
         return None

@@ -113,6 +113,5 @@ class GraphRuntime:
         elif self.timestep_index is not None:
             t = args[self.timestep_index]
             timestep = float(t.detach().float().max()) if isinstance(t, torch.Tensor) else float(t)
-        if context is None:
-            return state.begin_step(key, signature, timestep)
-        return state.begin_step(key, signature, timestep, context.step_index, context.num_steps)
+        step_index, total = (context.step_index, context.num_steps) if context is not None else (None, None)
+        return state.begin_step(key, signature, timestep, step_index, total)

@@ -143,6 +143,26 @@ class RegionStats:
         }
 
 
+def storage_bytes(*values: Any) -> int:
+    """Bytes of the storages of the tensors in ``values`` (nested in lists, tuples and dicts),
+    each storage counted once: views and aliases (``ref_in`` is often ``prev_in``) add nothing."""
+    seen: dict[int, int] = {}
+
+    def add(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                add(v)
+        elif isinstance(value, dict):
+            for v in value.values():
+                add(v)
+
+    add(values)
+    return sum(seen.values())
+
+
 GraphKey = Any  # (owner token, graph id): one module instance running one compiled graph
 
 
@@ -182,26 +202,9 @@ class GenerationState:
 
     def cache_bytes(self) -> int:
         """Bytes of the tensors the caches of this generation hold now (inputs, residuals or
-        outputs, forecast values, the step's shared values), each storage counted once
-        (``ref_in`` and ``prev_in`` are often the same tensors)."""
-        seen: dict[int, int] = {}
-
-        def add(value: Any) -> None:
-            if isinstance(value, torch.Tensor):
-                storage = value.untyped_storage()
-                seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
-            elif isinstance(value, (list, tuple)):
-                for v in value:
-                    add(v)
-            elif isinstance(value, dict):
-                for v in value.values():
-                    add(v)
-
-        for c in self.caches.values():
-            for name in ("prev_in", "ref_in", "ref_res", "ref_out", "prev_val"):
-                add(getattr(c, name))
-        add(self.shared)
-        return sum(seen.values())
+        outputs, forecast values, the step's shared values), each storage counted once."""
+        held = [getattr(c, name) for c in self.caches.values() for name in ("prev_in", "ref_in", "ref_res", "ref_out", "prev_val")]
+        return storage_bytes(held, self.shared)
 
     def has_boundaries(self) -> bool:
         """The user marks where generations end: a ``generation()`` context or a step count."""
