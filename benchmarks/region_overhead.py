@@ -17,11 +17,17 @@ then timed interleaved in one process (no recompiles allowed), median of ``--rep
 
 A ``torch.profiler`` table of one ``adacorr block`` generation is saved with the figures in
 ``benchmarks/results/region_overhead_<model>.{json,md}``.
+
+Second table, the cost of a reuse step: the default options with every step after warm-up
+reused (threshold 1, no reuse cap), each model call timed, with the span cache (chained
+blocks share one residual: one add per stream on a reuse) and with one cache per block (the
+layout before the span cache: one add and one extrapolation per block), interleaved.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import platform
@@ -45,6 +51,53 @@ VARIANTS: dict[str, dict | None] = {
     "adacorr block": NO_REUSE,
     "adacorr step": {**NO_REUSE, "scope": "step"},
 }
+
+
+ALWAYS_REUSE = {"reuse_threshold": 1.0, "max_consecutive_reuses": 1000, "final_steps": 0}
+
+
+class _Timed:
+    """Calls ``fn`` and records the wall time of each call."""
+
+    def __init__(self, fn) -> None:
+        self.fn, self.times = fn, []
+
+    def __call__(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = self.fn(*args, **kwargs)
+        self.times.append(time.perf_counter() - t0)
+        return out
+
+
+def reuse_step_rows(model, sampler, labels, steps: int, reps: int) -> list[dict]:
+    """Median time of a compute step and of a reuse step, span cache vs one cache per block."""
+    chain = importlib.import_module("adacorr_compile.passes.chain_regions")
+    spans_apply = chain.spans_apply
+    runs = {}
+    for name, spans in (("span cache", True), ("one cache per block", False)):
+        # "one cache per block" is the runtime before the span cache: spans switched off at compile time
+        chain.spans_apply = spans_apply if spans else (lambda config: False)
+        try:
+            fn = bench.ours(name, ALWAYS_REUSE).build(model)
+            sampler(fn, labels, num_steps=2)
+        finally:
+            chain.spans_apply = spans_apply
+        runs[name] = fn
+    per_step: dict[str, dict[str, list[float]]] = {n: {"compute": [], "reuse": []} for n in runs}
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for _ in range(reps):
+            for name, fn in runs.items():
+                timed = _Timed(fn)
+                sampler(timed, labels, num_steps=steps)
+                trace = bench._stats_of(fn)["regions"][1]["reuse_trace"][-steps:]
+                for t, reused in zip(timed.times, trace):
+                    per_step[name]["reuse" if reused == 1.0 else "compute"].append(t)
+    rows = []
+    for name, t in per_step.items():
+        compute, reuse = statistics.median(t["compute"]), statistics.median(t["reuse"])
+        rows.append({"variant": name, "compute_ms": 1e3 * compute, "reuse_ms": 1e3 * reuse, "reuse_over_compute": reuse / compute,
+                     "reuse_spread_ms": [1e3 * min(t["reuse"]), 1e3 * max(t["reuse"])], "reuse_steps": len(t["reuse"])})
+    return rows
 
 
 def main() -> int:
@@ -96,9 +149,12 @@ def main() -> int:
         generation(runs["adacorr block"])
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
 
+    reuse_rows = reuse_step_rows(model, sampler, labels, args.steps, args.reps)
+
     device = f"CPU ({platform.machine()}), {torch.get_num_threads()} threads"
     result = {"model": args.model, "batch": 2 * len(labels), "steps": args.steps, "reps": args.reps, "blocks": blocks,
-              "device": device, "torch": torch.__version__, "command": " ".join(sys.argv), "rows": rows}
+              "device": device, "torch": torch.__version__, "command": " ".join(sys.argv), "rows": rows,
+              "reuse_step": reuse_rows}
     stem = f"region_overhead_{args.model}"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
@@ -108,9 +164,17 @@ def main() -> int:
              "| --- | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['ms_per_step']:.2f} | {r['relative_speed']:.2f}x | {r['added_ms_per_block_call']:.3f} |")
+    reuse_lines = ["", f"Reuse step vs compute step, default options reusing every step after warm-up ({blocks} blocks; "
+                   "median per model call over all reps; min-max of the reuse steps):", "",
+                   "| cache layout | compute step ms | reuse step ms (min-max) | reuse / compute |", "| --- | ---: | ---: | ---: |"]
+    for r in reuse_rows:
+        lo, hi = r["reuse_spread_ms"]
+        reuse_lines.append(f"| {r['variant']} | {r['compute_ms']:.2f} | {r['reuse_ms']:.2f} ({lo:.2f}-{hi:.2f}) | "
+                           f"{r['reuse_over_compute']:.3f} |")
+    lines += reuse_lines
     lines += ["", "torch.profiler, one `adacorr block` generation (self CPU time):", "", "```", table, "```", ""]
     (RESULTS / f"{stem}.md").write_text("\n".join(lines))
-    print("\n".join(lines[:6 + len(rows)]))
+    print("\n".join(lines[:6 + len(rows)] + reuse_lines))
     return 0
 
 

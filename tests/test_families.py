@@ -124,7 +124,8 @@ def test_low_precision_keeps_dtype_through_cache(dtype):
             out = fast(**kw).sample
     assert out.dtype == dtype
     state = adacorr_compile.api._model_state(fast).current()
-    assert {c.ref_res[0].dtype for c in state.caches.values()} == {dtype}
+    held = [c.ref_res[0] for c in state.caches.values() if c.ref_res is not None]  # the leader keeps none
+    assert held and {r.dtype for r in held} == {dtype}
     assert adacorr_compile.stats(fast)["totals"]["reuses"] > 0
 
 

@@ -60,6 +60,7 @@ class Analysis:
     timestep_index: int | None = None  # placeholder position of the timestep argument
     bodies_compiled: int = 0
     regions: list[Any] = field(default_factory=list)  # GuardedRegion objects, execution order
+    spans: list[list[str]] = field(default_factory=list)  # region paths sharing one cache (chain_regions)
 
     def skip(self, where: str, reason: str) -> None:
         self.skipped.append((where, reason))

@@ -45,6 +45,20 @@ class RegionSpec:
 
 
 @dataclass(frozen=True)
+class Span:
+    """Regions that share one cache (``passes/chain_regions.py``): each takes the previous
+    one's outputs as its stream inputs and nothing else reads them. On a reuse the first
+    ones pass their input on and the last adds the span's residual; on a compute every block
+    runs and the last stores ``output - (the first one's input)``. A lone region is a span
+    of one."""
+
+    key: str  # the first region's path: the cache's name
+    size: int
+    position: int  # 0: the first region, which decides for the span and checks its cache
+    sources: tuple[int, ...]  # for each stream pair of the last region, the first region's input position it started at
+
+
+@dataclass(frozen=True)
 class Active:
     """What a region needs from the graph runtime during one step."""
 
@@ -68,6 +82,7 @@ class GuardedRegion(torch.nn.Module):
         self.config = config
         self.math = RegionMath(config)  # per-step score/refresh kernels; lower() shares one per graph
         self.executions = 0  # times the body actually ran through this region
+        self.span = Span(spec.path, 1, 0, tuple(i for i, _ in spec.stream_pairs))  # chain_regions may join it to others
 
     def extra_repr(self) -> str:
         return f"path={self.spec.path!r}, streams={list(self.spec.stream_pairs)}, key={self.spec.key}"
@@ -83,24 +98,43 @@ def _per_sample(mask: list[bool], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(mask, device=like.device).reshape(len(mask), *([1] * (like.dim() - 1)))
 
 
+@dataclass
+class _Step:
+    """What one region call decided and measured (host values and device scalars)."""
+
+    verdict: list[bool] | str  # per-unit reuse flags, or why the region computes
+    lam: torch.Tensor | None = None
+    score: torch.Tensor | None = None
+    mask: list[bool] | None = None  # per-sample reuse flags (None: compute all)
+    by_policy: bool = False  # the policy itself chose to compute: only then does blend=True blend
+
+
 def _guarded_call(region: GuardedRegion, args: Sequence[Any], active: Active) -> tuple[torch.Tensor, ...]:
-    cfg, spec, state = region.config, region.spec, active.state
-    cache = state.cache((active.graph_id[0], spec.path))
-    stats = state.region_stats(spec.path)
+    cfg, spec, span, state = region.config, region.spec, region.span, active.state
+    cache = state.cache((active.graph_id[0], span.key))
     observed = [args[i] for i in spec.observed]
-    signature = tuple((tuple(t.shape), t.dtype, t.device) for t in observed)
-    if cache.signature != signature:
-        cache.clear()
-        cache.signature = signature
+    if span.position == 0:  # the span's members share its cache: its first region checks it
+        signature = (span.size, tuple((tuple(t.shape), t.dtype, t.device) for t in observed))
+        if cache.signature != signature:
+            cache.clear()
+            cache.signature = signature
+    role = step_role(cfg, spec.order)
+    shared = state.shared.setdefault(active.graph_id, {"similar": None, "ref": None})
+    taken = _decide(region, args, observed, active, cache, shared, role)
+    if taken.mask is not None and all(taken.mask):
+        return _reuse(region, args, observed, active, cache, taken, role)
+    return _compute(region, args, observed, active, cache, shared, taken, role)
+
+
+def _decide(
+    region: GuardedRegion, args: Sequence[Any], observed: list[torch.Tensor], active: Active, cache: Any,
+    shared: dict[str, Any], role: str,
+) -> _Step:
+    """The region's verdict for this step: forced by a guard, taken from the probe (or the
+    span's first region), or the policy's on this step's lambda (one host read)."""
+    cfg, spec, span, state = region.config, region.spec, region.span, active.state
     has_cache = (cache.ref_res if caches_residuals(cfg) else cache.ref_out) is not None
     per_sample = cfg.decision == "sample"
-
-    role = step_role(cfg, spec.order)
-    # the inputs a region keeps are the ones its own OEM compares with: only a region that
-    # decides for itself (scope="block") measures its input; under scope="step" the probe
-    # scores the leader's residual and the others measure nothing
-    keeps = None if role != "block" else ("prev" if cfg.drift_reference == "previous" else "ref")
-    shared = state.shared.setdefault(active.graph_id, {"similar": None, "ref": None})
     streaks = cache.streaks if per_sample and cache.streaks is not None else None
     guards = Guards(
         step=active.step,
@@ -113,20 +147,27 @@ def _guarded_call(region: GuardedRegion, args: Sequence[Any], active: Active) ->
         generation_known=active.generation_known,
     )
     forced = guards.forced(cfg)
-
     lam = score = None
     verdict: list[bool] | str
-    if role == "follower":
+    if span.position > 0:
+        # a later region of a span does what its first region did in this step (they share
+        # the cache: its input is the span's input on a reuse, whatever the guards say now)
+        pending = cache.pending
+        if pending is None or pending[0] != active.step:
+            verdict = "no span verdict"
+        else:
+            verdict, lam = pending[1], pending[2]
+    elif role == "follower":
         # scope="step": take the probe's verdict of this step; nothing to measure or read
-        taken = shared.get("verdict")
-        if taken is not None and taken[0] == active.step:
-            lam = taken[2]  # the step's lambda: a compute blends by it (blend=True) as the probe does, forced or not
+        probe = shared.get("verdict")
+        if probe is not None and probe[0] == active.step:
+            lam = probe[2]  # the step's lambda: a compute blends by it (blend=True) as the probe does, forced or not
         if forced is not None:
             verdict = forced
-        elif taken is None or taken[0] != active.step:
+        elif probe is None or probe[0] != active.step:
             verdict = "no step verdict"
         else:
-            verdict = taken[1]
+            verdict = probe[1]
     else:
         packed = None
         if has_cache and role == "block":
@@ -150,12 +191,14 @@ def _guarded_call(region: GuardedRegion, args: Sequence[Any], active: Active) ->
             # one read: lambda, the cache is finite, the score is finite
             host = packed.tolist()
             if host[-2] < 0.5 or host[-1] < 0.5:
-                stats.nonfinite += 1
+                state.region_stats(spec.path).nonfinite += 1
                 verdict = "non-finite cache" if host[-2] < 0.5 else "non-finite input"
             else:
                 verdict = decide(cfg, guards, host[:-2] if needs_lambda(cfg) else None, shared["similar"])
         if role == "probe":
             shared["verdict"] = (active.step, verdict, lam)
+    if span.size > 1 and span.position == 0:
+        cache.pending = (active.step, verdict, lam)
 
     batch = observed[0].shape[0] if observed else 1
     mask = None if isinstance(verdict, str) else (verdict * batch if len(verdict) == 1 else verdict)
@@ -165,59 +208,107 @@ def _guarded_call(region: GuardedRegion, args: Sequence[Any], active: Active) ->
     # compute forced by a guard (warm-up, final steps, reuse cap, policy "never", a cache or
     # input that is not finite, an empty cache) returns the fresh block alone
     by_policy = verdict == "policy" or (mask is not None and not all(mask))
+    return _Step(verdict, lam, score, mask, by_policy)
 
-    def reuse_values() -> list[torch.Tensor]:
-        values = _forecast(cfg, cache, active.step)
-        if caches_residuals(cfg):
-            return [acm.corrected_cache(args[i], r) for (i, _), r in zip(spec.stream_pairs, values)]
-        # the cached outputs themselves (correction=False): a copy, so that an in-place op
-        # on the returned value cannot change the cache
-        return [v.clone() if any(v is c for c in cache.ref_out) else v for v in values]
 
+def _reuse_values(region: GuardedRegion, args: Sequence[Any], cache: Any, step: int) -> list[torch.Tensor]:
+    """What a reuse returns per stream pair: the input plus the (forecast) cached residual,
+    or the cached output (``correction=False``)."""
+    cfg, spec = region.config, region.spec
+    values = _forecast(cfg, cache, step)
+    if caches_residuals(cfg):
+        return [acm.corrected_cache(args[i], r) for (i, _), r in zip(spec.stream_pairs, values)]
+    # the cached outputs themselves (correction=False): a copy, so that an in-place op
+    # on the returned value cannot change the cache
+    return [v.clone() if any(v is c for c in cache.ref_out) else v for v in values]
+
+
+def _reuse(
+    region: GuardedRegion, args: Sequence[Any], observed: list[torch.Tensor], active: Active, cache: Any,
+    taken: _Step, role: str,
+) -> tuple[torch.Tensor, ...]:
+    """The block does not run. A span's regions pass their input on, the last one adds the
+    span's (forecast) residual: the span's output is its input plus the sum of the blocks'
+    residuals."""
+    cfg, spec, span, state = region.config, region.spec, region.span, active.state
+    stats = state.region_stats(spec.path)
     if role == "probe" and cfg.drift_reference == "previous":
-        shared["probe_ref"] = shared.get("leader_res")
-    if mask is not None and all(mask):
-        outs = _order_outputs(spec, reuse_values())
-        stats.reuses += 1
-        cache.consecutive += 1
-        if per_sample:
-            cache.streaks = [k + 1 for k in (cache.streaks or [0] * batch)]
-        stats.record(active.step, lam, score, 1.0)
-        if keeps == "prev":
-            cache.prev_in = observed
-        return tuple(outs)
+        shared = state.shared[active.graph_id]
+        shared["probe_ref"] = shared.pop("leader_res", None)
+    elif role == "probe":
+        state.shared[active.graph_id].pop("leader_res", None)  # read: nothing keeps it
+    stats.reuses += 1
+    stats.record(active.step, taken.lam, taken.score, 1.0)
+    if span.position < span.size - 1:
+        return tuple(_order_outputs(spec, [args[i] for i, _ in spec.stream_pairs]))
+    outs = _order_outputs(spec, _reuse_values(region, args, cache, active.step))
+    cache.consecutive += 1
+    if cfg.decision == "sample":
+        batch = observed[0].shape[0] if observed else 1
+        cache.streaks = [k + 1 for k in (cache.streaks or [0] * batch)]
+    if role == "block" and cfg.drift_reference == "previous":
+        cache.prev_in = observed
+    return tuple(outs)
 
+
+def _compute(
+    region: GuardedRegion, args: Sequence[Any], observed: list[torch.Tensor], active: Active, cache: Any,
+    shared: dict[str, Any], taken: _Step, role: str,
+) -> tuple[torch.Tensor, ...]:
+    """The block runs (for all samples); a lambda blend or per-sample mask applies where the
+    decision asks for one, and the cache is refreshed (a span's by its last region)."""
+    cfg, spec, span, state = region.config, region.spec, region.span, active.state
+    stats = state.region_stats(spec.path)
+    has_cache = (cache.ref_res if caches_residuals(cfg) else cache.ref_out) is not None
+    mask, lam = taken.mask, taken.lam
     region.executions += 1
     fresh = list(region.body_fn(*args))
     by_pair = [fresh[j] for _, j in spec.stream_pairs]
     outs_paired = by_pair
-    blend = cfg.blend and by_policy and lam is not None
+    blend = cfg.blend and taken.by_policy and lam is not None
     if has_cache and (blend or (mask is not None and any(mask))):
-        cached = reuse_values()
+        cached = _reuse_values(region, args, cache, active.step)
         if blend:
             outs_paired = [acm.blend(c, f, lam) for c, f in zip(cached, by_pair)]
         if mask is not None and any(mask):
             m = _per_sample(mask, by_pair[0])
             outs_paired = [torch.where(m, c, o) for c, o in zip(cached, outs_paired)]
             stats.partial += 1
-    _refresh(region.math, cfg, spec, cache, args, observed, by_pair, mask if has_cache else None, active.step, keeps)
     if role == "leader":
-        shared["leader_res"] = cache.ref_res
-    elif role == "probe":
-        shared["probe_ref"] = shared.get("leader_res")
+        # the leader computes at every step and keeps nothing: its fresh residual is the
+        # probe's signal in this step, and the probe's reference after it
+        shared["leader_res"] = region.math.refresh(by_pair, [args[i] for i, _ in spec.stream_pairs])[0]
+    elif span.size == 1:
+        # the inputs a region keeps are the ones its own OEM compares with: only a region
+        # that decides for itself (scope="step": the probe scores the leader's residual)
+        keeps = None if role != "block" else ("prev" if cfg.drift_reference == "previous" else "ref")
+        inputs = [args[i] for i, _ in spec.stream_pairs]
+        _refresh(region.math, cfg, cache, inputs, observed, by_pair, mask if has_cache else None, active.step, keeps)
+    elif span.position == 0:
+        cache.span_in = [args[i] for i in span.sources]  # the span's input, until its last region
+    elif span.position == span.size - 1:
+        inputs, cache.span_in = cache.span_in, None
+        if inputs is None or not _same_shapes(inputs, by_pair):  # its first region did not compute: no residual
+            cache.clear()
+        else:
+            _refresh(region.math, cfg, cache, inputs, observed, by_pair, None, active.step, None)
+    if role == "probe":
+        shared["probe_ref"] = shared.pop("leader_res", None)
         shared["followers_valid"] = None  # the followers refresh after the probe in this step
-    elif role == "follower":
+    elif role == "follower" and span.position == span.size - 1 and cache.valid is not None:
         fv = shared.get("followers_valid")
         shared["followers_valid"] = cache.valid if fv is None else fv & cache.valid
     if cfg.policy == "first_block" and spec.order == 0:
-        _first_block_update(cfg, shared, cache.ref_res[0])
+        _first_block_update(cfg, shared, (shared["leader_res"] if role == "leader" else cache.ref_res)[0])
     stats.computes += 1
-    cache.consecutive = 0
-    if per_sample:  # a sample that reused keeps its streak, one that computed starts afresh
+    if span.position == span.size - 1:
+        cache.consecutive = 0
+    if cfg.decision == "sample":  # a sample that reused keeps its streak, one that computed starts afresh
+        batch = len(mask) if mask is not None else (observed[0].shape[0] if observed else 1)
         old = cache.streaks if cache.streaks is not None and len(cache.streaks) == batch else [0] * batch
         cache.streaks = [k + 1 if m else 0 for k, m in zip(old, mask)] if mask is not None else [0] * batch
     reused = 0.0 if mask is None else sum(mask) / len(mask)
-    stats.record(active.step, lam, score, reused)
+    stats.record(active.step, lam, taken.score, reused)
     return tuple(_order_outputs(spec, outs_paired))
 
 
@@ -235,16 +326,15 @@ def _order_outputs(spec: RegionSpec, by_pair: list[torch.Tensor]) -> list[torch.
 def _refresh(
     math: RegionMath,
     cfg: AdaCorrConfig,
-    spec: RegionSpec,
     cache: Any,
-    args: Sequence[Any],
+    inputs: Sequence[torch.Tensor],
     observed: list[torch.Tensor],
     fresh: list[torch.Tensor],
     keep_mask: list[bool] | None,
     step: int,
     keeps: str | None = "ref",
 ) -> None:
-    """Store the fresh residuals (or outputs) and the inputs the region's OEM compares with
+    """Store the fresh residuals ``fresh - inputs`` (or the outputs) and the inputs the region's OEM compares with
     (``keeps``: ``"ref"`` the input of this compute, ``"prev"`` the previous step's, None:
     none); samples in ``keep_mask`` keep theirs.
     With ``forecast="linear"`` the values being replaced are kept, with their step, as the
@@ -259,7 +349,7 @@ def _refresh(
         cache.prev_step = None if cache.prev_val is None else cache.ref_step
         cache.prev_valid = None if cache.prev_val is None else cache.valid
         cache.ref_step = step
-    residuals, valid = math.refresh(fresh, [args[i] for i, _ in spec.stream_pairs])
+    residuals, valid = math.refresh(fresh, inputs)
     # correction=False caches the outputs: a copy, the caller may write into what it gets
     outputs = [f.clone() for f in fresh] if not caches_residuals(cfg) else None
     new_in = list(observed) if keeps == "ref" else None

@@ -32,7 +32,7 @@ logger = logging.getLogger("adacorr_compile")
 
 @dataclass
 class RegionCache:
-    """Cache of one guarded region for the current generation."""
+    """Cache of one guarded region, or of a span of chained regions, for the current generation."""
 
     prev_in: list[torch.Tensor] | None = None  # observed inputs at the previous call
     ref_in: list[torch.Tensor] | None = None  # observed inputs at the last fresh compute
@@ -47,9 +47,14 @@ class RegionCache:
     prev_valid: torch.Tensor | None = None  # 0-d bool: prev_val is finite (a non-finite one is not extrapolated from)
     streaks: list[int] | None = None  # decision="sample": consecutive reuses per sample
     mixed: bool = False  # the cached values come from a partial (per-sample) refresh: not one step
+    # a span of chained regions (one cache): the first region's verdict in this step
+    # (step, verdict, lambda) and, on a compute, its input until the last region stores the residual
+    pending: tuple | None = None
+    span_in: list[torch.Tensor] | None = None
 
     def clear(self) -> None:
         self.prev_in = self.ref_in = self.ref_res = self.ref_out = self.valid = None
+        self.pending = self.span_in = None
         self.ref_step = self.prev_val = self.prev_step = self.prev_valid = None
         self.streaks = None
         self.mixed = False
@@ -180,7 +185,7 @@ class GenerationState:
         self.signature: dict[GraphKey, tuple] = {}
         self.index: dict[GraphKey, int] = {}  # the pipeline's step index of the last call (cache_context)
         self.total: dict[GraphKey, int] = {}  # the pipeline's number of steps (cache_context)
-        self.caches: dict[Any, RegionCache] = {}  # (owner token, block path) -> cache
+        self.caches: dict[Any, RegionCache] = {}  # (owner token, block path or span key) -> cache
         self.stats: dict[str, RegionStats] = {}
         # graph key -> what the graph's regions share within a step: FBCache's first-block
         # residual and verdict; with scope="step" the leader's residuals and the probe's verdict
@@ -203,7 +208,7 @@ class GenerationState:
     def cache_bytes(self) -> int:
         """Bytes of the tensors the caches of this generation hold now (inputs, residuals or
         outputs, forecast values, the step's shared values), each storage counted once."""
-        held = [getattr(c, name) for c in self.caches.values() for name in ("prev_in", "ref_in", "ref_res", "ref_out", "prev_val")]
+        held = [getattr(c, name) for c in self.caches.values() for name in ("prev_in", "ref_in", "ref_res", "ref_out", "prev_val", "span_in")]
         return storage_bytes(held, self.shared)
 
     def has_boundaries(self) -> bool:
