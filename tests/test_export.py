@@ -56,6 +56,8 @@ CASES = {
     # one decision per step; the backend lowers with Inductor (the default)
     "dit": (tiny_dit, {"policy": "adacorr", "correction": True, "scope": "step", "reuse_threshold": 0.3, "forecast": "linear",
                       "blend": True}, "batch"),
+    # the default options: the blocks after the leader chain into one span with one cache
+    "dit_span": (tiny_dit, {"reuse_threshold": 0.3}, "batch"),
     "pixart": (lambda: tiny_pixart(num_layers=2),
                {"policy": "interval", "correction": True, "reuse_threshold": 0.5, "forecast": "linear", "scope": "block"},
                "tokens"),
@@ -182,6 +184,23 @@ def test_graph_structure_and_tensorrt_patterns(family, exports):
     assert {s["name"] + "_next" for s in meta["states"]} <= {o.name for o in proto.graph.output}
 
 
+def test_span_state_is_one_cache_whatever_the_depth(exports):
+    """Default options (scope="step", no blend): the export keeps what the runtime keeps: the
+    probe's reference residual and reuse streak, and one cache for the span of the later
+    blocks, held by its last region; the leader and the span's other regions hold nothing,
+    and no region keeps its inputs (issue 13)."""
+    _, inputs, _, path, result = exports("dit_span")
+    assert result.states == ["adacorr_step", "adacorr_probe_ref_0", "adacorr_r1_consecutive",
+                             "adacorr_r3_ref_res_0", "adacorr_r3_valid", "adacorr_r3_consecutive", "adacorr_r3_prev_res_0",
+                             "adacorr_r3_prev_valid", "adacorr_r3_ref_step", "adacorr_r3_prev_step"]
+    runner = OnnxRunner(path)
+    with torch.no_grad():
+        runner(**inputs(0, 900.0))
+    block_input = inputs(0, 900.0)["hidden_states"].shape[0] * 16 * 16 * 4  # [B, 16 tokens, 16] float32
+    held = sum(v.nbytes for v in runner.state().values())
+    assert 3 * block_input <= held < 3 * block_input + 64
+
+
 def test_pattern_check_flags_what_tensorrt_rejects():
     from onnx import TensorProto, helper
 
@@ -218,7 +237,7 @@ def test_runner_dynamic_batch_generations_and_reset(exports):
         kw = inputs(0, 500.0, batch=3)  # new batch size: new generation, state resized
         got = runner(**kw)[0]
         torch.testing.assert_close(got, model(**kw, return_dict=False)[0], rtol=1e-4, atol=2e-5)
-        assert runner.stats()["generations"] == 2 and runner.state()["adacorr_r0_ref_in_0"].shape[0] == 3
+        assert runner.stats()["generations"] == 2 and runner.state()["adacorr_probe_ref_0"].shape[0] == 3
     runner.reset(num_steps=5)
     s = runner.stats()
     assert s["steps"] == 0 and s["totals"]["calls"] == 0 and s["generations"] == 0

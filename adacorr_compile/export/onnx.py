@@ -27,10 +27,15 @@ How it is built, from the same passes as the compile path:
 The state tensors and how their shapes follow the inputs are written into the model's
 metadata (key ``adacorr``) so the runner can create them without PyTorch tracing.
 
-State per region ``k`` (names as ONNX inputs; outputs carry the suffix ``_next``):
+State per region ``k`` (names as ONNX inputs; outputs carry the suffix ``_next``), as the
+runtime keeps it: only what the decision needs. Under ``scope="step"`` the leader keeps
+nothing (except under ``first_block``), no region keeps inputs, and a span of chained
+regions (:mod:`adacorr_compile.passes.chain_regions`) keeps one cache, held by its last
+region (the residual from the span's input to its output); its first region, if it is the
+probe, keeps only ``adacorr_r<k>_consecutive``:
 
 * ``adacorr_r<k>_ref_in_<i>`` (``drift_reference="cached"``) or ``adacorr_r<k>_prev_in_<i>``
-  (``"previous"``): the observed inputs the OEM compares with;
+  (``"previous"``), ``scope="block"`` only: the observed inputs the OEM compares with;
 * ``adacorr_r<k>_ref_res_<j>`` (``correction=True`` or ``policy="first_block"``): the
   residual ``output - input`` at the last compute, or ``adacorr_r<k>_ref_out_<j>``
   (otherwise): the output itself;
@@ -69,6 +74,7 @@ import torch.utils._pytree as pytree
 from .. import acm, oem
 from ..config import AdaCorrConfig
 from ..passes import find_blocks, outline_blocks
+from ..passes.chain_regions import _Wiring, find_spans, spans_apply
 from ..passes.common import analysis, example_value
 from ..policies import STEPS_UNKNOWN, caches_residuals, decide_tensor, first_region_computes_always, relative_change, step_role
 from .dims import ExportError, _expr_ast, eval_dim  # eval_dim and ExportError also re-exported from here
@@ -112,6 +118,18 @@ class RegionPlan:
     stream_pairs: list[tuple[int, int]]
     observed: list[int]
     states: list[StateSpec] = field(default_factory=list)
+    # a span of chained regions (passes/chain_regions.py): its first region's index, this
+    # region's place in it, its size, and (last region) the first region's inputs its stream
+    # pairs started at; the span's cache is the last region's state
+    span_head: int = 0
+    span_position: int = 0
+    span_size: int = 1
+    span_sources: tuple[int, ...] = ()
+    residuals: list[StateSpec] = field(default_factory=list)  # dtype and dims of its residuals (not state)
+
+    @property
+    def span_tail(self) -> bool:
+        return self.span_position == self.span_size - 1
 
     def of(self, kind: str) -> list[StateSpec]:
         return [s for s in self.states if s.kind == kind]
@@ -130,13 +148,27 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _plan_regions(gm: fx.GraphModule, config: AdaCorrConfig, bindings: Mapping[Any, tuple[str, int]]) -> list[RegionPlan]:
+    """One plan per block: its wiring, its place in a span, and the state it keeps.
+
+    State follows what the decision needs, as in the runtime: a region that decides for
+    itself (``scope="block"``) keeps its drift reference input; under ``scope="step"`` no
+    region keeps inputs, the leader keeps nothing (unless ``first_block`` needs its residual),
+    the probe its reuse streak, and each span of chained regions one cache, held by its last
+    region (the residual from the span's input to its output, its forecast values)."""
     info = analysis(gm)
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and str(n.target).startswith("adacorr_body_")]
+    order = [int(str(n.target).rsplit("_", 1)[1]) for n in calls]
+    spans = [([k], ()) for k in range(len(info.blocks))]
+    if spans_apply(config) and order == list(range(len(info.blocks))):
+        spans = find_spans([_Wiring(n, b.stream_pairs, len(b.outputs)) for n, b in zip(calls, info.blocks)])
+    place = {k: (members[0], position, len(members), sources) for members, sources in spans for position, k in enumerate(members)}
     plans = []
     for k, block in enumerate(info.blocks):
         body = getattr(gm, f"adacorr_body_{k}")
         ins = [example_value(n) for n in body.graph.nodes if n.op == "placeholder"]
         out_node = next(n for n in body.graph.nodes if n.op == "output")
         outs = [example_value(n) for n in out_node.args[0]]
+        head, position, size, sources = place[k]
         plan = RegionPlan(
             index=k,
             path=block.path,
@@ -145,6 +177,10 @@ def _plan_regions(gm: fx.GraphModule, config: AdaCorrConfig, bindings: Mapping[A
             num_outputs=len(outs),
             stream_pairs=[tuple(p) for p in block.stream_pairs],
             observed=list(block.observed),
+            span_head=head,
+            span_position=position,
+            span_size=size,
+            span_sources=tuple(sources),
         )
         if sorted(j for _, j in plan.stream_pairs) != list(range(plan.num_outputs)):
             raise ExportError(f"{block.path}: not every output of the block is paired with a stream input")
@@ -152,21 +188,33 @@ def _plan_regions(gm: fx.GraphModule, config: AdaCorrConfig, bindings: Mapping[A
         def spec(name: str, kind: str, value: Any) -> StateSpec:
             return StateSpec(f"adacorr_r{k}_{name}", kind, _dtype_name(value.dtype), [_expr_ast(d, bindings) for d in value.shape], k)
 
-        ref = _reference_kind(config)
-        for m, i in enumerate(plan.observed):
-            plan.states.append(spec(f"{ref}_{m}", ref, ins[i]))
+        plan.residuals = [spec(f"res_{m}", "residual", outs[j]) for m, (_, j) in enumerate(plan.stream_pairs)]
+        role = step_role(config, k)
+        scalar = lambda kind, dtype: StateSpec(f"adacorr_r{k}_{kind}", kind, dtype, [], k)  # noqa: E731
+        if role == "leader" and config.policy != "first_block":
+            plans.append(plan)  # computes at every step: its fresh residual goes to the probe
+            continue
+        if size > 1 and not plan.span_tail:
+            if role == "probe":
+                plan.states.append(scalar("consecutive", "int64"))  # the span's reuse streak, for its guard
+            plans.append(plan)
+            continue
+        if role == "block":
+            ref = _reference_kind(config)
+            for m, i in enumerate(plan.observed):
+                plan.states.append(spec(f"{ref}_{m}", ref, ins[i]))
         res = _residual_kind(config)
         for m, (_, j) in enumerate(plan.stream_pairs):
             plan.states.append(spec(f"{res}_{m}", res, outs[j]))
-        plan.states.append(StateSpec(f"adacorr_r{k}_valid", "valid", "bool", [], k))
-        plan.states.append(StateSpec(f"adacorr_r{k}_consecutive", "consecutive", "int64", [], k))
+        plan.states.append(scalar("valid", "bool"))
+        plan.states.append(scalar("consecutive", "int64"))
         if config.forecast != "none":
             prev = "prev_res" if res == "ref_res" else "prev_out"
             for m, (_, j) in enumerate(plan.stream_pairs):
                 plan.states.append(spec(f"{prev}_{m}", "prev_val", outs[j]))
-            plan.states.append(StateSpec(f"adacorr_r{k}_prev_valid", "prev_valid", "bool", [], k))
+            plan.states.append(scalar("prev_valid", "bool"))
             for kind in ("ref_step", "prev_step"):
-                plan.states.append(StateSpec(f"adacorr_r{k}_{kind}", kind, "int64", [], k))
+                plan.states.append(scalar(kind, "int64"))
         plans.append(plan)
     return plans
 
@@ -347,7 +395,9 @@ class CondRegion(torch.nn.Module):
     (``first_block``, the region that decides after it); with ``scope="step"``, for the
     probe: the leader's fresh residuals, their reference (state ``adacorr_probe_ref_<j>``)
     and the followers' cache-valid flags, for the followers: the probe's ``(reuse,
-    lambda)``. ``extra_out``: the first block's verdict and new reference residual
+    lambda)`` and, for the last region of a span, the span's input (the first region's
+    stream inputs). In a span, a reuse of any region before the last passes its stream inputs
+    on; the last adds the span's residual. ``extra_out``: the first block's verdict and new reference residual
     (``first_block``, the first region); the leader's fresh residuals; the probe's
     ``(reuse, lambda, *new reference residuals)``.
     The decision and the per-branch semantics match
@@ -383,7 +433,8 @@ class CondRegion(torch.nn.Module):
         cfg, role = self.config, step_role(self.config, self.plan.index)
         named: dict[str, Any] = {}
         if role == "follower":
-            named["probe_reuse"], named["probe_lam"] = extra
+            named["probe_reuse"], named["probe_lam"] = extra[:2]
+            named["span_in"] = extra[2:]  # the last region of a span: the span's input
             return named
         if cfg.policy == "first_block":
             named["fb_ref" if self.plan.index == 0 else "similar"] = extra.pop(0)
@@ -401,11 +452,12 @@ class CondRegion(torch.nn.Module):
         by_kind: dict[str, list[torch.Tensor]] = {}
         for s, v in zip(plan.states, state):
             by_kind.setdefault(s.kind, []).append(v)
-        reference = by_kind[_reference_kind(cfg)]
+        reference = by_kind.get(_reference_kind(cfg), [])  # a region that decides for itself only
         res_kind = _residual_kind(cfg)
-        cached_vals = by_kind[res_kind]
-        valid = by_kind["valid"][0]
-        consecutive = by_kind["consecutive"][0]
+        cached_vals = by_kind.get(res_kind, [])  # none: the leader, or a span's region before its last
+        true = torch.ones((), dtype=torch.bool, device=step.device)
+        valid = by_kind["valid"][0] if "valid" in by_kind else true
+        consecutive = by_kind["consecutive"][0] if "consecutive" in by_kind else torch.zeros_like(step)
         prev_vals = by_kind.get("prev_val", [])  # forecast="linear" only
         role = self._first_block_role()
         srole = step_role(cfg, plan.index)
@@ -424,9 +476,11 @@ class CondRegion(torch.nn.Module):
         else:
             if srole == "probe":  # the OEM on the leader's fresh residual (see runtime/region.py)
                 score = oem.score(cfg.score, named["leader_res"], named["probe_ref"], cfg.spatial_weight, False)
+            elif srole == "leader":  # computes at every step, measures nothing
+                score = nan_lam
             else:
                 score = oem.score(cfg.score, observed, reference, cfg.spatial_weight, False)
-            lam = acm.correction_weight(score, cfg.gamma)
+            lam = acm.correction_weight(score, cfg.gamma) if srole != "leader" else nan_lam
             valid_all = valid
             for v in named.get("followers_valid", []):
                 valid_all = valid_all & v
@@ -437,10 +491,12 @@ class CondRegion(torch.nn.Module):
             # steps, reuse cap, a non-finite cache): NaN marks "do not blend"
             blend_lam = torch.where(by_policy, lam, nan_lam)
 
-        n_obs, n_pairs = len(plan.observed), len(plan.stream_pairs)
+        n_pairs = len(cached_vals)
         # "cached" drift: the reference input changes only on a compute, so it goes through
         # the branches; "previous": it is the observed input either way, set after them
-        n_ref = n_obs if cfg.drift_reference == "cached" else 0
+        n_ref = len(reference) if cfg.drift_reference == "cached" else 0
+        span_in = named.get("span_in", [])  # the span's input, for its last region's residual
+        passes_on = plan.span_size > 1 and not plan.span_tail  # a reuse hands its input on
 
         forecast = bool(prev_vals)
         fc: tuple[torch.Tensor, ...] = ()
@@ -475,24 +531,28 @@ class CondRegion(torch.nn.Module):
         n_t = len(tensor_pos)
         flat = self.flat
 
-        n_prev = len(prev_vals)
+        n_prev, n_span = len(prev_vals), len(span_in)
 
         def unpack(ops: Sequence[torch.Tensor]) -> tuple[list[Any], Sequence[torch.Tensor], ...]:
-            """(block args, reference inputs, cache, previous cache, forecast (ok, k) or ())"""
+            """(block args, reference inputs, cache, previous cache, span input, forecast (ok, k) or ())"""
             a: list[Any] = list(args)
             for i, v in zip(tensor_pos, ops[:n_t]):
                 a[i] = v
             at = n_t + n_ref + n_pairs
-            return a, ops[n_t : n_t + n_ref], ops[n_t + n_ref : at], ops[at : at + n_prev], ops[-4:-2] if forecast else ()
+            span = ops[at + n_prev : at + n_prev + n_span]
+            return a, ops[n_t : n_t + n_ref], ops[n_t + n_ref : at], ops[at : at + n_prev], span, ops[-4:-2] if forecast else ()
 
         def reuse_fn(*ops: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            a, ref, cache, prev, fc_ = unpack(ops)
+            a, ref, cache, prev, _, fc_ = unpack(ops)
             val = ops[-2]
-            outs = ordered(reuse_values(a, cache, prev, fc_))
+            if passes_on:  # the span's last region adds the span's residual to this input
+                outs = ordered([a[i].clone() for i, _ in plan.stream_pairs])
+            else:
+                outs = ordered(reuse_values(a, cache, prev, fc_))
             return _same_layout((*outs, *(r.clone() for r in ref), *(c.clone() for c in cache), val.clone()), flat)
 
         def compute_fn(*ops: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            a, ref, cache, prev, fc_ = unpack(ops)
+            a, ref, cache, prev, span, fc_ = unpack(ops)
             lam_ = ops[-1]
             fresh = [f.clone() if j in self.aliasing else f for j, f in enumerate(self.body(*a))]
             by_pair = [fresh[j] for _, j in plan.stream_pairs]
@@ -501,13 +561,17 @@ class CondRegion(torch.nn.Module):
                 cached = reuse_values(a, cache, prev, fc_)
                 blends = torch.isfinite(lam_)  # the policy chose this compute (see blend_lam)
                 outs_paired = [torch.where(blends, acm.blend(c, f, lam_), f) for c, f in zip(cached, by_pair)]
-            residuals = [f - a[i] for (i, _), f in zip(plan.stream_pairs, by_pair)]
-            new_cache = residuals if res_kind == "ref_res" else [f.clone() for f in by_pair]
-            new_valid = torch.stack([torch.isfinite(r).all() for r in residuals]).all()
+            new_cache: list[torch.Tensor] = []
+            new_valid = ops[-2].clone()
+            if n_pairs:  # the residual from the region's (or the span's) input to its output
+                inputs = list(span) if span else [a[i] for i, _ in plan.stream_pairs]
+                residuals = [f - x for x, f in zip(inputs, by_pair)]
+                new_cache = residuals if res_kind == "ref_res" else [f.clone() for f in by_pair]
+                new_valid = torch.stack([torch.isfinite(r).all() for r in residuals]).all()
             new_ref = [a[i].clone() for i in plan.observed] if n_ref else []
             return _same_layout((*ordered(outs_paired), *new_ref, *new_cache, new_valid), flat)
 
-        operands = (*(args[i] for i in tensor_pos), *reference[:n_ref], *cached_vals, *prev_vals, *fc, valid, blend_lam)
+        operands = (*(args[i] for i in tensor_pos), *reference[:n_ref], *cached_vals, *prev_vals, *span_in, *fc, valid, blend_lam)
         # shapes of the branch outputs: the paired stream inputs, the observed inputs, the cache
         shapes = [args[i].shape for i, _ in sorted(plan.stream_pairs, key=lambda p: p[1])]
         shapes += [o.shape for o in observed[:n_ref]] + [c.shape for c in cached_vals] + [valid.shape]
@@ -521,7 +585,7 @@ class CondRegion(torch.nn.Module):
         new_ref = list(results[plan.num_outputs : plan.num_outputs + n_ref])
         new_cache = list(results[plan.num_outputs + n_ref : plan.num_outputs + n_ref + n_pairs])
         new_valid = results[-1]
-        if not n_ref:  # "previous": the input of this step, whatever the branch
+        if not n_ref and reference:  # "previous": the input of this step, whatever the branch
             new_ref = [o.clone() for o in observed]
         new_consecutive = torch.where(reuse, consecutive + 1, torch.zeros_like(consecutive))
         scalars = {"valid": new_valid, "consecutive": new_consecutive}
@@ -617,15 +681,16 @@ def _build_step_graph(
     states: list[StateSpec] = [StateSpec("adacorr_step", "step", "int64", [])]
     state_nodes: dict[str, fx.Node] = {"adacorr_step": step}
     fb_ref = None
+    span_inputs: dict[int, list[fx.Node]] = {}  # span's first region -> the span's input (for its last region)
     if config.policy == "first_block" and plans:
         first = plans[0]
-        res = first.of("ref_res")[0]
+        res = first.residuals[0]
         fb_spec = StateSpec("adacorr_fb_ref", "fb_ref", res.dtype, res.dims)
         states.append(fb_spec)
     probe_refs: list[StateSpec] = []
     if config.scope == "step" and len(plans) >= 2:
         leader = plans[0]
-        cached = leader.of(_residual_kind(config))  # shaped like the leader's residuals
+        cached = leader.residuals
         probe_refs = [StateSpec(f"adacorr_probe_ref_{j}", "probe_ref", c.dtype, c.dims) for j, c in enumerate(cached)]
         states.extend(probe_refs)
     for plan in plans:
@@ -662,6 +727,10 @@ def _build_step_graph(
                 extra += [state_nodes[s.name] for p in plans[2:] for s in p.states if s.kind == "valid"]
             elif srole == "follower":
                 extra = list(probe_out)
+                if plan.span_size > 1 and plan.span_tail:
+                    extra += span_inputs[plan.span_head]
+            if plan.span_size > 1 and plan.span_position == 0:
+                span_inputs[k] = [env[node.args[i]] for i in plan.span_sources]
             args = (step, steps_left, *(env[a] for a in node.args), *(state_nodes[s.name] for s in plan.states), *extra)
             call = graph.call_module(name, args)
             env[node] = call

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import operator
+from typing import NamedTuple, Sequence
 
 import torch.fx as fx
 
@@ -39,26 +40,59 @@ def spans_apply(config: AdaCorrConfig) -> bool:
     return config.scope == "step" and config.decision == "batch" and not config.blend and caches_residuals(config)
 
 
-def _feeds(gm: fx.GraphModule, prev: fx.Node, nxt: fx.Node) -> dict[int, int] | None:
-    """``{input position of nxt: output index of prev}`` when every output of ``prev`` is read
-    by ``nxt`` alone and every stream input of ``nxt`` is an output of ``prev``; else None.
-    An output may also feed a side input of ``nxt`` (the text stream of SD3's and Flux's last
-    blocks, which return the image stream only): on a reuse no block of the span runs, so
-    only the stream values matter."""
-    before: GuardedRegion = gm.get_submodule(str(prev.target))
-    after: GuardedRegion = gm.get_submodule(str(nxt.target))
-    if len(before.spec.stream_pairs) != before.spec.num_outputs:
+class _Wiring(NamedTuple):
+    """What chaining needs of one block call: its node, stream pairs and output count."""
+
+    node: fx.Node
+    stream_pairs: Sequence[tuple[int, int]]
+    num_outputs: int
+
+
+def _feeds(before: _Wiring, after: _Wiring) -> dict[int, int] | None:
+    """``{input position of after: output index of before}`` when every output of ``before``
+    is read by ``after`` alone and every stream input of ``after`` is an output of
+    ``before``; else None. An output may also feed a side input of ``after`` (the text stream
+    of SD3's and Flux's last blocks, which return the image stream only): on a reuse no block
+    of the span runs, so only the stream values matter."""
+    if len(before.stream_pairs) != before.num_outputs:
         return None
     outputs: dict[fx.Node, int] = {}
-    for user in prev.users:
-        if user.op != "call_function" or user.target is not operator.getitem or set(user.users) != {nxt}:
+    for user in before.node.users:
+        if user.op != "call_function" or user.target is not operator.getitem or set(user.users) != {after.node}:
             return None
         outputs[user] = int(user.args[1])
-    streams = {i for i, _ in after.spec.stream_pairs}
-    feeds = {pos: outputs[a] for pos, a in enumerate(nxt.args) if isinstance(a, fx.Node) and a in outputs}
-    if not streams <= set(feeds) or set(feeds.values()) != set(range(before.spec.num_outputs)):
+    streams = {i for i, _ in after.stream_pairs}
+    feeds = {pos: outputs[a] for pos, a in enumerate(after.node.args) if isinstance(a, fx.Node) and a in outputs}
+    if not streams <= set(feeds) or set(feeds.values()) != set(range(before.num_outputs)):
         return None
     return feeds
+
+
+def find_spans(calls: Sequence[_Wiring]) -> list[tuple[list[int], tuple[int, ...]]]:
+    """Spans over ``calls`` (block calls in graph order, the first one the leader, which
+    computes at every step and joins no span): ``(member indices, sources)``, where
+    ``sources[m]`` is the first member's input position that the last member's stream pair
+    ``m`` started at. Shared by this pass and the ONNX export."""
+    spans: list[list[int]] = []
+    links: dict[int, dict[int, int]] = {}  # k -> feeds from call k-1
+    for k in range(len(calls)):
+        feeds = _feeds(calls[k - 1], calls[k]) if k >= 2 else None
+        if feeds is None:
+            spans.append([k])
+        else:
+            links[k] = feeds
+            spans[-1].append(k)
+    result = []
+    for members in spans:
+        sources = []
+        for i, _ in calls[members[-1]].stream_pairs:  # walk each stream back to the first member
+            pos = i
+            for k in reversed(members[1:]):
+                out = links[k][pos]
+                pos = next(a for a, b in calls[k - 1].stream_pairs if b == out)
+            sources.append(pos)
+        result.append((members, tuple(sources)))
+    return result
 
 
 def chain_regions(gm: fx.GraphModule, config: AdaCorrConfig) -> fx.GraphModule:
@@ -66,31 +100,16 @@ def chain_regions(gm: fx.GraphModule, config: AdaCorrConfig) -> fx.GraphModule:
     info = analysis(gm)
     calls = [n for n in gm.graph.nodes if n.op == "call_module" and str(n.target).startswith("adacorr_region_")]
     regions: list[GuardedRegion] = [gm.get_submodule(str(n.target)) for n in calls]
-    spans: list[list[int]] = []
-    links: dict[int, dict[int, int]] = {}  # k -> feeds from region k-1
-    for k, region in enumerate(regions):
-        feeds = None
-        # the leader (order 0) computes at every step: it starts no span and joins none
-        if spans_apply(config) and k >= 1 and region.spec.order >= 2 and regions[k - 1].spec.order >= 1 and spans:
-            feeds = _feeds(gm, calls[k - 1], calls[k])
-        if feeds is None:
-            spans.append([k])
-        else:
-            links[k] = feeds
-            spans[-1].append(k)
-    for members in spans:
-        head, tail = regions[members[0]], regions[members[-1]]
-        # walk each of the tail's stream pairs back to the head's input it entered by
-        sources = []
-        for i, _ in tail.spec.stream_pairs:
-            pos = i
-            for k in reversed(members[1:]):
-                out = links[k][pos]
-                pos = next(a for a, b in regions[k - 1].spec.stream_pairs if b == out)
-            sources.append(pos)
+    if [r.spec.order for r in regions] != list(range(len(regions))) or not spans_apply(config):
+        spans = [([k], tuple(i for i, _ in r.spec.stream_pairs)) for k, r in enumerate(regions)]
+    else:
+        spans = find_spans([_Wiring(n, r.spec.stream_pairs, r.spec.num_outputs) for n, r in zip(calls, regions)])
+    for members, sources in spans:
+        head = regions[members[0]]
         for position, k in enumerate(members):
-            regions[k].span = Span(head.spec.path, len(members), position, tuple(sources))
+            regions[k].span = Span(head.spec.path, len(members), position, sources)
         if len(members) > 1:
-            logger.debug("adacorr: span of %d chained regions %s .. %s: one cache", len(members), head.spec.path, tail.spec.path)
-    info.spans = [[regions[k].spec.path for k in members] for members in spans]
+            logger.debug("adacorr: span of %d chained regions %s .. %s: one cache", len(members), head.spec.path,
+                         regions[members[-1]].spec.path)
+    info.spans = [[regions[k].spec.path for k in members] for members, _ in spans]
     return gm
