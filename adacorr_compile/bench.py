@@ -50,6 +50,12 @@ class Run:
     block_evals: int
     stats: dict[str, Any] | None
     compile_seconds: float
+    # with a baseline (run_method(..., baseline=...)): its times and images, timed interleaved
+    # with the method's (baseline, method, baseline, method, ...), and the per-pair ratios
+    # baseline seconds / method seconds
+    baseline_seconds: list[float] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)
+    baseline_images: torch.Tensor | None = None
 
     @property
     def median_seconds(self) -> float:
@@ -58,6 +64,16 @@ class Run:
     @property
     def skipped_fraction(self) -> float:
         return 1.0 - self.block_evals / self.block_calls if self.block_calls else 0.0
+
+    @property
+    def speedup(self) -> float | None:
+        """Median of the per-pair ratios baseline / method (None: not timed against a baseline)."""
+        return statistics.median(self.ratios) if self.ratios else None
+
+    @property
+    def speedup_spread(self) -> tuple[float, float] | None:
+        """(min, max) of the per-pair ratios."""
+        return (min(self.ratios), max(self.ratios)) if self.ratios else None
 
 
 def transformer_of(model: Any) -> torch.nn.Module:
@@ -285,24 +301,48 @@ def run_method(
     seed: int,
     reps: int = 1,
     progress: bool = False,
+    baseline: Method | None = None,
 ) -> Run:
     """Sample ``labels`` once for quality and work counts, then ``reps - 1`` more
     times for timing (the first generation after a compile is timed only if it is
-    not the one that compiled)."""
+    not the one that compiled).
+
+    With ``baseline`` (the uncached run of the same lowering), the method is timed against it
+    **interleaved**: ``reps`` pairs, each a baseline generation then a method generation of the
+    same batch in this process (the first pair's method generation is the quality one), so
+    that machine load lands on both sides; ``Run.ratios`` holds the per-pair ratios baseline /
+    method, ``Run.speedup`` their median. The baseline runs on a deep copy of the model (made
+    before the method is built: a peer's cache hooks change the model itself)."""
     # every method compiles the same forward anew: without a reset Dynamo would hit
     # its recompile limit after a few methods and silently run the rest eagerly
     torch._dynamo.reset()
+    base_fn = baseline.build(copy.deepcopy(model)) if baseline is not None else None
     fn = method.build(model)
     # hooks only on uncompiled runs (eager baseline, diffusers' hooks): Dynamo would trace
     # them and guard on their counter, recompiling every step; compiled runs are counted
     # by the adacorr runtime
     counter = BlockCounter(transformer_of(model)) if method.lowering == "eager" and method.kind != "ours" else None
+    base_seconds: list[float] = []
+    base_images = None
+
+    def timed_baseline() -> None:
+        nonlocal base_images
+        if base_fn is None:
+            return
+        t0 = time.perf_counter()
+        out = sampler(base_fn, labels, num_steps=steps, seed=seed, **baseline.sampler_kwargs)
+        base_seconds.append(time.perf_counter() - t0)
+        if base_images is None:
+            base_images = out.detach().float().cpu()
+
     try:
         t0 = time.perf_counter()
         if method.kind == "ours" or method.lowering != "eager":
             # compile outside the timed runs, for the batch size the timed runs use
             sampler(fn, labels, num_steps=2, seed=seed, **method.sampler_kwargs)
         compile_seconds = time.perf_counter() - t0
+        if base_fn is not None and baseline.lowering != "eager":
+            sampler(base_fn, labels, num_steps=2, seed=seed, **baseline.sampler_kwargs)
         stats_target = _stats_of(fn)
         if stats_target is not None:
             if method.kind == "ours" and (stats_target["fallbacks"] or not stats_target["totals"]["regions"]):
@@ -311,12 +351,14 @@ def run_method(
         if counter is not None:
             counter.count = 0
         seconds = []
+        timed_baseline()
         t0 = time.perf_counter()
         images = sampler(fn, labels, num_steps=steps, seed=seed, progress=progress, **method.sampler_kwargs)
         seconds.append(time.perf_counter() - t0)
         eager_evals = counter.count if counter is not None else None
         stats = _stats_of(fn)
         for _ in range(reps - 1):
+            timed_baseline()
             t0 = time.perf_counter()
             sampler(fn, labels, num_steps=steps, seed=seed, **method.sampler_kwargs)
             seconds.append(time.perf_counter() - t0)
@@ -335,21 +377,33 @@ def run_method(
         assert totals["calls"] == calls, (totals["calls"], calls)
     else:
         evals = eager_evals if eager_evals is not None else calls
-    return Run(method, images.detach().float().cpu(), seconds, calls, evals, stats, compile_seconds)
+    ratios = [b / m for b, m in zip(base_seconds, seconds)]
+    return Run(method, images.detach().float().cpu(), seconds, calls, evals, stats, compile_seconds,
+               base_seconds, ratios, base_images)
 
 
-def psnr_ssim(images: torch.Tensor, reference: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-image PSNR (dB) and SSIM of images in [-1, 1] against the reference (scikit-image)."""
+def psnr_ssim(images: torch.Tensor, reference: torch.Tensor,
+              value_range: tuple[float, float] = (-1.0, 1.0)) -> tuple[list[float], list[float]]:
+    """Per-image PSNR (dB) and SSIM of images against the reference (scikit-image), both
+    clamped to ``value_range`` (default: images in [-1, 1]), whose width is the data range.
+    Any ``[N, ...]`` tensor works: its first axis counts the images, the second is taken as
+    channels; SSIM is NaN for an image too small for its 7x7 window."""
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+    lo, hi = float(value_range[0]), float(value_range[1])
+    data_range = hi - lo
     psnr, ssim = [], []
-    for a, b in zip(images.clamp(-1, 1).numpy(), reference.clamp(-1, 1).numpy()):
-        a_hwc, b_hwc = np.moveaxis(a, 0, -1), np.moveaxis(b, 0, -1)
+    for a, b in zip(images.clamp(lo, hi).numpy(), reference.clamp(lo, hi).numpy()):
+        a_hwc, b_hwc = (np.moveaxis(a, 0, -1), np.moveaxis(b, 0, -1)) if a.ndim >= 3 else (a, b)
         if np.array_equal(a_hwc, b_hwc):
             psnr.append(float("inf"))
         else:
-            psnr.append(float(peak_signal_noise_ratio(b_hwc, a_hwc, data_range=2.0)))
-        ssim.append(float(structural_similarity(b_hwc, a_hwc, data_range=2.0, channel_axis=-1)))
+            psnr.append(float(peak_signal_noise_ratio(b_hwc, a_hwc, data_range=data_range)))
+        if a.ndim < 2 or min(a_hwc.shape[:-1] if a.ndim >= 3 else a_hwc.shape) < 7:
+            ssim.append(float("nan"))
+        else:
+            ssim.append(float(structural_similarity(b_hwc, a_hwc, data_range=data_range,
+                                                    channel_axis=-1 if a.ndim >= 3 else None)))
     return psnr, ssim
 
 

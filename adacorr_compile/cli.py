@@ -1,4 +1,4 @@
-"""The ``adacorr`` command: inspect (and, with the reference models, demo/bench/export)."""
+"""The ``adacorr`` command: inspect, demo, export and calibrate."""
 
 from __future__ import annotations
 
@@ -42,9 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--option", action="append", default=[], type=parse_option, metavar="KEY=VALUE",
                    help="a backend option, repeatable (e.g. --option scope=step shows each region's part in the decision)")
     p.set_defaults(func=cmd_inspect)
-    for extra in ("demo", "export"):
+    for extra in ("demo", "export", "calibrate"):
         importlib.import_module(f".cli_{extra}", __package__).add_parser(sub)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command as given, for the files it writes
     logging.basicConfig(level=logging.INFO if (args.verbose or getattr(args, "dump_graphs", False)) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

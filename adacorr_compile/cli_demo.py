@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,19 @@ def _guidance(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def default_out() -> Path:
+    """Where the demo writes by default: ``$XDG_CACHE_HOME/adacorr/demo`` (else
+    ``~/.cache/adacorr/demo``), outside any checkout."""
+    import os
+
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "adacorr" / "demo"
+
+
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("demo", help="sample the built-in reference DiT with and without caching; print a table, save grids")
-    p.add_argument("--out", default="adacorr_demo", help="folder for the PNG grids, heatmap and JSON (default: %(default)s)")
+    p.add_argument("--out", default=None,
+                   help="folder for the PNG grids, heatmap and JSON (default: ~/.cache/adacorr/demo, or under $XDG_CACHE_HOME)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default: %(default)s)")
     p.add_argument("--images", type=int, default=10, help="images, one class after another (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
@@ -39,21 +50,30 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--lowering", default="inductor", choices=["inductor", "eager"],
                    help="inductor: plain torch.compile vs the adacorr backend; eager: the eager model vs the "
                         "backend with eager lowering (default: %(default)s)")
-    p.add_argument("--reps", type=int, default=5, help="timed generations per run, median reported (default: %(default)s)")
+    p.add_argument("--reps", type=int, default=5,
+                   help="timed pairs (uncached, then cached: interleaved in this process); the median of the per-pair "
+                        "speed ratios is reported, with its min-max spread (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.set_defaults(func=run_demo)
 
 
 def run_demo(args: argparse.Namespace) -> int:
     from functools import partial
 
+    import torch
+
     from . import bench
     from .config import AdaCorrConfig
     from .reference import load_reference_classifier, load_reference_dit
     from .sampling import DIT_GUIDANCE_SCALE, sample_dit, save_grid
 
+    if args.reps < 1:
+        raise ValueError(f"--reps got {args.reps}; expected an int >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     options = {"lowering": args.lowering, **dict(args.option)}
     cfg = AdaCorrConfig.from_options(options)  # bad options fail here, with the option named
-    out = Path(args.out)
+    out = Path(args.out) if args.out is not None else default_out()
     out.mkdir(parents=True, exist_ok=True)
     model = load_reference_dit()
     classifier = load_reference_classifier()
@@ -61,40 +81,48 @@ def run_demo(args: argparse.Namespace) -> int:
     guidance = DIT_GUIDANCE_SCALE if args.guidance is None else args.guidance
     sampler = partial(sample_dit, guidance_scale=guidance)
 
-    # "without the backend": plain torch.compile (Inductor), or the eager model for --lowering eager
+    # "without the backend": plain torch.compile (Inductor), or the eager model for --lowering eager;
+    # timed interleaved with the cached run: uncached, cached, uncached, cached, ... in this process
     base_method = bench.inductor_baseline() if args.lowering == "inductor" else bench.eager_baseline()
-    methods = [base_method, bench.ours("adacorr", options)]
-    runs = []
-    for method in methods:
-        logger.warning("sampling %d images, %d steps: %s (median of %d)", len(labels), args.steps, method.name, args.reps)
-        runs.append(bench.run_method(method, model, sampler, labels, args.steps, args.seed, reps=args.reps, progress=True))
-    base, cached = runs
-    q = bench.quality(cached.images, base.images, labels, classifier)
-    q_base = bench.quality(base.images, base.images, labels, classifier)
-    save_grid(base.images, out / "uncached.png", nrow=min(10, len(labels)), scale=4)
+    logger.info("sampling %d images, %d steps: %s and adacorr, %d interleaved pairs", len(labels), args.steps,
+                base_method.name, args.reps)
+    cached = bench.run_method(bench.ours("adacorr", options), model, sampler, labels, args.steps, args.seed,
+                              reps=args.reps, progress=True, baseline=base_method)
+    base_images = cached.baseline_images
+    q = bench.quality(cached.images, base_images, labels, classifier)
+    q_base = bench.quality(base_images, base_images, labels, classifier)
+    save_grid(base_images, out / "uncached.png", nrow=min(10, len(labels)), scale=4)
     save_grid(cached.images, out / "adacorr.png", nrow=min(10, len(labels)), scale=4)
-    diff = (cached.images - base.images).abs().clamp(0, 1) * 2 - 1
+    diff = (cached.images - base_images).abs().clamp(0, 1) * 2 - 1
     save_grid(diff, out / "difference.png", nrow=min(10, len(labels)), scale=4)
     setting = (f"policy={cfg.policy}, scope={cfg.scope}, correction={cfg.correction}, forecast={cfg.forecast}, "
                f"reuse_threshold={cfg.reuse_threshold}")
     bench.lambda_heatmap(cached.stats, str(out / "lambda_heatmap.png"), f"reference DiT, {args.steps} steps, {setting}")
 
-    speedup = base.median_seconds / cached.median_seconds
+    base_seconds = statistics.median(cached.baseline_seconds)
+    speedup = cached.speedup
+    low, high = cached.speedup_spread
     rows = [
-        (base_method.name, base.median_seconds, 1.0, base.skipped_fraction, float("inf"), 1.0, q_base["class_accuracy"]),
-        ("adacorr", cached.median_seconds, speedup, cached.skipped_fraction, q["psnr_mean"], q["ssim_mean"], q["class_accuracy"]),
+        (base_method.name, base_seconds, "1.00x", 0.0, float("inf"), 1.0, q_base["class_accuracy"]),
+        ("adacorr", cached.median_seconds, f"{speedup:.2f}x ({low:.2f}-{high:.2f})", cached.skipped_fraction,
+         q["psnr_mean"], q["ssim_mean"], q["class_accuracy"]),
     ]
-    header = f"{'run':<17} {'time (s)':>9} {'speedup':>8} {'blocks skipped':>15} {'PSNR (dB)':>10} {'SSIM':>6} {'class acc':>9}"
+    header = (f"{'run':<17} {'time (s)':>9} {'speedup (min-max)':>18} {'blocks skipped':>15} {'PSNR (dB)':>10} "
+              f"{'SSIM':>6} {'class acc':>9}")
     lines = [header, "-" * len(header)]
     for name, sec, sp, skip, psnr, ssim, acc in rows:
-        lines.append(f"{name:<17} {sec:>9.2f} {sp:>7.2f}x {skip:>14.1%} {psnr:>10.2f} {ssim:>6.3f} {acc:>9.2f}")
-    table = "\n".join(lines)
-    print(table)
+        lines.append(f"{name:<17} {sec:>9.2f} {sp:>18} {skip:>14.1%} {psnr:>10.2f} {ssim:>6.3f} {acc:>9.2f}")
+    print("\n".join(lines))
+    print(f"speedup: median of {len(cached.ratios)} per-pair ratios (uncached / cached, timed interleaved), "
+          f"min-max {low:.2f}-{high:.2f}; times: medians; {torch.get_num_threads()} threads")
     print(f"worst-image PSNR {q['psnr_min']:.2f} dB; compile {cached.compile_seconds:.1f} s (not in the times)")
     print(f"wrote {out}/uncached.png, adacorr.png, difference.png, lambda_heatmap.png, demo.json")
     (out / "demo.json").write_text(json.dumps({
         "options": options, "steps": args.steps, "labels": labels, "guidance": guidance,
-        "uncached_seconds": base.median_seconds, "adacorr_seconds": cached.median_seconds, "speedup": speedup,
+        "uncached_seconds": base_seconds, "adacorr_seconds": cached.median_seconds, "speedup": speedup,
+        "speedup_min": low, "speedup_max": high, "speedup_pairs": cached.ratios,
+        "uncached_seconds_all": cached.baseline_seconds, "adacorr_seconds_all": cached.seconds,
+        "threads": torch.get_num_threads(),
         "blocks_skipped": cached.skipped_fraction, "quality": q, "uncached_class_accuracy": q_base["class_accuracy"],
     }, indent=2))
     return 0

@@ -3,6 +3,7 @@
 ::
 
     adacorr export onnx --model dit --out dit.onnx --option reuse_threshold=0.1
+    adacorr export onnx --model dit --out dit.onnx --options calib.json   # adacorr calibrate's choice
     adacorr export onnx --model mypkg.models:make --out m.onnx --dynamic tokens
     adacorr export tensorrt --model flux --out flux.engine --min-batch 1 --max-batch 4
 
@@ -26,9 +27,13 @@ logger = logging.getLogger("adacorr_compile")
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--options FILE`` (a calibration file or a JSON object of options), then each
+    ``--option KEY=VALUE`` over it."""
+    from .calibrate import load_options
     from .config import AdaCorrConfig
 
-    options = dict(args.option or [])
+    options = load_options(args.options) if args.options else {}  # a bad file: a ValueError naming it
+    options.update(dict(args.option or []))
     AdaCorrConfig.from_options(options)  # a bad option: a ValueError naming it (usage, exit code 2)
     return options
 
@@ -119,7 +124,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="dit", help="dit | pixart | sd3 | flux (tiny configs) or package.module:factory "
                    "(returns (model, inputs) with inputs(step, t[, batch]) -> forward kwargs)")
     p.add_argument("--option", action="append", type=parse_option, metavar="KEY=VALUE",
-                   help="an adacorr option (repeatable), e.g. --option reuse_threshold=0.1 --option policy=interval")
+                   help="an adacorr option (repeatable), e.g. --option reuse_threshold=0.1 --option policy=interval; "
+                        "overrides --options")
+    p.add_argument("--options", default=None, metavar="FILE",
+                   help="a JSON file of adacorr options: adacorr calibrate's output (its chosen options) or a plain object")
     p.add_argument("--dynamic", default="batch", choices=DYNAMIC_MODES,
                    help="input axes left dynamic: batch (default), tokens (also sequence axes), all (also latent H/W), static")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET}; < 23 avoids the fused Attention op)")

@@ -52,10 +52,11 @@ def test_demo_writes_table_grids_and_json(tmp_path, capsys):
     import pytest
 
     out = tmp_path / "demo"
-    assert main(["demo", "--steps", "8", "--images", "3", "--reps", "1", "--lowering", "eager",
+    assert main(["demo", "--steps", "8", "--images", "3", "--reps", "2", "--lowering", "eager", "--threads", "1",
                  "--option", "policy=adacorr", "--option", "reuse_threshold=1.0", "--option", "warmup_steps=1", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "uncached eager" in text and "adacorr" in text and "blocks skipped" in text
+    assert "speedup (min-max)" in text and "median of 2 per-pair ratios" in text and "1 threads" in text
     for name in ("uncached.png", "adacorr.png", "difference.png", "lambda_heatmap.png"):
         assert (out / name).stat().st_size > 0, name
     result = json.loads((out / "demo.json").read_text())
@@ -67,6 +68,25 @@ def test_demo_writes_table_grids_and_json(tmp_path, capsys):
     # computes every step (the default scope="step": its residual is the step's signal)
     assert result["blocks_skipped"] == pytest.approx(5 / 8 * 7 / 8)
     assert result["speedup"] > 0 and 0.0 <= result["quality"]["ssim_mean"] <= 1.0
+    # timed interleaved: 2 pairs (uncached, cached), the speedup is the median of their ratios
+    pairs = result["speedup_pairs"]
+    assert len(pairs) == 2 and len(result["uncached_seconds_all"]) == len(result["adacorr_seconds_all"]) == 2
+    assert pairs == pytest.approx([u / c for u, c in zip(result["uncached_seconds_all"], result["adacorr_seconds_all"])])
+    assert result["speedup"] == pytest.approx(sum(pairs) / 2)
+    assert result["speedup_min"] == min(pairs) and result["speedup_max"] == max(pairs)
+    assert result["threads"] == 1
+    # caching changed the images (finite PSNR against the uncached ones of the same seed)
+    assert 0 < result["quality"]["psnr_mean"] < float("inf")
+
+
+def test_demo_writes_outside_the_checkout_by_default(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--steps", "3", "--images", "1", "--reps", "1", "--lowering", "eager", "--threads", "1"]) == 0
+    out = tmp_path / "cache" / "adacorr" / "demo"
+    assert f"wrote {out}/uncached.png" in capsys.readouterr().out
+    assert (out / "demo.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # nothing in the working directory
 
 
 def test_demo_rejects_bad_option_by_name(capsys):

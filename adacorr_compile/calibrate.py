@@ -1,0 +1,714 @@
+"""calibrate: the backend setting for *your* model and *your* quality target.
+
+The default ``reuse_threshold`` was chosen on the two reference models; on another model
+lambda has another scale and the default may skip nothing (or too much). :func:`calibrate`
+measures instead of guessing::
+
+    import adacorr_compile
+    from adacorr_compile.calibrate import pipeline_workload
+
+    work = pipeline_workload(pipe, prompt_embeds=..., num_inference_steps=30)
+    result = adacorr_compile.calibrate(*work, target_psnr=30, out="calib.json")
+    fast = torch.compile(pipe.transformer, backend="adacorr", options=result.options)
+    # later, elsewhere: options=adacorr_compile.load_options("calib.json")
+
+What it does, in one process:
+
+1. **uncached reference**: one generation per seed with the *uncached* model: plain
+   ``torch.compile(model)`` (Inductor; the model itself when the options say
+   ``lowering="eager"``), the speed reference the benchmark uses too. With caching off the
+   backend returns the same outputs (float32 round-off), so these are the outputs a cached
+   setting is compared with.
+2. **sweep**: every setting (each threshold, times each ``variants`` entry) runs one
+   generation per seed on the model compiled with the adacorr backend. Settings that differ
+   only in decision fields (:data:`RUNTIME_FIELDS`: ``reuse_threshold``, the guards,
+   ``forecast``, ...) share one compiled model: the backend reads its options when it
+   compiles, so :func:`_swap_config` replaces the config its guarded regions read at run time
+   (no recompile; the sweep runs under ``torch.compiler.set_stance("fail_on_recompile")``).
+   Options that shape the compiled graph (``scope``, ``policy``, ``correction``, ``blend``,
+   ``decision``, ``score``, ``gamma``, ``lowering``, ...) get one compile per distinct set.
+3. **measure**, per setting: the fraction of block evaluations skipped
+   (``adacorr_compile.stats(compiled)["totals"]``), PSNR and SSIM of each seed's outputs
+   against the uncached ones (mean over the seed's images; then mean over seeds and worst
+   seed), and the wall-clock ratio uncached / cached timed **interleaved**: each cached
+   generation right after an uncached one of the same seed, so that machine load lands on
+   both sides; the median of these per-pair ratios and their min-max spread are reported.
+4. **choose**: among the settings whose PSNR (``rule="mean"``: mean over seeds; ``"worst"``:
+   the worst seed) is at least ``target_psnr``, the one that skips most (ties: the higher
+   PSNR). If none meets the target, the result is caching off (``{"policy": "never"}``,
+   ``result.met`` False, a warning): a safe setting, never a silent miss.
+5. **write** (``out=...``): a JSON file (the chosen options, target, rule, the whole table,
+   the command and environment; :func:`load_options` reads it back) and a Pareto plot PNG
+   beside it (blocks skipped vs PSNR, speedup vs PSNR; the chosen point marked).
+
+A *workload* is ``(run, model, value_range)``: ``run(compiled_model, seed) -> tensor`` runs one
+whole generation with the compiled model it is given (images or latents out), ``model`` is the
+module to compile (a pipeline's transformer), ``value_range`` the outputs' nominal range for
+PSNR (None: each seed's uncached output's min..max). :func:`pipeline_workload`,
+:func:`reference_workload` and :func:`factory_workload` build one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from .config import AdaCorrConfig
+
+logger = logging.getLogger("adacorr_compile")
+
+FORMAT = "adacorr-calibration/1"
+DEFAULT_THRESHOLDS = (0.04, 0.06, 0.08, 0.1, 0.12, 0.15, 0.2, 0.3)
+RULES = ("mean", "worst")
+
+# Options the guarded regions read from their config at every call (policies.py, region.py):
+# changing them on a compiled model changes its decisions and nothing it compiled. The others
+# shape what the backend compiled (the passes read scope, decision, blend, correction and policy
+# to chain regions; score, spatial_weight and gamma are baked into the fused OEM kernels; lowering,
+# inductor_mode, timestep_arg, min_blocks are compile-time) and need a compile of their own.
+RUNTIME_FIELDS = frozenset({
+    "reuse_threshold", "warmup_steps", "max_consecutive_reuses", "final_steps", "forecast", "interval",
+    "first_block_threshold",
+})
+# options kept when the result falls back to caching off (how to compile, not what to decide)
+_COMPILE_FIELDS = ("lowering", "inductor_mode", "timestep_arg", "min_blocks")
+
+Run = Callable[[Any, int], torch.Tensor]
+
+
+class Workload(NamedTuple):
+    """What :func:`calibrate` samples: ``calibrate(*workload, target_psnr=...)``."""
+
+    run: Run  # run(compiled_model, seed) -> output tensor of one whole generation
+    model: torch.nn.Module  # the module to compile (its blocks are the ones cached)
+    value_range: tuple[float, float] | None = None  # nominal range of the outputs (None: from the uncached outputs)
+
+
+# ---------------------------------------------------------------------------- workloads
+def _as_float_tensor(out: Any) -> torch.Tensor:
+    """A pipeline's or a model's output as a float tensor on the CPU: ``.images`` /
+    ``.frames`` / ``.sample`` / the first element; numpy images ``[N, H, W, C]`` and lists of PIL
+    images become ``[N, C, H, W]``."""
+    for name in ("images", "frames", "sample"):
+        if hasattr(out, name):
+            out = getattr(out, name)
+            break
+    else:
+        if isinstance(out, (tuple, list)) and out and not hasattr(out[0], "getpixel"):
+            out = out[0]
+    if isinstance(out, list) and out and hasattr(out[0], "getpixel"):  # PIL images
+        out = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in out])
+    if isinstance(out, np.ndarray):
+        t = torch.from_numpy(np.ascontiguousarray(out)).float()
+        if t.dim() == 4 and t.shape[-1] in (1, 3, 4) and t.shape[1] not in (1, 3, 4):
+            t = t.permute(0, 3, 1, 2)
+        elif t.dim() == 3 and t.shape[-1] not in (1, 3, 4):  # [N, H, W] grey
+            t = t[:, None]
+        return t.contiguous()
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"calibrate: the generation returned {type(out).__name__}; expected a tensor, numpy array or images")
+    return out.detach().float().cpu()
+
+
+def pipeline_workload(pipe: Any, output_type: str = "latent", generator_device: str = "cpu", **call_kwargs: Any) -> Workload:
+    """A diffusers pipeline and the keyword arguments of one call: each generation sets
+    ``pipe.transformer`` to the compiled model for the call (then puts the original back),
+    passes ``generator=torch.Generator(generator_device).manual_seed(seed)`` and
+    ``output_type`` (``"latent"``: compare latents, the cheapest; ``"pt"`` / ``"np"``: decoded
+    images, range [0, 1]; a pipeline that always decodes, such as ``DiTPipeline``, returns
+    images whatever it is told), and returns the output as a float tensor."""
+    for key in ("generator", "output_type"):
+        if key in call_kwargs:
+            raise ValueError(f"pipeline_workload: {key!r} is set per generation by calibrate; leave it out of the call kwargs")
+    model = pipe.transformer
+
+    def run(compiled: Any, seed: int) -> torch.Tensor:
+        original = pipe.transformer
+        pipe.transformer = compiled
+        try:
+            out = pipe(**call_kwargs, generator=torch.Generator(generator_device).manual_seed(int(seed)), output_type=output_type)
+        finally:
+            pipe.transformer = original
+        return _as_float_tensor(out)
+
+    value_range = (0.0, 1.0) if output_type in ("pt", "np", "pil") else None
+    return Workload(run, model, value_range)
+
+
+REFERENCE_MODELS = ("reference-dit", "reference-flux")
+
+
+def reference_workload(name: str, steps: int = 50, images: int = 10, guidance: float | None = None) -> Workload:
+    """A built-in reference model sampled as the benchmark samples it
+    (``benchmarks/run_benchmark.py``): ``images`` class-conditional images with classes
+    ``0, 1, ..., 9, 0, ...``, ``steps`` steps, the sampler's default guidance (DiT: DDIM, CFG
+    1.5; Flux: Euler, CFG 4.0), CFG batched into one call per step; the seed draws the initial
+    noise. Outputs are images in [-1, 1]. The compiled module is the diffusers transformer (the
+    DiT itself; the ``transformer`` inside the Flux wrapper)."""
+    from functools import partial
+
+    from . import bench
+    from .reference import load_reference_dit, load_reference_flux
+    from .sampling import DEFAULT_GUIDANCE, sample_dit, sample_flux
+
+    if name not in REFERENCE_MODELS:
+        raise ValueError(f"unknown reference model {name!r}; expected one of {', '.join(REFERENCE_MODELS)}")
+    kind = name.split("-", 1)[1]
+    wrapper = load_reference_dit() if kind == "dit" else load_reference_flux()
+    scale = DEFAULT_GUIDANCE[kind] if guidance is None else guidance
+    sampler = partial(sample_dit if kind == "dit" else sample_flux, guidance_scale=scale)
+    labels = [i % 10 for i in range(images)]
+
+    def run(compiled: Any, seed: int) -> torch.Tensor:
+        return sampler(bench.with_transformer(wrapper, compiled), labels, num_steps=steps, seed=int(seed))
+
+    return Workload(run, bench.transformer_of(wrapper), (-1.0, 1.0))
+
+
+def factory_workload(model: torch.nn.Module, inputs: Callable[..., dict[str, Any]], steps: int = 20,
+                     t_max: float = 1000.0) -> Workload:
+    """A ``(model, inputs)`` factory (``adacorr inspect --model package.module:factory``) as a
+    workload: a plain loop of ``steps`` calls ``compiled(**inputs(k, t_k))`` with a falling
+    timestep ``t_k = t_max * (1 - k / steps)``, after ``torch.manual_seed(seed)`` (factories that
+    draw from torch's generator vary with the seed; ``inputs`` that are fixed give the same
+    inputs for every seed). There is no sampler: the outputs do not feed back into the inputs.
+    The result is every step's output (``.sample`` or the first element), concatenated along the
+    batch axis (``[steps * B, ...]``): each step's outputs count as images. A real sampling loop
+    (:func:`pipeline_workload`, or your own ``run``) measures what you will see; this one shows
+    how the model's lambda behaves on the given inputs."""
+    from .sampling import _output_tensor
+
+    @torch.no_grad()
+    def run(compiled: Any, seed: int) -> torch.Tensor:
+        torch.manual_seed(int(seed))
+        outs = []
+        for k in range(steps):
+            t = t_max * (1.0 - k / steps)
+            outs.append(_output_tensor(compiled(**inputs(k, t))).detach().float().cpu())
+        return torch.cat(outs)
+
+    return Workload(run, model, None)
+
+
+# ------------------------------------------------------------------- the config swap
+def _swap_config(compiled: Any, changes: Mapping[str, Any]) -> dict[int, tuple[Any, Any]]:
+    """Give the guarded regions of ``compiled`` (every graph it compiled) a config with
+    ``changes`` applied (``AdaCorrConfig.replace``: validated), and its model state too;
+    returns what was there, for :func:`_restore_config`.
+
+    Internal, for calibration: only :data:`RUNTIME_FIELDS` are accepted (a ``ValueError``
+    names any other: it shapes the compiled graph and needs ``torch.compile`` with that option).
+    The regions read ``region.config`` (and their shared ``region.math.config``) at every call,
+    so the next call decides with the new values. Dynamo shares one compiled graph between
+    ``torch.compile`` calls with equal options: a model compiled elsewhere with the same options
+    sees the change until it is restored. Call ``adacorr_compile.reset(compiled)`` before the
+    next generation (caches were filled under the old values)."""
+    from .api import _model_state
+
+    bad = sorted(set(changes) - RUNTIME_FIELDS)
+    if bad:
+        raise ValueError(
+            f"calibrate: option(s) {', '.join(map(repr, bad))} shape the compiled graph and cannot be changed on a "
+            f"compiled model; only {', '.join(sorted(RUNTIME_FIELDS))} can (give the others to calibrate's "
+            "variants: each distinct set is compiled once)"
+        )
+    state = _model_state(compiled)
+    if not state.graphs:
+        raise ValueError("calibrate: the model has not compiled yet (run one generation first)")
+    holders: dict[int, Any] = {id(state): state}  # each object once (one RegionMath serves a graph's regions)
+    for graph in state.graphs:
+        for region in graph.regions:
+            holders.setdefault(id(region), region)
+            holders.setdefault(id(region.math), region.math)
+    saved = {key: (obj, obj.config) for key, obj in holders.items()}
+    for obj, cfg in saved.values():
+        obj.config = cfg.replace(**changes)
+    return saved
+
+
+def _restore_config(saved: Mapping[int, tuple[Any, Any]]) -> None:
+    for obj, cfg in saved.values():
+        obj.config = cfg
+
+
+@contextmanager
+def swapped_config(compiled: Any, changes: Mapping[str, Any]) -> Iterator[None]:
+    """``with swapped_config(compiled, {"reuse_threshold": 0.1}):`` the compiled model decides
+    with these values inside the block (see :func:`_swap_config`), as before after it."""
+    saved = _swap_config(compiled, changes)
+    try:
+        yield
+    finally:
+        _restore_config(saved)
+
+
+# --------------------------------------------------------------------------- metrics
+def _metrics(output: torch.Tensor, reference: torch.Tensor, value_range: tuple[float, float] | None) -> dict[str, float]:
+    """Per-image PSNR and SSIM (:func:`adacorr_compile.bench.psnr_ssim`) of one seed's output:
+    mean over its images (identical images, infinite PSNR, left out of the mean as the benchmark
+    does) and the worst image. SSIM is NaN where the images are too small for its 7x7 window."""
+    from .bench import psnr_ssim
+
+    if output.shape != reference.shape:
+        raise ValueError(f"calibrate: a cached generation returned shape {tuple(output.shape)}, the uncached one "
+                         f"{tuple(reference.shape)}")
+    if value_range is None:
+        lo, hi = float(reference.min()), float(reference.max())
+        if hi <= lo:
+            hi = lo + 1.0
+    else:
+        lo, hi = map(float, value_range)
+    if output.dim() < 2:
+        output, reference = output[None], reference[None]
+    psnr, ssim = psnr_ssim(output, reference, value_range=(lo, hi))
+    finite = [p for p in psnr if math.isfinite(p)]
+    good_ssim = [s for s in ssim if math.isfinite(s)]
+    return {
+        "psnr": float(np.mean(finite)) if finite else math.inf,
+        "psnr_worst_image": float(min(psnr)),
+        "ssim": float(np.mean(good_ssim)) if good_ssim else math.nan,
+    }
+
+
+# ----------------------------------------------------------------------------- result
+@dataclass
+class CalibrationResult:
+    """What :func:`calibrate` measured and chose.
+
+    ``options``: the backend options to compile with (the base options plus the chosen
+    setting; caching off where no setting met the target). ``table``: one row per setting
+    (a dict: ``setting``, ``options``, ``skipped``, ``psnr_mean``, ``psnr_worst_seed``,
+    ``psnr_worst_image``, ``ssim_mean``, ``ssim_worst_seed``, ``speedup`` (median of the
+    per-pair ratios uncached / cached), ``speedup_min``, ``speedup_max``, ``seconds_cached``,
+    ``seconds_uncached``, ``mean_lambda``, ``meets``, and the per-seed values). ``chosen``: the
+    chosen row (None: none met). ``compiles_in_sweep``: graphs Dynamo compiled during the sweep
+    (0: the sweep ran under ``fail_on_recompile``)."""
+
+    options: dict[str, Any]
+    table: list[dict[str, Any]]
+    chosen: dict[str, Any] | None
+    target_psnr: float
+    rule: str
+    met: bool
+    seeds: list[int]
+    uncached: str
+    base_options: dict[str, Any] = field(default_factory=dict)
+    compiles_in_sweep: int = 0
+    seconds: float = 0.0
+    paths: dict[str, str] = field(default_factory=dict)
+
+    def format_table(self) -> str:
+        """The table as text (what ``adacorr calibrate`` prints)."""
+        metric = "PSNR mean" if self.rule == "mean" else "PSNR worst seed"
+        width = max([len("setting")] + [len(r["setting"]) for r in self.table]) + 1
+        header = (f" {'setting':<{width}} {'skipped':>8} {'PSNR mean':>10} {'worst seed':>10} {'worst img':>9} "
+                  f"{'SSIM':>6} {'speedup (min-max)':>18} {'lambda':>7}  meets {metric} >= {self.target_psnr:g}")
+        lines = [header, "-" * len(header)]
+        for row in self.table:
+            mark = "*" if self.chosen is not None and row["setting"] == self.chosen["setting"] else " "
+            speed = f"{row['speedup']:.2f}x ({row['speedup_min']:.2f}-{row['speedup_max']:.2f})"
+            lam = "n/a" if row["mean_lambda"] is None else f"{row['mean_lambda']:.3f}"
+            lines.append(
+                f"{mark}{row['setting']:<{width}} {row['skipped']:>8.1%} {_db(row['psnr_mean']):>10} "
+                f"{_db(row['psnr_worst_seed']):>10} {_db(row['psnr_worst_image']):>9} {row['ssim_mean']:>6.3f} "
+                f"{speed:>18} {lam:>7}  {'yes' if row['meets'] else 'no'}"
+            )
+        lines.append("(* chosen; lambda: mean over steps of the measured lambda; PSNR/SSIM against the uncached outputs)")
+        return "\n".join(lines)
+
+
+def _db(x: float) -> str:
+    return "exact" if x == math.inf else f"{x:.2f}"
+
+
+def _json_safe(value: Any) -> Any:
+    """Non-finite floats as null (JSON has no Infinity): an infinite PSNR means identical outputs."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+# -------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class _Setting:
+    label: str
+    structural: tuple[tuple[str, Any], ...]  # options of the compile it runs on (besides the base)
+    runtime: tuple[tuple[str, Any], ...]  # options swapped in at run time
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return {**dict(self.structural), **dict(self.runtime)}
+
+
+def _settings(base: Mapping[str, Any], thresholds: Sequence[float], variants: Sequence[Mapping[str, Any]]) -> list[_Setting]:
+    out: list[_Setting] = []
+    for variant in variants:
+        structural = tuple(sorted((k, v) for k, v in variant.items() if k not in RUNTIME_FIELDS))
+        runtime = {k: v for k, v in variant.items() if k in RUNTIME_FIELDS}
+        values = [runtime["reuse_threshold"]] if "reuse_threshold" in runtime else list(thresholds)
+        for thr in values:
+            rt = {**runtime, "reuse_threshold": thr}
+            AdaCorrConfig.from_options({**base, **dict(structural), **rt})  # a bad option fails before any work
+            label = ", ".join(f"{k}={v}" for k, v in [*structural, *sorted(rt.items())] if k != "reuse_threshold")
+            label = f"thr={thr:g}" + (f", {label}" if label else "")
+            out.append(_Setting(label, structural, tuple(sorted(rt.items()))))
+    labels = [s.label for s in out]
+    repeated = sorted({x for x in labels if labels.count(x) > 1})
+    if repeated:
+        raise ValueError(f"calibrate: setting(s) {', '.join(repeated)} given twice (repeated thresholds or variants)")
+    return out
+
+
+def _uncached_model(model: torch.nn.Module, base: Mapping[str, Any]) -> tuple[Any, str]:
+    cfg = AdaCorrConfig.from_options(base)
+    if cfg.lowering == "eager":
+        return model, "the eager model (lowering='eager')"
+    mode = None if cfg.inductor_mode == "default" else cfg.inductor_mode
+    return torch.compile(model, mode=mode), "plain torch.compile (Inductor)" + (f", mode={mode}" if mode else "")
+
+
+def _unique_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _mean_lambda(stats: Mapping[str, Any]) -> float | None:
+    values = [r["mean_lambda"] for r in stats["regions"] if r.get("mean_lambda") is not None]
+    return float(np.mean(values)) if values else None
+
+
+# ---------------------------------------------------------------------------- calibrate
+def calibrate(
+    run: Run,
+    model: torch.nn.Module,
+    value_range: tuple[float, float] | None = None,
+    *,
+    target_psnr: float = 30.0,
+    rule: str = "mean",
+    seeds: Sequence[int] = (0, 1),
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    variants: Sequence[Mapping[str, Any]] = ({},),
+    options: Mapping[str, Any] | None = None,
+    reps: int = 1,
+    out: str | Path | None = None,
+    plot: bool = True,
+    progress: bool = True,
+    command: str | None = None,
+) -> CalibrationResult:
+    """Measure settings of the adacorr backend on ``model`` with ``run`` and pick the one that
+    skips most while meeting ``target_psnr`` (see the module docstring).
+
+    ``run(compiled_model, seed)``: one whole generation with the compiled model it is given,
+    returning its outputs (a tensor; images or latents). ``model``: the module to compile.
+    ``value_range``: the outputs' nominal range for PSNR (images in [-1, 1]: ``(-1, 1)``; None:
+    each seed's uncached output's min..max). ``rule``: ``"mean"`` (mean over seeds of each
+    seed's mean PSNR) or ``"worst"`` (the worst seed's). ``thresholds``: the ``reuse_threshold``
+    values swept; ``variants``: option sets each threshold is tried with (``[{}, {"forecast":
+    "none"}, {"policy": "interval", "interval": 3, "reuse_threshold": 1.0}]``; one that sets
+    ``reuse_threshold`` is one setting); ``options``: base options of every compile (e.g.
+    ``{"lowering": "eager"}``). ``reps``: timed (uncached, cached) pairs per seed and setting.
+    ``out``: JSON path (the plot goes beside it, ``.png``), None writes nothing.
+    ``command``: recorded in the JSON (default: ``sys.argv``).
+    """
+    if rule not in RULES:
+        raise ValueError(f"calibrate: rule got {rule!r}; expected one of {', '.join(RULES)}")
+    if not (isinstance(target_psnr, (int, float)) and math.isfinite(target_psnr)):
+        raise ValueError(f"calibrate: target_psnr got {target_psnr!r}; expected a finite number (dB)")
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"calibrate: seeds got {seeds!r}; expected distinct ints")
+    if reps < 1:
+        raise ValueError(f"calibrate: reps got {reps!r}; expected an int >= 1")
+    base = dict(options or {})
+    AdaCorrConfig.from_options(base)
+    settings = _settings(base, thresholds, variants)
+    if not settings:
+        raise ValueError("calibrate: nothing to sweep (no thresholds)")
+    t_start = time.perf_counter()
+
+    uncached, uncached_name = _uncached_model(model, base)
+    logger.info("calibrate: %d settings x %d seeds; uncached reference: %s", len(settings), len(seeds), uncached_name)
+    with torch.no_grad():
+        reference = {seed: run(uncached, seed) for seed in seeds}  # the first call compiles
+    for seed, ref in reference.items():
+        if not isinstance(ref, torch.Tensor):
+            raise TypeError(f"calibrate: run(model, {seed}) returned {type(ref).__name__}; expected a tensor")
+        reference[seed] = ref.detach().float().cpu()
+
+    groups: dict[tuple[tuple[str, Any], ...], list[_Setting]] = {}
+    for s in settings:
+        groups.setdefault(s.structural, []).append(s)
+    rows: dict[str, dict[str, Any]] = {}
+    compiles = 0
+    bar = _progress_bar(len(settings) * len(seeds), progress)
+    try:
+        for structural, members in groups.items():
+            group_options = {**base, **dict(structural)}
+            compiled = torch.compile(model, backend="adacorr", options=group_options)
+            _warm_up(run, compiled, members, seeds[0], group_options)
+            before = _unique_graphs()
+            with torch.compiler.set_stance("fail_on_recompile"):
+                for setting in members:
+                    with swapped_config(compiled, dict(setting.runtime)):
+                        rows[setting.label] = _measure(run, uncached, compiled, setting, seeds, reps, reference,
+                                                       value_range, bar)
+            compiles += _unique_graphs() - before
+    finally:
+        bar.close()
+
+    table = [rows[s.label] for s in settings]
+    chosen = choose(table, target_psnr, rule)
+    if chosen is not None:
+        chosen_options = {**base, **chosen["options"]}
+        logger.info("calibrate: chose %s: %.1f%% skipped, PSNR %s (%s)", chosen["setting"], 100 * chosen["skipped"],
+                    _db(_score(chosen, rule)), rule)
+    else:
+        chosen_options = {**{k: v for k, v in base.items() if k in _COMPILE_FIELDS}, "policy": "never"}
+        logger.warning("calibrate: no setting reached PSNR %s >= %g dB (best: %s dB); the result is caching off "
+                       "(policy='never'): try lower thresholds or another variant", rule, target_psnr,
+                       _db(max(_score(r, rule) for r in table)))
+    AdaCorrConfig.from_options(chosen_options)
+    result = CalibrationResult(
+        options=chosen_options, table=table, chosen=chosen, target_psnr=float(target_psnr), rule=rule,
+        met=chosen is not None, seeds=seeds, uncached=uncached_name, base_options=base, compiles_in_sweep=compiles,
+        seconds=time.perf_counter() - t_start,
+    )
+    if out is not None:
+        write(result, out, command=command, plot=plot)
+    return result
+
+
+def choose(table: Sequence[dict[str, Any]], target_psnr: float, rule: str = "mean") -> dict[str, Any] | None:
+    """Set each row's ``"meets"`` (its PSNR by ``rule`` >= ``target_psnr``) and return the row
+    that skips most among those that meet it (ties: the higher PSNR), or None if none does."""
+    if rule not in RULES:
+        raise ValueError(f"calibrate: rule got {rule!r}; expected one of {', '.join(RULES)}")
+    for row in table:
+        row["meets"] = _score(row, rule) >= target_psnr
+    meeting = [r for r in table if r["meets"]]
+    return max(meeting, key=lambda r: (r["skipped"], _score(r, rule))) if meeting else None
+
+
+def _progress_bar(total: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="calibrate", unit="gen", disable=not enabled, leave=False)
+
+
+def _score(row: Mapping[str, Any], rule: str) -> float:
+    return row["psnr_mean"] if rule == "mean" else row["psnr_worst_seed"]
+
+
+def _warm_up(run: Run, compiled: Any, members: Sequence[_Setting], seed: int, options: Mapping[str, Any]) -> None:
+    """One untimed generation that compiles the model (Dynamo, and the regions' fused kernels of
+    both the compute and the reuse path: at the group's largest threshold), then checks that
+    the backend guarded the blocks."""
+    import adacorr_compile
+
+    permissive = max(members, key=lambda s: dict(s.runtime)["reuse_threshold"])
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        run(compiled, seed)  # compiles: the config the regions get is the compile's
+        with swapped_config(compiled, dict(permissive.runtime)):
+            adacorr_compile.reset(compiled)
+            run(compiled, seed)
+    stats = adacorr_compile.stats(compiled)
+    if not stats["totals"]["regions"]:
+        raise RuntimeError(f"calibrate: the model compiled with options {dict(options)} has no guarded regions: "
+                           f"nothing to calibrate ({'; '.join(stats['fallbacks']) or 'no repeated blocks found'})")
+    if stats["fallbacks"]:
+        logger.warning("calibrate: %s", "; ".join(stats["fallbacks"]))
+    logger.info("calibrate: compiled %s with %d guarded regions in %.1f s", dict(options) or "the defaults",
+                stats["totals"]["regions"], time.perf_counter() - t0)
+
+
+def _measure(run: Run, uncached: Any, compiled: Any, setting: _Setting, seeds: Sequence[int], reps: int,
+             reference: Mapping[int, torch.Tensor], value_range: tuple[float, float] | None, bar: Any) -> dict[str, Any]:
+    """One setting: per seed, ``reps`` timed pairs (uncached, then cached with a reset before);
+    the first cached generation of each seed gives its outputs and counts."""
+    import adacorr_compile
+
+    per_seed = []
+    ratios, t_cached, t_uncached = [], [], []
+    for seed in seeds:
+        entry: dict[str, Any] = {"seed": seed}
+        for rep in range(reps):
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                run(uncached, seed)
+                t1 = time.perf_counter()
+                adacorr_compile.reset(compiled)
+                t2 = time.perf_counter()
+                output = run(compiled, seed)
+                t3 = time.perf_counter()
+            t_uncached.append(t1 - t0)
+            t_cached.append(t3 - t2)
+            ratios.append((t1 - t0) / (t3 - t2))
+            if rep == 0:
+                stats = adacorr_compile.stats(compiled)
+                totals = stats["totals"]
+                entry["skipped"] = totals["reuses"] / totals["calls"] if totals["calls"] else 0.0
+                entry["mean_lambda"] = _mean_lambda(stats)
+                entry.update(_metrics(output.detach().float().cpu(), reference[seed], value_range))
+        per_seed.append(entry)
+        bar.update(1)
+    lambdas = [e["mean_lambda"] for e in per_seed if e["mean_lambda"] is not None]
+    ssims = [e["ssim"] for e in per_seed]
+    row = {
+        "setting": setting.label,
+        "options": setting.options,
+        "reuse_threshold": dict(setting.runtime)["reuse_threshold"],
+        "skipped": float(np.mean([e["skipped"] for e in per_seed])),
+        "psnr_mean": float(np.mean([e["psnr"] for e in per_seed])),
+        "psnr_worst_seed": float(min(e["psnr"] for e in per_seed)),
+        "psnr_worst_image": float(min(e["psnr_worst_image"] for e in per_seed)),
+        "ssim_mean": float(np.mean(ssims)),
+        "ssim_worst_seed": float(min(ssims)),
+        "speedup": float(statistics.median(ratios)),
+        "speedup_min": float(min(ratios)),
+        "speedup_max": float(max(ratios)),
+        "speedup_pairs": [float(r) for r in ratios],
+        "seconds_cached": float(statistics.median(t_cached)),
+        "seconds_uncached": float(statistics.median(t_uncached)),
+        "mean_lambda": float(np.mean(lambdas)) if lambdas else None,
+        "per_seed": per_seed,
+    }
+    logger.info("calibrate: %s: %.1f%% skipped, PSNR %s dB (worst seed %s), %.2fx (%.2f-%.2f)", setting.label,
+                100 * row["skipped"], _db(row["psnr_mean"]), _db(row["psnr_worst_seed"]), row["speedup"],
+                row["speedup_min"], row["speedup_max"])
+    return row
+
+
+# ------------------------------------------------------------------------------ files
+def _environment() -> dict[str, Any]:
+    from . import __version__
+
+    return {
+        "adacorr_compile": __version__, "torch": torch.__version__, "python": platform.python_version(),
+        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def write(result: CalibrationResult, path: str | Path, command: str | None = None, plot: bool = True) -> Path:
+    """Write ``result`` as JSON to ``path`` and, with ``plot``, the Pareto plot beside it
+    (same name, ``.png``); returns the JSON path. :func:`load_options` reads the JSON back."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "format": FORMAT,
+        "options": result.options,
+        "target_psnr": result.target_psnr,
+        "rule": result.rule,
+        "met": result.met,
+        "chosen": result.chosen["setting"] if result.chosen is not None else None,
+        "seeds": result.seeds,
+        "uncached": result.uncached,
+        "base_options": result.base_options,
+        "compiles_in_sweep": result.compiles_in_sweep,
+        "seconds": result.seconds,
+        "table": result.table,
+        "command": command if command is not None else " ".join(sys.argv),
+        "environment": _environment(),
+        "notes": ("psnr_* in dB against the uncached outputs of the same seeds (null: identical); speedup: median "
+                  "of per-pair ratios uncached/cached, timed interleaved in one process"),
+    }
+    path.write_text(json.dumps(_json_safe(doc), indent=2))
+    result.paths["json"] = str(path)
+    if plot:
+        png = path.with_suffix(".png")
+        pareto_plot(result, png)
+        result.paths["plot"] = str(png)
+    logger.info("calibrate: wrote %s", ", ".join(result.paths.values()))
+    return path
+
+
+def pareto_plot(result: CalibrationResult, path: str | Path) -> None:
+    """Two panels against PSNR (by the result's rule, capped at 60 dB): fraction of blocks
+    skipped, and speedup (median, bars: min-max of the pairs); the target as a line, the
+    chosen setting as a star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def x_of(row: Mapping[str, Any]) -> float:
+        return min(_score(row, result.rule), 60.0)
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), constrained_layout=True)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in result.table:
+        rest = {k: v for k, v in row["options"].items() if k != "reuse_threshold"}
+        groups.setdefault(", ".join(f"{k}={v}" for k, v in sorted(rest.items())) or "thresholds", []).append(row)
+    for ax, key, label in ((axes[0], "skipped", "fraction of block evaluations skipped"),
+                           (axes[1], "speedup", "speedup vs uncached (median of interleaved pairs)")):
+        for name, rows in groups.items():
+            rows = sorted(rows, key=lambda r: r["reuse_threshold"])  # the curve in sweep order
+            xs, ys = [x_of(r) for r in rows], [r[key] for r in rows]
+            if key == "speedup":
+                err = [[r["speedup"] - r["speedup_min"] for r in rows], [r["speedup_max"] - r["speedup"] for r in rows]]
+                ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name)
+            else:
+                ax.plot(xs, ys, marker="o", label=name)
+            for r, x, y in zip(rows, xs, ys):
+                ax.annotate(f"{r['reuse_threshold']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if result.chosen is not None:
+            ax.plot([x_of(result.chosen)], [result.chosen[key]], marker="*", markersize=18, color="red",
+                    linestyle="none", label=f"chosen: {result.chosen['setting']}")
+        ax.axvline(result.target_psnr, color="grey", linestyle="--", label=f"target {result.target_psnr:g} dB")
+        ax.set_xlabel(f"PSNR vs uncached ({result.rule} over seeds, dB, capped at 60)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"adacorr calibration: seeds {result.seeds}; numbers: reuse_threshold")
+    fig.savefig(str(path), dpi=100)
+    plt.close(fig)
+
+
+def load_options(path: str | Path) -> dict[str, Any]:
+    """The backend options in a calibration file (``adacorr calibrate --out``; a JSON object
+    whose ``"options"`` holds them, or a plain JSON object of options), validated with
+    :meth:`AdaCorrConfig.from_options`; a missing file, bad JSON or a bad option is a
+    ``ValueError`` naming the file."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except OSError as exc:
+        raise ValueError(f"adacorr options file {str(path)!r}: cannot read it ({exc.strerror or exc})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"adacorr options file {str(path)!r}: not JSON ({exc})") from None
+    if isinstance(doc, dict) and "format" in doc:
+        options = doc.get("options")
+    else:
+        options = doc
+    if not isinstance(options, dict):
+        raise ValueError(f"adacorr options file {str(path)!r}: expected a JSON object of options (or a calibration "
+                         f"file with an 'options' object), got {type(options).__name__}")
+    try:
+        AdaCorrConfig.from_options(options)
+    except ValueError as exc:
+        raise ValueError(f"adacorr options file {str(path)!r}: {exc}") from None
+    return dict(options)
+
+
+__all__ = [
+    "DEFAULT_THRESHOLDS", "RUNTIME_FIELDS", "CalibrationResult", "Workload", "calibrate", "choose", "factory_workload",
+    "load_options", "pareto_plot", "pipeline_workload", "reference_workload", "swapped_config", "write",
+]

@@ -1,0 +1,114 @@
+"""``adacorr calibrate``: the backend setting for a model and a quality target, in one command.
+
+::
+
+    adacorr calibrate --model reference-dit --target-psnr 30 --seeds 2 --out calib.json
+    adacorr calibrate --model mypkg.models:make --steps 30 --thresholds 0.04 0.08 0.15 --rule worst
+    torch.compile(model, backend="adacorr", options=adacorr_compile.load_options("calib.json"))
+
+``--model``: ``reference-dit`` / ``reference-flux`` (the built-in reference models, sampled as
+the benchmark samples them: ``--images`` images of classes 0..9, ``--steps`` steps, the
+sampler's guidance), a tiny family (``dit``, ``flux``, ...; random weights) or
+``package.module:factory`` returning ``(model, inputs)`` with ``inputs(step, t)`` giving one
+step's forward keyword arguments: each generation is then a plain loop of ``--steps`` calls
+with a timestep falling from 1000 (:func:`adacorr_compile.calibrate.factory_workload`).
+Prints the table and the chosen options; writes the JSON and a Pareto plot beside it
+(``calib.png``). Exit code 0 when a setting met the target, 1 when none did (the file then
+holds caching off, ``policy="never"``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from .cli_common import load_factory, parse_option
+
+logger = logging.getLogger("adacorr_compile")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
+    return value
+
+
+def add_parser(sub: Any) -> None:
+    from .calibrate import DEFAULT_THRESHOLDS, REFERENCE_MODELS, RULES
+
+    p = sub.add_parser("calibrate", help="sweep thresholds on a model, pick the setting that skips most at a PSNR target, "
+                                         "write it as JSON (load with adacorr_compile.load_options)")
+    p.add_argument("--model", default="reference-dit",
+                   help=f"{' | '.join(REFERENCE_MODELS)} | a tiny family (dit, flux, plain, ...) | package.module:factory "
+                        "(returns (model, inputs) with inputs(step, t) -> forward kwargs) (default: %(default)s)")
+    p.add_argument("--target-psnr", type=float, default=30.0, help="PSNR (dB) against the uncached outputs that the "
+                   "setting must reach (default: %(default)s)")
+    p.add_argument("--rule", choices=RULES, default="mean",
+                   help="mean: the mean over seeds must reach the target; worst: the worst seed must (default: %(default)s)")
+    p.add_argument("--seeds", type=_positive_int, default=2, help="seeds 0..N-1, one generation each per setting "
+                   "(default: %(default)s)")
+    p.add_argument("--thresholds", type=float, nargs="+", default=list(DEFAULT_THRESHOLDS),
+                   help="reuse_threshold values to sweep (default: %(default)s)")
+    p.add_argument("--variant", action="append", default=[], type=parse_option, metavar="KEY=VALUE",
+                   help="also sweep the thresholds with this option changed (repeatable: each is its own variant), "
+                        "e.g. --variant forecast=none --variant scope=block")
+    p.add_argument("--option", action="append", default=[], type=parse_option, metavar="KEY=VALUE",
+                   help="a base option of every compile (repeatable), e.g. --option lowering=eager")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="denoising steps (default: 50 for the reference models, 20 for a factory)")
+    p.add_argument("--images", type=_positive_int, default=10, help="images per generation, reference models only "
+                   "(default: %(default)s)")
+    p.add_argument("--reps", type=_positive_int, default=1, help="timed (uncached, cached) pairs per seed and setting "
+                   "(default: %(default)s)")
+    p.add_argument("--out", default="calib.json", help="the JSON file; the plot goes beside it as .png (default: %(default)s)")
+    p.add_argument("--no-plot", action="store_true", help="do not write the Pareto plot")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.set_defaults(func=run_calibrate)
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .calibrate import REFERENCE_MODELS, calibrate, factory_workload, reference_workload
+    from .config import AdaCorrConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    options = dict(args.option)
+    AdaCorrConfig.from_options(options)  # a bad option fails here, named
+    variants = [{}] + [{key: value} for key, value in args.variant]
+    if args.model in REFERENCE_MODELS:
+        steps = args.steps or 50
+        work = reference_workload(args.model, steps=steps, images=args.images)
+        what = f"{args.model}: {args.images} images x {steps} steps per generation"
+    else:
+        steps = args.steps or 20
+        model, inputs = load_factory(args.model)()
+        work = factory_workload(model, inputs, steps=steps)
+        what = f"{args.model}: {steps} calls per generation, timestep falling from 1000"
+    print(f"calibrating {what}; {args.seeds} seeds, {len(args.thresholds) * len(variants)} settings, "
+          f"target PSNR {args.target_psnr:g} dB ({args.rule}), {torch.get_num_threads()} threads", flush=True)
+    result = calibrate(
+        *work, target_psnr=args.target_psnr, rule=args.rule, seeds=range(args.seeds), thresholds=args.thresholds,
+        variants=variants, options=options, reps=args.reps, out=args.out, plot=not args.no_plot,
+        command=" ".join(["adacorr", *getattr(args, "argv", sys.argv[1:])]),
+    )
+    print(result.format_table())
+    print(f"uncached reference: {result.uncached}; speedup: median (min-max) of per-pair ratios uncached/cached, timed "
+          f"interleaved; {result.compiles_in_sweep} compiles during the sweep; {result.seconds:.0f} s in all")
+    if result.met:
+        print(f"chosen: {result.chosen['setting']} ({result.chosen['skipped']:.1%} skipped, PSNR "
+              f"{result.chosen['psnr_mean']:.2f} dB mean, {result.chosen['psnr_worst_seed']:.2f} dB worst seed)")
+    else:
+        print(f"NO SETTING MET THE TARGET (PSNR {args.rule} >= {args.target_psnr:g} dB): the file holds caching off")
+    print(f"options: {json.dumps(result.options)}")
+    print(f"wrote {', '.join(result.paths.values())}; use: torch.compile(model, backend=\"adacorr\", "
+          f"options=adacorr_compile.load_options({str(args.out)!r}))")
+    return 0 if result.met else 1

@@ -1,0 +1,344 @@
+"""adacorr_compile.calibrate, load_options and the `adacorr calibrate` command, on a tiny model.
+
+The workload is a plain-torch DiT (``tiny_plain``, 4 blocks, eager lowering for speed) in a
+10-step sampling loop whose noise comes from the seed and whose outputs feed back into the
+next step's input, so a reused block changes the result as in a real sampler.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+import adacorr_compile
+from adacorr_compile.calibrate import RUNTIME_FIELDS, _swap_config, choose, swapped_config
+from adacorr_compile.cli import main
+from adacorr_compile.tiny import PlainDiT, tiny_plain
+
+STEPS = 10
+THRESHOLDS = [0.0, 0.1, 1.0]
+EAGER = {"lowering": "eager"}
+
+
+def sample(compiled, seed: int, steps: int = STEPS, batch: int = 2) -> torch.Tensor:
+    """A tiny deterministic sampler: noise from ``seed``, a falling timestep, x -= 0.1 * eps."""
+    x = torch.randn(batch, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        for k in range(steps):
+            eps = compiled(hidden_states=x, timestep=torch.full((batch,), 1000.0 * (1 - k / steps)))[0]
+            x = x - 0.1 * eps
+    return x
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One torch thread: timings on a shared 2-core machine are not worth oversubscribing it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory, _one_thread):
+    torch._dynamo.reset()
+    model, _ = tiny_plain(4)
+    out = tmp_path_factory.mktemp("calib") / "calib.json"
+    result = adacorr_compile.calibrate(sample, model, target_psnr=30.0, seeds=[0, 1], thresholds=THRESHOLDS,
+                                       options=EAGER, out=out, progress=False, command="pytest")
+    return model, result, out
+
+
+def test_sweep_measures_each_threshold_without_recompiles(calibrated):
+    _, result, _ = calibrated
+    assert result.compiles_in_sweep == 0  # and it ran under fail_on_recompile (next test)
+    assert [row["reuse_threshold"] for row in result.table] == THRESHOLDS
+    skipped = [row["skipped"] for row in result.table]
+    assert skipped[0] == 0.0  # lambda <= 0 never holds on a drifting input
+    assert skipped[0] < skipped[1] < skipped[2], skipped
+    # thr=1: every step reuses where the guards allow: 2 warm-up steps and the last compute, the
+    # reuse cap (3) forces a compute after 3 reuses (steps 2-4 reuse, 5 computes, 6-8 reuse), and
+    # under scope="step" the first block computes at every step: 6 of 10 steps x 3 of 4 blocks
+    assert skipped[2] == pytest.approx(6 / 10 * 3 / 4)
+    for row in result.table:
+        assert len(row["per_seed"]) == 2 and len(row["speedup_pairs"]) == 2
+        assert row["speedup_min"] <= row["speedup"] <= row["speedup_max"]
+        assert row["psnr_worst_seed"] <= row["psnr_mean"] and row["psnr_worst_image"] <= row["psnr_worst_seed"]
+    # more skipping, more error: PSNR falls as the threshold rises
+    psnr = [row["psnr_mean"] for row in result.table]
+    assert psnr[0] > psnr[1] > psnr[2]
+    # the two seeds draw different noise: their PSNRs differ
+    seeds = result.table[2]["per_seed"]
+    assert seeds[0]["psnr"] != seeds[1]["psnr"]
+
+
+def test_choice_skips_most_among_settings_that_meet_the_target(calibrated):
+    _, result, _ = calibrated
+    meeting = [row for row in result.table if row["psnr_mean"] >= 30.0]
+    assert result.met and result.chosen is not None and result.chosen["meets"]
+    assert result.chosen is max(meeting, key=lambda r: r["skipped"])
+    assert result.options == {**EAGER, "reuse_threshold": result.chosen["reuse_threshold"]}
+    # a target between two rows' PSNR picks the last row that still meets it
+    table = [dict(row) for row in result.table]
+    for k in range(len(table) - 1):
+        target = (table[k]["psnr_mean"] + table[k + 1]["psnr_mean"]) / 2
+        assert choose(table, target, "mean")["reuse_threshold"] == THRESHOLDS[k]
+    # "worst": the worst seed must meet it
+    target = (table[2]["psnr_worst_seed"] + table[2]["psnr_mean"]) / 2
+    assert choose(table, target, "mean")["reuse_threshold"] == 1.0
+    assert choose(table, target, "worst")["reuse_threshold"] != 1.0
+    assert choose(table, 1e9, "mean") is None
+    with pytest.raises(ValueError, match="rule"):
+        choose(table, 30.0, "median")
+
+
+def test_json_and_plot_written_and_options_load_into_torch_compile(calibrated):
+    model, result, out = calibrated
+    doc = json.loads(out.read_text())
+    assert doc["format"] == "adacorr-calibration/1" and doc["command"] == "pytest"
+    assert doc["target_psnr"] == 30.0 and doc["rule"] == "mean" and doc["met"] is True
+    assert doc["options"] == result.options and doc["chosen"] == result.chosen["setting"]
+    assert len(doc["table"]) == 3 and doc["environment"]["torch"] == torch.__version__
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    options = adacorr_compile.load_options(out)
+    assert options == result.options
+    fast = torch.compile(model, backend="adacorr", options=options)
+    y = sample(fast, seed=5)
+    assert adacorr_compile.stats(fast)["totals"]["reuses"] > 0
+    assert torch.isfinite(y).all()
+
+
+def test_swapped_config_decides_as_a_fresh_compile_and_refuses_structural_options():
+    model, _ = tiny_plain(4)
+    fresh = torch.compile(model, backend="adacorr", options={**EAGER, "reuse_threshold": 1.0})
+    expected = sample(fresh, 0)
+    torch._dynamo.reset()
+    swapped = torch.compile(model, backend="adacorr", options={**EAGER, "reuse_threshold": 0.0})
+    sample(swapped, 0)
+    assert adacorr_compile.stats(swapped)["totals"]["reuses"] == 0
+    with torch.compiler.set_stance("fail_on_recompile"), swapped_config(swapped, {"reuse_threshold": 1.0}):
+        adacorr_compile.reset(swapped)
+        assert torch.equal(sample(swapped, 0), expected)
+        assert all(r.config.reuse_threshold == 1.0 for r in adacorr_compile.regions(swapped))
+    # restored after the block
+    assert all(r.config.reuse_threshold == 0.0 for r in adacorr_compile.regions(swapped))
+    adacorr_compile.reset(swapped)
+    sample(swapped, 0)
+    assert adacorr_compile.stats(swapped)["totals"]["reuses"] == 0
+    for name in ("scope", "policy", "correction", "blend", "decision", "gamma", "lowering"):
+        assert name not in RUNTIME_FIELDS
+        with pytest.raises(ValueError, match=f"'{name}' shape the compiled graph"):
+            _swap_config(swapped, {name: None})
+
+
+class _Flippable(PlainDiT):
+    def forward(self, hidden_states, timestep, flip: bool = False):
+        out = super().forward(hidden_states, timestep)[0]
+        return (-out if flip else out,)
+
+
+def test_a_run_that_recompiles_during_the_sweep_fails_loudly():
+    torch.manual_seed(0)
+    model = _Flippable(depth=3).eval()
+    calls = {"n": 0}
+
+    def guard_changing(compiled, seed):
+        # calls 1-3 (uncached reference, warm-up) with flip=False, then flip=True: a constant
+        # Dynamo guards on, so the sweep's first cached call would recompile
+        calls["n"] += 1
+        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            for k in range(4):
+                x = x - 0.1 * compiled(x, torch.full((2,), 1000.0 - 250 * k), flip=calls["n"] > 3)[0]
+        return x
+
+    with pytest.raises(Exception, match="(?i)recompile"):
+        adacorr_compile.calibrate(guard_changing, model, seeds=[0], thresholds=[0.1], options=EAGER, progress=False)
+    assert calls["n"] == 5  # reference, 2 warm-up generations, the sweep's uncached one, then the cached one failed
+
+
+def test_unmet_target_returns_caching_off(tmp_path, caplog):
+    model, _ = tiny_plain(4)
+    result = adacorr_compile.calibrate(sample, model, target_psnr=1000.0, seeds=[0], thresholds=[0.5], options=EAGER,
+                                       out=tmp_path / "c.json", plot=False, progress=False)
+    assert not result.met and result.chosen is None
+    assert result.options == {"lowering": "eager", "policy": "never"}
+    assert "no setting reached PSNR mean >= 1000 dB" in caplog.text
+    assert json.loads((tmp_path / "c.json").read_text())["met"] is False
+    assert not (tmp_path / "c.png").exists()
+    fast = torch.compile(model, backend="adacorr", options=adacorr_compile.load_options(tmp_path / "c.json"))
+    sample(fast, 0)
+    assert adacorr_compile.stats(fast)["totals"]["reuses"] == 0
+
+
+def test_calibrate_rejects_bad_arguments_before_any_work():
+    model, _ = tiny_plain(2)
+
+    def never(compiled, seed):  # pragma: no cover - must not be called
+        raise AssertionError("ran")
+
+    with pytest.raises(ValueError, match="'reuse_threshold' got 2"):
+        adacorr_compile.calibrate(never, model, thresholds=[2.0])
+    with pytest.raises(ValueError, match="rule"):
+        adacorr_compile.calibrate(never, model, rule="best")
+    with pytest.raises(ValueError, match="seeds"):
+        adacorr_compile.calibrate(never, model, seeds=[1, 1])
+    with pytest.raises(ValueError, match="unknown adacorr option 'sope'"):
+        adacorr_compile.calibrate(never, model, variants=[{"sope": "block"}])
+
+
+def test_load_options_names_the_file(tmp_path):
+    good = tmp_path / "plain.json"
+    good.write_text(json.dumps({"reuse_threshold": 0.1, "scope": "block"}))
+    assert adacorr_compile.load_options(good) == {"reuse_threshold": 0.1, "scope": "block"}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": "adacorr-calibration/1", "options": {"reuse_threshold": 5}}))
+    with pytest.raises(ValueError, match=r"bad\.json.*'reuse_threshold' got 5"):
+        adacorr_compile.load_options(bad)
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(ValueError, match=r"broken\.json.*not JSON"):
+        adacorr_compile.load_options(broken)
+    with pytest.raises(ValueError, match=r"missing\.json.*cannot read"):
+        adacorr_compile.load_options(tmp_path / "missing.json")
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"list\.json.*JSON object"):
+        adacorr_compile.load_options(listed)
+
+
+def test_pipeline_workload_swaps_the_transformer_for_the_call():
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    try:
+        from pipelines import build_dit
+    finally:
+        sys.path.pop(0)
+    from adacorr_compile.calibrate import pipeline_workload
+
+    tiny = build_dit()
+    kwargs = {k: v for k, v in tiny.kwargs(steps=6, images=2).items() if k not in ("generator", "output_type")}
+    work = pipeline_workload(tiny.pipe, output_type="pt", **kwargs)
+    assert work.model is tiny.pipe.transformer and work.value_range == (0.0, 1.0)
+    seen = []
+
+    class Recorder(torch.nn.Module):  # stands for the compiled model: records that the pipeline calls it
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self.inner, name)
+
+        def forward(self, *args, **kw):
+            seen.append(tiny.pipe.transformer is self)
+            return self.inner(*args, **kw)
+
+    work.run(Recorder(work.model), 3)
+    assert len(seen) == 6 and all(seen)  # one batched CFG call per step, with the stand-in in place
+    assert tiny.pipe.transformer is work.model  # put back after the call
+    out = work.run(work.model, 3)
+    assert out.dtype == torch.float32 and out.shape[:2] == (2, 3)
+    assert torch.equal(work.run(work.model, 3), out) and not torch.equal(work.run(work.model, 4), out)
+
+
+@pytest.mark.slow
+def test_calibrate_on_a_diffusers_pipeline():
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    try:
+        from pipelines import build_dit
+    finally:
+        sys.path.pop(0)
+    from adacorr_compile.calibrate import pipeline_workload
+
+    tiny = build_dit()
+    kwargs = {k: v for k, v in tiny.kwargs(steps=6, images=2).items() if k not in ("generator", "output_type")}
+    work = pipeline_workload(tiny.pipe, output_type="pt", **kwargs)
+    result = adacorr_compile.calibrate(*work, seeds=[0], thresholds=[0.0, 1.0], options=EAGER, progress=False)
+    assert result.table[0]["skipped"] == 0.0 < result.table[1]["skipped"]
+    assert result.compiles_in_sweep == 0 and tiny.pipe.transformer is work.model
+
+
+FACTORY = '''
+import torch
+from adacorr_compile.tiny import PlainDiT
+
+
+def make():
+    torch.manual_seed(0)
+    model = PlainDiT(depth=4).eval()
+
+    def inputs(step, t):
+        # noise from torch's generator: calibrate seeds it per generation
+        return dict(hidden_states=torch.randn(2, 4, 8, 8), timestep=torch.full((2,), t))
+
+    return model, inputs
+'''
+
+
+def test_cli_calibrate_end_to_end(tmp_path, monkeypatch, capsys):
+    (tmp_path / "adacorr_calib_factory.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run" / "calib.json"
+    argv = ["calibrate", "--model", "adacorr_calib_factory:make", "--seeds", "2", "--thresholds", "0", "0.1", "1",
+            "--steps", "8", "--option", "lowering=eager", "--target-psnr", "20", "--out", str(out), "--threads", "1"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "calibrating adacorr_calib_factory:make: 8 calls per generation" in text
+    assert "thr=0.1" in text and "speedup (min-max)" in text and "chosen: thr=" in text
+    doc = json.loads(out.read_text())
+    assert f'options: {json.dumps(doc["options"])}' in text
+    assert doc["command"] == "adacorr " + " ".join(argv)
+    assert [row["reuse_threshold"] for row in doc["table"]] == [0.0, 0.1, 1.0]
+    assert doc["table"][0]["skipped"] == 0.0 < doc["table"][2]["skipped"]
+    assert doc["seeds"] == [0, 1] and doc["environment"]["threads"] == 1
+    assert out.with_suffix(".png").exists()
+    chosen = next(row for row in doc["table"] if row["setting"] == doc["chosen"])
+    assert chosen["psnr_mean"] >= 20 and chosen["skipped"] == max(r["skipped"] for r in doc["table"] if r["meets"])
+    assert adacorr_compile.load_options(out) == {"lowering": "eager", "reuse_threshold": chosen["reuse_threshold"]}
+    # a target nothing meets: exit code 1, caching off in the file
+    assert main([*argv[:-6], "--target-psnr", "1000", "--out", str(out), "--no-plot", "--seeds", "1"]) == 1
+    assert "NO SETTING MET THE TARGET" in capsys.readouterr().out
+    assert adacorr_compile.load_options(out)["policy"] == "never"
+
+
+def test_cli_calibrate_rejects_bad_input(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["calibrate", "--model", "plain", "--option", "reuse_threshold=3"])
+    assert exc.value.code == 2 and "reuse_threshold" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["calibrate", "--seeds", "0"])
+    assert exc.value.code == 2 and "--seeds" in capsys.readouterr().err
+
+
+def test_export_options_file_with_option_overrides(tmp_path, capsys):
+    from adacorr_compile.cli_export import _options
+
+    calib = tmp_path / "calib.json"
+    calib.write_text(json.dumps({"format": "adacorr-calibration/1", "options": {"reuse_threshold": 0.15, "warmup_steps": 3}}))
+    parse = lambda *a: __import__("argparse").Namespace(options=a[0], option=list(a[1:]))  # noqa: E731
+    assert _options(parse(str(calib))) == {"reuse_threshold": 0.15, "warmup_steps": 3}
+    assert _options(parse(str(calib), ("warmup_steps", 1))) == {"reuse_threshold": 0.15, "warmup_steps": 1}
+    assert _options(parse(None, ("warmup_steps", 1))) == {"warmup_steps": 1}
+    with pytest.raises(SystemExit) as exc:
+        main(["export", "onnx", "--model", "plain", "--out", str(tmp_path / "m.onnx"), "--options", str(tmp_path / "no.json")])
+    assert exc.value.code == 2 and "no.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_export_onnx_reads_options_file(tmp_path, capsys):
+    from adacorr_compile.export import read_metadata
+
+    calib = tmp_path / "calib.json"
+    calib.write_text(json.dumps({"format": "adacorr-calibration/1", "options": {"reuse_threshold": 0.15, "warmup_steps": 3}}))
+    path = tmp_path / "m.onnx"
+    assert main(["export", "onnx", "--model", "plain", "--out", str(path), "--options", str(calib),
+                 "--option", "warmup_steps=1"]) == 0
+    config = read_metadata(path)["config"]
+    assert config["reuse_threshold"] == 0.15 and config["warmup_steps"] == 1
+    assert json.loads(capsys.readouterr().out)["regions"]
