@@ -143,17 +143,24 @@ def inductor_baseline() -> Method:
     return Method("uncached inductor", "baseline", lambda m: with_transformer(m, torch.compile(transformer_of(m))), "inductor")
 
 
-def diffusers_cache(name: str, make_config: Callable[[], Any], setting: float | None = None) -> Method:
-    """A diffusers cache hook (``transformer.enable_cache(config)``), eager."""
+def _peer_compiled(model: Any, compiled: bool) -> Any:
+    """The model as a peer's user runs it: with ``compiled``, its transformer under
+    ``torch.compile`` (Inductor) after the peer's cache is enabled on it, as the peers' guides say."""
+    return with_transformer(model, torch.compile(transformer_of(model))) if compiled else model
+
+
+def diffusers_cache(name: str, make_config: Callable[[], Any], setting: float | None = None, compiled: bool = False) -> Method:
+    """A diffusers cache hook (``transformer.enable_cache(config)``), eager or (``compiled``)
+    under ``torch.compile``."""
 
     def build(model: Any) -> Any:
         transformer_of(model).enable_cache(make_config())
-        return model
+        return _peer_compiled(model, compiled)
 
     def cleanup(model: Any) -> None:
         transformer_of(model).disable_cache()
 
-    return Method(name, "peer", build, "eager", name.split(" ")[0], None, setting, cleanup=cleanup)
+    return Method(name, "peer", build, "inductor" if compiled else "eager", name.split(" ")[0], None, setting, cleanup=cleanup)
 
 
 CACHE_DIT_MISSING = "cache-dit is not installed: pip install cache-dit (or pip install 'adacorr_compile[bench]')"
@@ -168,7 +175,9 @@ def _import_cache_dit() -> Any:
 
 
 def cache_dit_adapter(transformer: torch.nn.Module) -> Any:
-    """A cache-dit ``BlockAdapter`` for a bare diffusers ``FluxTransformer2DModel``: one cached
+    """A cache-dit ``BlockAdapter`` for a bare diffusers ``DiTTransformer2DModel`` (its
+    ``transformer_blocks`` take and return ``hidden_states`` only: cache-dit's Pattern_3) or
+    ``FluxTransformer2DModel``. For Flux: one cached
     sequence of all blocks (double-stream then single-stream), so ``Fn``/``Bn`` count over the
     whole model as FBCache does. This is cache-dit's own registered Flux layout
     (``transformer_blocks`` stands for the joined list during a forward, ``single_transformer_blocks``
@@ -177,6 +186,9 @@ def cache_dit_adapter(transformer: torch.nn.Module) -> Any:
     forward already calls both block lists the way the joined list needs (Pattern_1 blocks:
     ``(hidden_states, encoder_hidden_states) -> (encoder_hidden_states, hidden_states)``)."""
     cache_dit = _import_cache_dit()
+    if not hasattr(transformer, "single_transformer_blocks"):
+        return cache_dit.BlockAdapter(transformer=transformer, blocks=transformer.transformer_blocks,
+                                      forward_pattern=cache_dit.ForwardPattern.Pattern_3, check_forward_pattern=True)
     blocks = torch.nn.ModuleList([*transformer.transformer_blocks, *transformer.single_transformer_blocks])
     return cache_dit.BlockAdapter(
         transformer=transformer, blocks=blocks, blocks_name="transformer_blocks",
@@ -190,9 +202,11 @@ def cache_dit_cache(
     cache_options: dict[str, Any],
     setting: float | None = None,
     taylorseer: dict[str, Any] | None = None,
+    compiled: bool = False,
 ) -> Method:
     """cache-dit's DBCache (``cache_dit.enable_cache``, https://github.com/vipshop/cache-dit) on the
-    Flux transformer, eager. ``cache_options`` are ``cache_dit.DBCacheConfig`` fields
+    DiT or Flux transformer, eager or (``compiled``) under ``torch.compile`` as its guide runs it
+    (the caller applies ``cache_dit.set_compile_configs()`` once per process). ``cache_options`` are ``cache_dit.DBCacheConfig`` fields
     (``Fn_compute_blocks``, ``Bn_compute_blocks``, ``residual_diff_threshold``, ``max_warmup_steps``,
     ...); ``taylorseer``: ``cache_dit.TaylorSeerCalibratorConfig`` fields to add its TaylorSeer
     calibrator (``{}`` for its defaults), None for plain residual reuse.
@@ -217,7 +231,7 @@ def cache_dit_cache(
         calibrator = cache_dit.TaylorSeerCalibratorConfig(**taylorseer) if taylorseer is not None else None
         cache_dit.enable_cache(adapter, cache_config=cache_dit.DBCacheConfig(**options), calibrator_config=calibrator)
         adapters[id(transformer)] = adapter
-        return model
+        return _peer_compiled(model, compiled)
 
     def cleanup(model: Any) -> None:
         transformer = transformer_of(model)
@@ -230,7 +244,8 @@ def cache_dit_cache(
             del transformer.__dict__["forward"]
 
     recorded = dict(options, **({"taylorseer": dict(taylorseer)} if taylorseer is not None else {}))
-    return Method(name, "peer", build, "eager", "cache-dit", None, setting, recorded, cleanup=cleanup)
+    return Method(name, "peer", build, "inductor" if compiled else "eager", "cache-dit", None, setting, recorded,
+                  cleanup=cleanup)
 
 
 class OnnxDiT:

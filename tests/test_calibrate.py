@@ -210,7 +210,8 @@ def test_load_options_names_the_file(tmp_path):
         adacorr_compile.load_options(listed)
 
 
-def test_pipeline_workload_swaps_the_transformer_for_the_call():
+def _tiny_dit_pipeline_workload():
+    """A tiny offline DiT pipeline (tests/pipelines.py), 6 steps, 2 images, and its workload."""
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     try:
         from pipelines import build_dit
@@ -220,7 +221,11 @@ def test_pipeline_workload_swaps_the_transformer_for_the_call():
 
     tiny = build_dit()
     kwargs = {k: v for k, v in tiny.kwargs(steps=6, images=2).items() if k not in ("generator", "output_type")}
-    work = pipeline_workload(tiny.pipe, output_type="pt", **kwargs)
+    return tiny, pipeline_workload(tiny.pipe, output_type="pt", **kwargs)
+
+
+def test_pipeline_workload_swaps_the_transformer_for_the_call():
+    tiny, work = _tiny_dit_pipeline_workload()
     assert work.model is tiny.pipe.transformer and work.value_range == (0.0, 1.0)
     seen = []
 
@@ -249,16 +254,7 @@ def test_pipeline_workload_swaps_the_transformer_for_the_call():
 
 @pytest.mark.slow
 def test_calibrate_on_a_diffusers_pipeline():
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    try:
-        from pipelines import build_dit
-    finally:
-        sys.path.pop(0)
-    from adacorr_compile.calibrate import pipeline_workload
-
-    tiny = build_dit()
-    kwargs = {k: v for k, v in tiny.kwargs(steps=6, images=2).items() if k not in ("generator", "output_type")}
-    work = pipeline_workload(tiny.pipe, output_type="pt", **kwargs)
+    tiny, work = _tiny_dit_pipeline_workload()
     result = adacorr_compile.calibrate(*work, seeds=[0], thresholds=[0.0, 1.0], options=EAGER, progress=False)
     assert result.table[0]["skipped"] == 0.0 < result.table[1]["skipped"]
     assert result.compiles_in_sweep == 0 and tiny.pipe.transformer is work.model

@@ -1,0 +1,182 @@
+"""Ours against the peers as their users run them: eager and under torch.compile, interleaved.
+
+    python benchmarks/peers.py --model flux --threads 2
+    python benchmarks/peers.py --model dit --threads 2
+
+Every method gets its own copy of the reference model and is compiled (and warmed up) before
+any timing; then the methods are timed round-robin in one process (A, B, C, A, B, C, ...,
+``--rounds`` rounds), so load that comes and goes on the machine hits every method. Speed is
+the ratio of plain Inductor's time to the method's within each round: the table gives the
+median over the rounds and its min-max. PSNR (mean over the images, and the worst image) is
+against plain Inductor's images of the same seed. Peers:
+
+* cache-dit (https://github.com/vipshop/cache-dit) DBCache F1B0, warm-up 2, with and without
+  its TaylorSeer calibrator (orders 1 and 2), eager and compiled the way its guide says
+  (``cache_dit.enable_cache`` on the transformer, ``cache_dit.set_compile_configs()``, then
+  ``torch.compile`` of the transformer). ``set_compile_configs`` changes process-wide Dynamo and
+  Inductor settings, so with compiled cache-dit rows every compiled method of the run (ours and
+  plain Inductor included) compiles under them: the table says so.
+* diffusers' FirstBlockCache and TaylorSeer hooks, eager and compiled (``enable_cache`` then
+  ``torch.compile``), where the model supports them (a row that cannot run says why).
+
+Skipped blocks of a compiled peer are those of its eager twin (same decisions; the block hooks
+that count them are not traced). Writes benchmarks/results/peers_<model>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import platform
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from adacorr_compile import bench
+from adacorr_compile.reference import load_reference_dit, load_reference_flux
+from adacorr_compile.sampling import DEFAULT_GUIDANCE, sample_dit, sample_flux
+
+RESULTS = Path(__file__).resolve().parent / "results"
+logger = logging.getLogger("adacorr_compile.bench")
+F1B0 = {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "max_warmup_steps": 2}
+
+
+def methods(model_name: str) -> list[bench.Method]:
+    from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
+
+    m = [bench.inductor_baseline(), bench.ours("ours default", {}), bench.ours("ours thr=0.1", {"reuse_threshold": 0.1}, 0.1),
+         bench.ours("ours thr=0.12", {"reuse_threshold": 0.12}, 0.12)]
+    for compiled in (False, True):
+        how = "compiled" if compiled else "eager"
+        m.append(bench.cache_dit_cache(f"cache-dit F1B0 thr=0.12, {how}", {**F1B0, "residual_diff_threshold": 0.12}, 0.12,
+                                       compiled=compiled))
+        for order in ((1, 2) if compiled else (1,)):
+            m.append(bench.cache_dit_cache(f"cache-dit F1B0 thr=0.12 + TaylorSeer O{order}, {how}",
+                                           {**F1B0, "residual_diff_threshold": 0.12}, 0.12,
+                                           taylorseer={"taylorseer_order": order}, compiled=compiled))
+        m.append(bench.diffusers_cache(f"diffusers FirstBlockCache thr=0.1, {how}", partial(FirstBlockCacheConfig, threshold=0.1),
+                                       0.1, compiled=compiled))
+        m.append(bench.diffusers_cache(f"diffusers TaylorSeer interval=3, {how}",
+                                       partial(TaylorSeerCacheConfig, cache_interval=3, disable_cache_before_step=2), 3,
+                                       compiled=compiled))
+    return m
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["dit", "flux"], default="flux")
+    parser.add_argument("--images", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("torch", "diffusers", "cache_dit"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import cache_dit
+
+    cache_dit.set_compile_configs()  # the peer's recommended compile settings (process-wide, see docstring)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    model = load_reference_dit() if args.model == "dit" else load_reference_flux()
+    sampler = partial(sample_dit if args.model == "dit" else sample_flux, guidance_scale=DEFAULT_GUIDANCE[args.model])
+    labels = [i % 10 for i in range(args.images)]
+    blocks = len(bench.block_modules(bench.transformer_of(model)))
+    built, failed, counters = {}, {}, {}
+    failed_tools: dict[str, str] = {}
+    for method in methods(args.model):
+        if method.lowering != "eager" and method.policy in failed_tools:
+            # a compile that raises inside the model's forward makes Dynamo skip that code object for
+            # every instance of the class, ours included: a tool that fails eagerly is not compiled
+            failed[method.name] = f"as eager: {failed_tools[method.policy]}"
+            continue
+        own = copy.deepcopy(model)
+        try:
+            fn = method.build(own)
+            # compile / warm up with a whole generation: compiled peers whose hooks keep Python
+            # state (step counters) recompile as that state changes; they do it here
+            sampler(fn, labels, num_steps=args.steps, seed=args.seed)
+        except Exception as exc:  # noqa: BLE001 - a peer that cannot run this model: say why
+            failed[method.name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            failed_tools.setdefault(method.policy, failed[method.name])
+            logger.info("%s: cannot run: %s", method.name, failed[method.name])
+            continue
+        built[method.name] = (method, fn)
+        if method.kind == "peer" and method.lowering == "eager":
+            counters[method.name] = bench.BlockCounter(bench.transformer_of(own))
+        logger.info("ready: %s", method.name)
+    times: dict[str, list[float]] = {name: [] for name in built}
+    images, skipped = {}, {}
+    graphs = torch._dynamo.utils.counters["stats"]
+    recompiles = {name: 0 for name in built}
+    # graphs compiled during the timed rounds are counted per method (a column), not forbidden:
+    # a compiled peer that recompiles as its hooks' state changes is what its users get
+    for r in range(args.rounds):
+        for name, (method, fn) in built.items():
+            if method.kind == "ours":
+                bench._reset(fn)
+            if name in counters:
+                counters[name].count = 0
+            before = graphs["unique_graphs"]
+            t0 = time.perf_counter()
+            out = sampler(fn, labels, num_steps=args.steps, seed=args.seed)
+            times[name].append(time.perf_counter() - t0)
+            recompiles[name] += graphs["unique_graphs"] - before
+            if r == 0:
+                images[name] = out.detach().float().cpu()
+                calls = blocks * args.steps
+                if method.kind == "ours":
+                    totals = bench._stats_of(fn)["totals"]
+                    skipped[name] = totals["reuses"] / max(1, totals["calls"])
+                elif name in counters:
+                    skipped[name] = 1.0 - counters[name].count / calls
+                elif method.kind == "peer":
+                    skipped[name] = skipped.get(name.replace(", compiled", ", eager"))
+                else:
+                    skipped[name] = 0.0
+        logger.info("round %d of %d done", r + 1, args.rounds)
+    base_name = bench.inductor_baseline().name
+    reference = images[base_name]
+    rows = []
+    for name in built:
+        psnr, ssim = bench.psnr_ssim(images[name], reference)
+        ratios = [b / t for b, t in zip(times[base_name], times[name])]
+        finite = [p for p in psnr if p != float("inf")]
+        rows.append({"method": name, "skipped": skipped.get(name), "psnr_mean": statistics.mean(finite) if finite else float("inf"),
+                     "psnr_worst": min(psnr), "ssim": statistics.mean(ssim), "speedup": statistics.median(ratios),
+                     "speedup_min": min(ratios), "speedup_max": max(ratios), "seconds": times[name],
+                     "recompiles_timed": recompiles[name]})
+    device = f"CPU ({platform.machine()}), {torch.get_num_threads()} threads"
+    result = {"model": args.model, "images": args.images, "steps": args.steps, "rounds": args.rounds, "device": device,
+              "torch": torch.__version__, "command": " ".join(sys.argv), "rows": rows, "could_not_run": failed}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"peers_{args.model}"
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=1))
+    lines = [f"### Ours and the peers, reference {args.model}, {args.images} images x {args.steps} steps, {device}", "",
+             f"Command: `python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}`. Methods timed round-robin in one "
+             f"process, {args.rounds} rounds; speed = plain Inductor's time / the method's, per round (median, min-max); "
+             "PSNR against plain Inductor's images. Compiled methods use cache-dit's `set_compile_configs()` (all of them).", "",
+             "| method | skipped | PSNR mean / worst (dB) | SSIM | speed vs plain Inductor (min-max) | graphs compiled while timed |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for row in rows:
+        sk = "-" if row["skipped"] is None else f"{row['skipped']:.1%}"
+        lines.append(f"| {row['method']} | {sk} | {row['psnr_mean']:.1f} / {row['psnr_worst']:.1f} | {row['ssim']:.3f} | "
+                     f"{row['speedup']:.2f}x ({row['speedup_min']:.2f}-{row['speedup_max']:.2f}) | {row['recompiles_timed']} |")
+    for name, reason in failed.items():
+        lines.append(f"| {name} | could not run: {reason} | | | | |")
+    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
