@@ -19,6 +19,15 @@ against plain Inductor's images of the same seed. Peers:
 * diffusers' FirstBlockCache and TaylorSeer hooks, eager and compiled (``enable_cache`` then
   ``torch.compile``), where the model supports them (a row that cannot run says why).
 
+Two groups, each a process of its own, each timed round-robin against plain Inductor:
+``--group eager`` (ours and the peers eager) and ``--group compiled`` (the peers compiled).
+They cannot share a process: compiling a cache-dit-wrapped Flux transformer makes Dynamo give
+up on ``FluxTransformer2DModel.forward``'s code object for every instance of the class, so a
+model compiled earlier in the process (ours, or plain Inductor) recompiles block by block
+afterwards (ours then falls back to plain compilation, with the logged reason "no repeated
+sibling modules"); a user runs one of these tools in a process, not several. Compare across the
+two tables through the ratio to plain Inductor, measured in each.
+
 Skipped blocks of a compiled peer are those of its eager twin (same decisions; the block hooks
 that count them are not traced). Writes benchmarks/results/peers_<model>.{json,md}.
 """
@@ -47,12 +56,16 @@ logger = logging.getLogger("adacorr_compile.bench")
 F1B0 = {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "max_warmup_steps": 2}
 
 
-def methods(model_name: str) -> list[bench.Method]:
+def methods(group: str) -> list[bench.Method]:
+    """``group="eager"``: plain Inductor, ours and the peers eager; ``"compiled"``: plain Inductor
+    and the peers under ``torch.compile`` (a process of its own, see the module docstring)."""
     from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
 
-    m = [bench.inductor_baseline(), bench.ours("ours default", {}), bench.ours("ours thr=0.1", {"reuse_threshold": 0.1}, 0.1),
-         bench.ours("ours thr=0.12", {"reuse_threshold": 0.12}, 0.12)]
-    for compiled in (False, True):
+    m = [bench.inductor_baseline()]
+    if group == "eager":
+        m += [bench.ours("ours default", {}), bench.ours("ours thr=0.1", {"reuse_threshold": 0.1}, 0.1),
+              bench.ours("ours thr=0.12", {"reuse_threshold": 0.12}, 0.12)]
+    for compiled in ((False,) if group == "eager" else (True,)):
         how = "compiled" if compiled else "eager"
         m.append(bench.cache_dit_cache(f"cache-dit F1B0 thr=0.12, {how}", {**F1B0, "residual_diff_threshold": 0.12}, 0.12,
                                        compiled=compiled))
@@ -71,6 +84,8 @@ def methods(model_name: str) -> list[bench.Method]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["dit", "flux"], default="flux")
+    parser.add_argument("--group", choices=["eager", "compiled"], default="eager",
+                        help="eager: plain Inductor, ours and the peers eager; compiled: plain Inductor and the peers compiled")
     parser.add_argument("--images", type=int, default=10)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=3)
@@ -93,7 +108,7 @@ def main() -> int:
     blocks = len(bench.block_modules(bench.transformer_of(model)))
     built, failed, counters = {}, {}, {}
     failed_tools: dict[str, str] = {}
-    for method in methods(args.model):
+    for method in methods(args.group):
         if method.lowering != "eager" and method.policy in failed_tools:
             # a compile that raises inside the model's forward makes Dynamo skip that code object for
             # every instance of the class, ours included: a tool that fails eagerly is not compiled
@@ -159,7 +174,7 @@ def main() -> int:
     result = {"model": args.model, "images": args.images, "steps": args.steps, "rounds": args.rounds, "device": device,
               "torch": torch.__version__, "command": " ".join(sys.argv), "rows": rows, "could_not_run": failed}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"peers_{args.model}"
+    stem = args.out / f"peers_{args.model}_{args.group}"
     Path(f"{stem}.json").write_text(json.dumps(result, indent=1))
     lines = [f"### Ours and the peers, reference {args.model}, {args.images} images x {args.steps} steps, {device}", "",
              f"Command: `python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}`. Methods timed round-robin in one "

@@ -14,7 +14,13 @@ With ``scope="step"`` the regions of a graph take one decision per step: the fir
 region (leader) always computes, the second (probe) runs step 1 on the leader's fresh
 residual against its value when the probe last computed, and the later regions
 (followers) take the probe's verdict without measuring; the probe's cache-finiteness
-check covers the followers' caches, so a step costs one host read.
+check covers the followers' caches, so a step costs one host read. The leader keeps no
+cache (its fresh residual is the probe's signal and, after it, the probe's reference), and
+directly chained regions after it share one cache (:class:`Span`, found by
+``passes/chain_regions.py``): on a reuse the first ones pass their input on and the last adds
+the span's residual; on a compute the last stores ``output - (the span's input)``.
+
+The call is :func:`_decide` (the verdict), then :func:`_reuse` or :func:`_compute`.
 
 Outside a graph runtime (shape propagation at compile time) the region is just its body.
 """
@@ -122,7 +128,7 @@ def _guarded_call(region: GuardedRegion, args: Sequence[Any], active: Active) ->
     shared = state.shared.setdefault(active.graph_id, {"similar": None, "ref": None})
     taken = _decide(region, args, observed, active, cache, shared, role)
     if taken.mask is not None and all(taken.mask):
-        return _reuse(region, args, observed, active, cache, taken, role)
+        return _reuse(region, args, observed, active, cache, shared, taken, role)
     return _compute(region, args, observed, active, cache, shared, taken, role)
 
 
@@ -225,18 +231,17 @@ def _reuse_values(region: GuardedRegion, args: Sequence[Any], cache: Any, step: 
 
 def _reuse(
     region: GuardedRegion, args: Sequence[Any], observed: list[torch.Tensor], active: Active, cache: Any,
-    taken: _Step, role: str,
+    shared: dict[str, Any], taken: _Step, role: str,
 ) -> tuple[torch.Tensor, ...]:
     """The block does not run. A span's regions pass their input on, the last one adds the
     span's (forecast) residual: the span's output is its input plus the sum of the blocks'
     residuals."""
     cfg, spec, span, state = region.config, region.spec, region.span, active.state
     stats = state.region_stats(spec.path)
-    if role == "probe" and cfg.drift_reference == "previous":
-        shared = state.shared[active.graph_id]
-        shared["probe_ref"] = shared.pop("leader_res", None)
-    elif role == "probe":
-        state.shared[active.graph_id].pop("leader_res", None)  # read: nothing keeps it
+    if role == "probe":  # the leader's residual is read: the next reference ("previous" drift) or dropped
+        leader_res = shared.pop("leader_res", None)
+        if cfg.drift_reference == "previous":
+            shared["probe_ref"] = leader_res
     stats.reuses += 1
     stats.record(active.step, taken.lam, taken.score, 1.0)
     if span.position < span.size - 1:
