@@ -19,14 +19,13 @@ against plain Inductor's images of the same seed. Peers:
 * diffusers' FirstBlockCache and TaylorSeer hooks, eager and compiled (``enable_cache`` then
   ``torch.compile``), where the model supports them (a row that cannot run says why).
 
-Two groups, each a process of its own, each timed round-robin against plain Inductor:
-``--group eager`` (ours and the peers eager) and ``--group compiled`` (the peers compiled).
-They cannot share a process: compiling a cache-dit-wrapped Flux transformer makes Dynamo give
-up on ``FluxTransformer2DModel.forward``'s code object for every instance of the class, so a
-model compiled earlier in the process (ours, or plain Inductor) recompiles block by block
-afterwards (ours then falls back to plain compilation, with the logged reason "no repeated
-sibling modules"); a user runs one of these tools in a process, not several. Compare across the
-two tables through the ratio to plain Inductor, measured in each.
+Compiling a peer's cached Flux transformer makes Dynamo give up on the code object of
+``FluxTransformer2DModel.forward`` for every instance of the class in the process: a model
+compiled earlier (ours, plain Inductor) then recompiles block by block (ours falls back to plain
+compilation, logged "no repeated sibling modules"). A user runs one of these tools per process;
+here the copies of plain Inductor and ours get a forward with code objects of their own
+(``_own_forward``), so that all methods share one process and are timed round-robin.
+``--group eager|compiled`` runs a part of the table.
 
 Skipped blocks of a compiled peer are those of its eager twin (same decisions; the block hooks
 that count them are not traced). Writes benchmarks/results/peers_<model>.{json,md}.
@@ -42,6 +41,7 @@ import platform
 import statistics
 import sys
 import time
+import types
 from functools import partial
 from pathlib import Path
 
@@ -56,16 +56,39 @@ logger = logging.getLogger("adacorr_compile.bench")
 F1B0 = {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "max_warmup_steps": 2}
 
 
+def _fresh_function(f):
+    """A copy of ``f`` with new code objects, and of the function it wraps (``__wrapped__``, held
+    in a closure cell of the decorator's wrapper)."""
+    inner = getattr(f, "__wrapped__", None)
+    new_inner = _fresh_function(inner) if inner is not None else None
+    closure = None
+    if f.__closure__:
+        closure = tuple(types.CellType(new_inner) if inner is not None and c.cell_contents is inner else c
+                        for c in f.__closure__)
+    g = types.FunctionType(f.__code__.replace(co_name=f.__code__.co_name), f.__globals__, f.__name__, f.__defaults__,
+                           closure)
+    g.__kwdefaults__, g.__qualname__ = f.__kwdefaults__, f.__qualname__
+    g.__dict__.update(f.__dict__)
+    if new_inner is not None:
+        g.__wrapped__ = new_inner
+    return g
+
+
+def _own_forward(module: torch.nn.Module) -> None:
+    """Give ``module`` a forward with code objects of its own (see the module docstring)."""
+    module.forward = types.MethodType(_fresh_function(type(module).forward), module)
+
+
 def methods(group: str) -> list[bench.Method]:
     """``group="eager"``: plain Inductor, ours and the peers eager; ``"compiled"``: plain Inductor
     and the peers under ``torch.compile`` (a process of its own, see the module docstring)."""
     from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
 
     m = [bench.inductor_baseline()]
-    if group == "eager":
+    if group != "compiled":
         m += [bench.ours("ours default", {}), bench.ours("ours thr=0.1", {"reuse_threshold": 0.1}, 0.1),
               bench.ours("ours thr=0.12", {"reuse_threshold": 0.12}, 0.12)]
-    for compiled in ((False,) if group == "eager" else (True,)):
+    for compiled in {"eager": (False,), "compiled": (True,), "all": (False, True)}[group]:
         how = "compiled" if compiled else "eager"
         m.append(bench.cache_dit_cache(f"cache-dit F1B0 thr=0.12, {how}", {**F1B0, "residual_diff_threshold": 0.12}, 0.12,
                                        compiled=compiled))
@@ -84,8 +107,11 @@ def methods(group: str) -> list[bench.Method]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["dit", "flux"], default="flux")
-    parser.add_argument("--group", choices=["eager", "compiled"], default="eager",
-                        help="eager: plain Inductor, ours and the peers eager; compiled: plain Inductor and the peers compiled")
+    parser.add_argument("--group", choices=["all", "eager", "compiled"], default="all",
+                        help="all methods (default), or plain Inductor with ours and the peers eager, or with the peers compiled")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="run only the methods whose name contains one of these (plain Inductor always runs): one "
+                             "compiled peer per process keeps the baseline clean (see the module docstring)")
     parser.add_argument("--images", type=int, default=10)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=3)
@@ -108,13 +134,17 @@ def main() -> int:
     blocks = len(bench.block_modules(bench.transformer_of(model)))
     built, failed, counters = {}, {}, {}
     failed_tools: dict[str, str] = {}
-    for method in methods(args.group):
+    chosen = [m for m in methods(args.group)
+              if m.kind == "baseline" or args.only is None or any(word in m.name for word in args.only)]
+    for method in chosen:
         if method.lowering != "eager" and method.policy in failed_tools:
             # a compile that raises inside the model's forward makes Dynamo skip that code object for
             # every instance of the class, ours included: a tool that fails eagerly is not compiled
             failed[method.name] = f"as eager: {failed_tools[method.policy]}"
             continue
         own = copy.deepcopy(model)
+        if method.kind in ("baseline", "ours"):
+            _own_forward(bench.transformer_of(own))  # see the module docstring
         try:
             fn = method.build(own)
             # compile / warm up with a whole generation: compiled peers whose hooks keep Python
@@ -174,7 +204,8 @@ def main() -> int:
     result = {"model": args.model, "images": args.images, "steps": args.steps, "rounds": args.rounds, "device": device,
               "torch": torch.__version__, "command": " ".join(sys.argv), "rows": rows, "could_not_run": failed}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"peers_{args.model}_{args.group}"
+    tag = "" if args.only is None else "_" + "_".join("".join(c if c.isalnum() else "-" for c in w) for w in args.only)
+    stem = args.out / f"peers_{args.model}_{args.group}{tag}"
     Path(f"{stem}.json").write_text(json.dumps(result, indent=1))
     lines = [f"### Ours and the peers, reference {args.model}, {args.images} images x {args.steps} steps, {device}", "",
              f"Command: `python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}`. Methods timed round-robin in one "
