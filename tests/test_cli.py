@@ -106,6 +106,10 @@ def test_inspect_shows_step_roles_and_rejects_bad_option(capsys):
     assert main(["inspect", "--model", "flux", "--option", "scope=step"]) == 0
     text = capsys.readouterr().out
     assert "[step leader]" in text and "[step probe]" in text and text.count("[step follower]") == 3
+    # the probe and the followers chain (double blocks into single blocks): one cache for them
+    assert "one cache for the span transformer_blocks.1 .. single_transformer_blocks.2 (4 chained regions)" in text
+    assert main(["inspect", "--model", "flux", "--option", "scope=block"]) == 0
+    assert "one cache for the span" not in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["inspect", "--model", "flux", "--option", "scope=layer"])
     assert "'scope' got 'layer'" in capsys.readouterr().err
