@@ -63,6 +63,11 @@ class Span:
     position: int  # 0: the first region, which decides for the span and checks its cache
     sources: tuple[int, ...]  # for each stream pair of the last region, the first region's input position it started at
 
+    @property
+    def last(self) -> bool:
+        """The span's last region: it adds (reuse) or stores (compute) the span's residual."""
+        return self.position == self.size - 1
+
 
 @dataclass(frozen=True)
 class Active:
@@ -113,6 +118,7 @@ class _Step:
     score: torch.Tensor | None = None
     mask: list[bool] | None = None  # per-sample reuse flags (None: compute all)
     by_policy: bool = False  # the policy itself chose to compute: only then does blend=True blend
+    has_cache: bool = False  # the (span's) cache held values when the step began
 
 
 def _guarded_call(region: GuardedRegion, args: Sequence[Any], active: Active) -> tuple[torch.Tensor, ...]:
@@ -214,7 +220,7 @@ def _decide(
     # compute forced by a guard (warm-up, final steps, reuse cap, policy "never", a cache or
     # input that is not finite, an empty cache) returns the fresh block alone
     by_policy = verdict == "policy" or (mask is not None and not all(mask))
-    return _Step(verdict, lam, score, mask, by_policy)
+    return _Step(verdict, lam, score, mask, by_policy, has_cache)
 
 
 def _reuse_values(region: GuardedRegion, args: Sequence[Any], cache: Any, step: int) -> list[torch.Tensor]:
@@ -244,7 +250,7 @@ def _reuse(
             shared["probe_ref"] = leader_res
     stats.reuses += 1
     stats.record(active.step, taken.lam, taken.score, 1.0)
-    if span.position < span.size - 1:
+    if not span.last:
         return tuple(_order_outputs(spec, [args[i] for i, _ in spec.stream_pairs]))
     outs = _order_outputs(spec, _reuse_values(region, args, cache, active.step))
     cache.consecutive += 1
@@ -264,8 +270,7 @@ def _compute(
     decision asks for one, and the cache is refreshed (a span's by its last region)."""
     cfg, spec, span, state = region.config, region.spec, region.span, active.state
     stats = state.region_stats(spec.path)
-    has_cache = (cache.ref_res if caches_residuals(cfg) else cache.ref_out) is not None
-    mask, lam = taken.mask, taken.lam
+    has_cache, mask, lam = taken.has_cache, taken.mask, taken.lam
     region.executions += 1
     fresh = list(region.body_fn(*args))
     by_pair = [fresh[j] for _, j in spec.stream_pairs]
@@ -284,14 +289,15 @@ def _compute(
         # probe's signal in this step, and the probe's reference after it
         shared["leader_res"] = region.math.refresh(by_pair, [args[i] for i, _ in spec.stream_pairs])[0]
     elif span.size == 1:
-        # the inputs a region keeps are the ones its own OEM compares with: only a region
-        # that decides for itself (scope="step": the probe scores the leader's residual)
+        # the inputs a region keeps are the ones its own OEM compares with: only a region that
+        # decides for itself measures its input (under scope="step" the probe scores the
+        # leader's residual and the others measure nothing)
         keeps = None if role != "block" else ("prev" if cfg.drift_reference == "previous" else "ref")
         inputs = [args[i] for i, _ in spec.stream_pairs]
         _refresh(region.math, cfg, cache, inputs, observed, by_pair, mask if has_cache else None, active.step, keeps)
     elif span.position == 0:
         cache.span_in = [args[i] for i in span.sources]  # the span's input, until its last region
-    elif span.position == span.size - 1:
+    elif span.last:
         inputs, cache.span_in = cache.span_in, None
         if inputs is None or not _same_shapes(inputs, by_pair):  # its first region did not compute: no residual
             cache.clear()
@@ -300,13 +306,13 @@ def _compute(
     if role == "probe":
         shared["probe_ref"] = shared.pop("leader_res", None)
         shared["followers_valid"] = None  # the followers refresh after the probe in this step
-    elif role == "follower" and span.position == span.size - 1 and cache.valid is not None:
+    elif role == "follower" and span.last and cache.valid is not None:
         fv = shared.get("followers_valid")
         shared["followers_valid"] = cache.valid if fv is None else fv & cache.valid
     if cfg.policy == "first_block" and spec.order == 0:
         _first_block_update(cfg, shared, (shared["leader_res"] if role == "leader" else cache.ref_res)[0])
     stats.computes += 1
-    if span.position == span.size - 1:
+    if span.last:
         cache.consecutive = 0
     if cfg.decision == "sample":  # a sample that reused keeps its streak, one that computed starts afresh
         batch = len(mask) if mask is not None else (observed[0].shape[0] if observed else 1)
