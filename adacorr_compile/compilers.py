@@ -69,6 +69,22 @@ def inductor_patches(config: AdaCorrConfig) -> dict[str, Any]:
     return dict(torch._inductor.list_mode_options(config.inductor_mode)) if config.inductor_mode != "default" else {}
 
 
+def cuda_graphed(config: AdaCorrConfig) -> bool:
+    """Whether ``config``'s compiled parts run as CUDA graphs (``inductor_mode``
+    ``"reduce-overhead"`` or ``"max-autotune"`` on a CUDA device). A graphed part returns
+    its graph's static output buffers, which its next replay overwrites: a tensor the
+    runtime keeps from one model call to the next must then be a copy."""
+    return config.lowering != "eager" and bool(inductor_patches(config).get("triton.cudagraphs", False))
+
+
+def without_cuda_graphs(config: AdaCorrConfig) -> AdaCorrConfig:
+    """``config`` with Inductor's CUDA graphs off and its other mode options kept (for the
+    regions' per-step math, whose outputs are the caches: they must be allocations of their
+    own, not static graph buffers)."""
+    modes = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+    return config.replace(inductor_mode=modes.get(config.inductor_mode, config.inductor_mode))
+
+
 def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], config: AdaCorrConfig, name: str) -> torch.nn.Module:
     """Lower one FX graph the way ``config.lowering`` says; the one place that picks a compiler.
 

@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.split_module import split_module
 
-from ..compilers import CompiledPart, compile_graph, inductor_patches  # noqa: F401 - re-exported: lower.compile_graph, lower.inductor_patches
+from ..compilers import CompiledPart, compile_graph, cuda_graphed, inductor_patches  # noqa: F401 - re-exported: lower.compile_graph, lower.inductor_patches
 from ..config import AdaCorrConfig
 from ..runtime.fused import RegionMath
 from ..runtime.region import GuardedRegion
@@ -213,6 +213,7 @@ def _compile_pieces(split: fx.GraphModule, config: AdaCorrConfig, math: RegionMa
                     bodies[key] = region.body if config.lowering == "eager" else _compile_body(region, config)
                 region.body_fn = bodies[key]
                 region.math = math
+                region.copy_kept = cuda_graphed(config)
             continue
         if config.lowering == "eager":
             continue

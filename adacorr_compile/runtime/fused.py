@@ -20,7 +20,9 @@ shape of the same ranks, dtypes and devices, it is traced once more with symboli
 and compiled for any size; that kernel serves every later shape whose values pass the
 guards its shape environment recorded (checked once per new shape, with static sizes
 guarded too), and a shape that fails them gets a kernel of its own.
-With ``lowering="eager"`` the same functions run eagerly. The math itself lives in
+The kernels never run as CUDA graphs, whatever ``inductor_mode`` says: their outputs are
+the caches, kept from one model call to the next, which a graph's next replay would
+overwrite. With ``lowering="eager"`` the same functions run eagerly. The math itself lives in
 :mod:`adacorr_compile.oem` and :mod:`adacorr_compile.acm`.
 """
 
@@ -150,14 +152,14 @@ class RegionMath:
     def _compile_dynamic(self, name: str, fn: Callable[..., Any], n: int, tensors: list[torch.Tensor]) -> tuple[Any, list[Any], Callable[..., Any]] | None:
         from torch.fx.experimental.proxy_tensor import make_fx
 
-        from ..compilers import compile_graph
+        from ..compilers import compile_graph, without_cuda_graphs
 
         try:
             examples = [t.contiguous() for t in tensors]
             gm = make_fx(lambda *ts: fn(n, *ts), tracing_mode="symbolic")(*examples)
             fakes = [node.meta["val"] for node in gm.graph.nodes if node.op == "placeholder"]
             shape_env = next(f.fake_mode.shape_env for f in fakes if hasattr(f, "fake_mode"))
-            compiled = compile_graph(gm, fakes, self.config.replace(lowering="inductor"), f"region {name} (any size)")
+            compiled = compile_graph(gm, fakes, without_cuda_graphs(self.config.replace(lowering="inductor")), f"region {name} (any size)")
         except Exception as exc:  # noqa: BLE001 - a kernel per shape then, as before
             logger.info("adacorr: region %s math not compiled for symbolic sizes (%s: %s); one kernel per shape",
                         name, type(exc).__name__, exc)
@@ -169,13 +171,13 @@ class RegionMath:
     def _compile(self, name: str, fn: Callable[..., Any], n: int, tensors: list[torch.Tensor]) -> Callable[..., Any]:
         from torch.fx.experimental.proxy_tensor import make_fx
 
-        from ..compilers import compile_graph
+        from ..compilers import compile_graph, without_cuda_graphs
 
         try:
             # compiled for contiguous inputs, as every compiled part (its call makes them so)
             examples = [t.contiguous() for t in tensors]
             gm = make_fx(lambda *ts: fn(n, *ts), tracing_mode="real")(*examples)
-            compiled = compile_graph(gm, examples, self.config.replace(lowering="inductor"), f"region {name}")
+            compiled = compile_graph(gm, examples, without_cuda_graphs(self.config.replace(lowering="inductor")), f"region {name}")
         except Exception as exc:  # never worse than eager: the math is the same
             logger.warning("adacorr: could not compile the region %s math (%s: %s); running it eagerly",
                            name, type(exc).__name__, exc)

@@ -94,6 +94,10 @@ class GuardedRegion(torch.nn.Module):
         self.math = RegionMath(config)  # per-step score/refresh kernels; lower() shares one per graph
         self.executions = 0  # times the body actually ran through this region
         self.span = Span(spec.path, 1, 0, tuple(i for i, _ in spec.stream_pairs))  # chain_regions may join it to others
+        # lower() sets it when the compiled parts run as CUDA graphs: their outputs are static
+        # buffers that the next replay overwrites, so the inputs a region keeps for a later
+        # call are copied (the residuals are the math's own allocations: never graphed)
+        self.copy_kept = False
 
     def extra_repr(self) -> str:
         return f"path={self.spec.path!r}, streams={list(self.spec.stream_pairs)}, key={self.spec.key}"
@@ -258,7 +262,7 @@ def _reuse(
         batch = observed[0].shape[0] if observed else 1
         cache.streaks = [k + 1 for k in (cache.streaks or [0] * batch)]
     if role == "block" and cfg.drift_reference == "previous":
-        cache.prev_in = observed
+        cache.prev_in = _kept(region, observed)
     return tuple(outs)
 
 
@@ -294,7 +298,8 @@ def _compute(
         # leader's residual and the others measure nothing)
         keeps = None if role != "block" else ("prev" if cfg.drift_reference == "previous" else "ref")
         inputs = [args[i] for i, _ in spec.stream_pairs]
-        _refresh(region.math, cfg, cache, inputs, observed, by_pair, mask if has_cache else None, active.step, keeps)
+        kept = _kept(region, observed) if keeps is not None else observed
+        _refresh(region.math, cfg, cache, inputs, kept, by_pair, mask if has_cache else None, active.step, keeps)
     elif span.position == 0:
         cache.span_in = [args[i] for i in span.sources]  # the span's input, until its last region
     elif span.last:
@@ -321,6 +326,11 @@ def _compute(
     reused = 0.0 if mask is None else sum(mask) / len(mask)
     stats.record(active.step, lam, taken.score, reused)
     return tuple(_order_outputs(spec, outs_paired))
+
+
+def _kept(region: GuardedRegion, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Tensors the region keeps for a later call: copies when they may be CUDA-graph buffers."""
+    return [t.clone() for t in tensors] if region.copy_kept else list(tensors)
 
 
 def _same_shapes(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
