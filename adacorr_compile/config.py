@@ -89,7 +89,7 @@ class AdaCorrConfig:
         whole and a step costs one host read. (The probe scores the first block's
         response rather than its own input: the input is dominated by the noisy latent,
         which moves little between steps, while the block's response to the timestep
-        does; benchmarks/results has the comparison.)
+        does; benchmarks/results/README.md, "Per block or per step", records the comparison.)
     forecast: what a reuse returns. ``"none"``: the cached value (output, or residual
         added to the input) as it was at the last compute. ``"linear"``: that value
         extrapolated to the current step from the last two computes of the region
@@ -116,7 +116,8 @@ class AdaCorrConfig:
     drift_reference: str = "cached"
     # The defaults of the decision (scope="step", correction, forecast="linear", the threshold)
     # were chosen with benchmarks/run_benchmark.py on both reference models; the figures that
-    # chose them live in the README's summary table and benchmarks/results/, not here.
+    # chose them live in the README's results table and in benchmarks/results/README.md
+    # ("Why the defaults are what they are"), not here.
     policy: str = "adacorr"
     correction: bool = True
     reuse_threshold: float = 0.08

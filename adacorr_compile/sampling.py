@@ -42,12 +42,10 @@ logger = logging.getLogger("adacorr_compile.reference")
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 # Default classifier-free guidance scale of each sampler, chosen on the reference
-# models by benchmarks/guidance_sweep.py (results/guidance_sweep.md). DiT: 1.5, the
-# DiT paper's setting for FID; at 4.0 the reference DiT's 50-step DDIM samples are
-# worse (class accuracy 0.32 vs 0.67, FID proxy 9.9 vs 1.7) and its trajectories
-# chaotic (a 1e-4 nudge after the first step moves one image to 39 dB). Flux: 4.0,
-# the reference Flux's best class accuracy (0.58; 0.47 at 1.5, which has the better
-# FID proxy, 3.1 vs 6.4).
+# models by benchmarks/guidance_sweep.py. DiT: 1.5, the DiT paper's setting for FID; at
+# 4.0 the reference DiT's 50-step DDIM samples are worse and its trajectories chaotic.
+# Flux: 4.0, the reference Flux's best class accuracy. The measurements are in
+# benchmarks/results/guidance_sweep.md (discussed in benchmarks/results/README.md, "Guidance").
 DIT_GUIDANCE_SCALE = 1.5
 FLUX_GUIDANCE_SCALE = 4.0
 DEFAULT_GUIDANCE = {"dit": DIT_GUIDANCE_SCALE, "flux": FLUX_GUIDANCE_SCALE}  # by reference model

@@ -52,8 +52,8 @@ def dit_config(num_classes: int = NUM_CLASSES) -> dict[str, Any]:
     """Config of the reference DiT: 8 blocks, hidden 128 (4 heads x 32), patch 4 (64 tokens).
 
     256 tokens (patch 2) would be closer to a real DiT, but on 2 CPU cores it
-    trained about 3x slower per sample and did not learn the classes in the
-    40-minute budget (see benchmarks/results/train_reference.md)."""
+    trained much slower per sample and did not learn the classes in the first
+    attempt's budget (benchmarks/results/README.md, "Reference models")."""
     return {
         "num_attention_heads": 4,
         "attention_head_dim": 32,
