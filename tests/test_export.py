@@ -142,9 +142,15 @@ def test_decide_tensor_matches_host_decide():
 # --------------------------------------------------------------------------- parity
 
 
-# SD3 (first_block, 60 s) runs in the slow set; DiT, PixArt and Flux cover step scope,
-# interval, per-block adacorr, blend, both forecasts and both cache kinds in CI
-@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f == "sd3" else f for f in CASES])
+# the exports of SD3 (first_block), Flux (outputs cached, drift against the previous step) and
+# PixArt (per block, interval, dynamic tokens) take 30-120 s each on 2 cores: they run in the
+# slow set; in CI the default options (one span cache) and the step-blending DiT do (whose
+# export also serves the runner's tests)
+SLOW_EXPORTS = ("sd3", "flux", "pixart")
+EXPORT_CASES = [pytest.param(f, marks=pytest.mark.slow) if f in SLOW_EXPORTS else f for f in CASES]
+
+
+@pytest.mark.parametrize("family", EXPORT_CASES)
 def test_onnxruntime_matches_backend_step_by_step(family, exports):
     model, inputs, options, path, result = exports(family)
     runner = OnnxRunner(path)
@@ -166,7 +172,7 @@ def test_onnxruntime_matches_backend_step_by_step(family, exports):
     assert ours["steps"] == STEPS
 
 
-@pytest.mark.parametrize("family", list(CASES))
+@pytest.mark.parametrize("family", EXPORT_CASES)
 def test_graph_structure_and_tensorrt_patterns(family, exports):
     _, _, options, path, result = exports(family)
     onnx.checker.check_model(path, full_check=True)
@@ -255,6 +261,7 @@ def test_runner_state_buffers_are_distinct(exports):
         assert not np.shares_memory(a, b)
 
 
+@pytest.mark.slow  # exports Flux, SD3 and PixArt (2-3 min)
 def test_dynamic_tokens(exports):
     """Flux and PixArt are exported with dynamic="tokens", SD3 with "all" (latent H, W too):
     other token counts run, with state shapes derived from the inputs' (SD3: (H/2)*(W/2))."""
@@ -285,14 +292,11 @@ def test_dynamic_tokens(exports):
         torch.testing.assert_close(got, model(**kw, return_dict=False)[0], rtol=1e-4, atol=2e-5)
 
 
-@pytest.fixture(scope="module")
-def plain_export(tmp_path_factory):
-    """A small export (the plain-torch DiT, 3 blocks) for the runner's checks: (path, inputs)."""
-    model, inputs = tiny_plain(depth=3)
-    path = tmp_path_factory.mktemp("onnx_plain") / "plain.onnx"
-    with torch.no_grad():
-        to_onnx(model, inputs(0, 900.0), path, config={"reuse_threshold": 0.5, "warmup_steps": 1, "scope": "block"})
-    return str(path), inputs
+@pytest.fixture
+def plain_export(exports):
+    """An export for the runner's checks (the step-blending DiT's, made once): (path, inputs)."""
+    _, inputs, _, path, _ = exports("dit")
+    return path, inputs
 
 
 def _sample(runner, inputs, steps):
@@ -340,19 +344,20 @@ def test_runner_names_unknown_and_mistyped_inputs(plain_export):
     path, inputs = plain_export
     runner = OnnxRunner(path)
     kw = inputs(0, 900.0)
-    x, t = kw["hidden_states"], kw["timestep"]
-    with pytest.raises(TypeError, match=r"unknown inputs \['timesteps'\]; the exported graph takes \['hidden_states', 'timestep'\]"):
-        runner(hidden_states=x, timestep=t, timesteps=t)
+    x, t, y = kw["hidden_states"], kw["timestep"], kw["class_labels"]
+    with pytest.raises(TypeError, match=r"unknown inputs \['timesteps'\]; the exported graph takes "
+                                        r"\['hidden_states', 'timestep', 'class_labels'\]"):
+        runner(hidden_states=x, timestep=t, class_labels=y, timesteps=t)
     with pytest.raises(TypeError, match="input 'timestep': expected dtype float32, got int64"):
-        runner(hidden_states=x, timestep=t.long())
+        runner(hidden_states=x, timestep=t.long(), class_labels=y)
     with pytest.raises(TypeError, match="input 'hidden_states': expected dtype float32, got float64"):
-        runner(hidden_states=x.numpy().astype(np.float64), timestep=t.numpy())
+        runner(hidden_states=x.numpy().astype(np.float64), timestep=t.numpy(), class_labels=y.numpy())
     with pytest.raises(ValueError, match=r"input 'hidden_states': expected rank 4 \(\?, 4, 8, 8\), got shape \(4, 8, 8\)"):
-        runner(hidden_states=x[0], timestep=t)
+        runner(hidden_states=x[0], timestep=t, class_labels=y)
     with pytest.raises(ValueError, match=r"input 'hidden_states': expected shape \(\?, 4, 8, 8\), got \(2, 4, 4, 8\) \(axis 2\)"):
-        runner(hidden_states=x[:, :, :4], timestep=t)
+        runner(hidden_states=x[:, :, :4], timestep=t, class_labels=y)
     with pytest.raises(ValueError, match="input 'timestep': axis 0 is 3 but the same dynamic dimension of 'hidden_states' is 2"):
-        runner(hidden_states=x, timestep=torch.cat([t, t[:1]]))
+        runner(hidden_states=x, timestep=torch.cat([t, t[:1]]), class_labels=y)
     with pytest.raises(ValueError, match="return_dict"):
         runner(**kw, return_dict=True)
     assert runner.steps == 0
@@ -534,6 +539,7 @@ def test_reference_dit_onnxruntime_sampling_matches_compiled_model(tmp_path):
     assert a["totals"]["reuses"] > 0 and a["totals"]["computes"] > 0
 
 
+@pytest.mark.slow  # 35 s: an export of its own; the runtime's twin is test_region.py's
 def test_onnx_blend_only_on_computes_the_policy_chose(tmp_path):
     """The exported step blends as the runtime does (issue 14): a forced compute (warm-up,
     a cache that is not finite) is the fresh block, never a blend with the NaN cache; a

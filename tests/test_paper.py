@@ -80,6 +80,7 @@ def test_preset_paper_skip_reuses_the_stored_output():
     assert adacorr_compile.stats(fast)["totals"]["reuses"] > 0
 
 
+@pytest.mark.slow  # 30 s: an export of its own
 def test_preset_paper_exports_to_onnx_with_the_same_outputs(tmp_path):
     from adacorr_compile.export import to_onnx
     from adacorr_compile.export.runner import OnnxRunner

@@ -415,6 +415,7 @@ def test_train_reference_resume_continues_the_committed_checkpoint(tmp_path):
     assert fresh["loss_history"][0][2] > 5 * resumed["loss_history"][0][2]
 
 
+@pytest.mark.slow  # 26 s
 def test_train_reference_eval_only_rescores_without_training(tmp_path):
     """``--eval-only`` leaves the weights and the training record alone and stores a
     fresh evaluation at the sampler's default guidance."""

@@ -179,7 +179,7 @@ def test_threads_without_generation_each_get_their_own_state():
             torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("lowering", ["inductor", "eager"])
+@pytest.mark.parametrize("lowering", ["inductor", pytest.param("eager", marks=pytest.mark.slow)])
 def test_cold_first_call_from_four_threads(lowering):
     model, inputs = tiny_dit()
     fast = torch.compile(model, backend="adacorr", options={"lowering": lowering, "policy": "never"})
