@@ -49,6 +49,30 @@ def extrapolate(value: torch.Tensor, previous: torch.Tensor, k: float | torch.Te
     return torch.where(usable, torch.lerp(previous, value, 1.0 + k), value)
 
 
+def reuse_values(
+    inputs: list[torch.Tensor], cached: list[torch.Tensor], previous: list[torch.Tensor] | None,
+    k: float | torch.Tensor, usable: torch.Tensor | None, residuals: bool,
+) -> list[torch.Tensor]:
+    """What a reuse returns per stream: the cache, forecast from the previous compute's
+    values where ``previous`` is given (:func:`extrapolate`), added to the current input
+    when it holds residuals (:func:`corrected_cache`), else the cached outputs themselves.
+    The one definition of a reuse, for the runtime (``k`` a float it computed on the host)
+    and the ONNX step graph (``k`` a 0-d tensor)."""
+    if previous is not None:
+        cached = [extrapolate(c, p, k if isinstance(k, float) else k.to(c.dtype), usable) for c, p in zip(cached, previous)]
+    if residuals:
+        return [corrected_cache(h, r) for h, r in zip(inputs, cached)]
+    return list(cached)
+
+
+def fresh_residuals(fresh: list[torch.Tensor], inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The cache a compute leaves: ``fresh - inputs`` per stream, and whether all of it is
+    finite (0-d bool). The one definition of a refresh's math, for the runtime's fused kernel
+    and the ONNX step graph."""
+    residuals = [f - x for f, x in zip(fresh, inputs)]
+    return residuals, torch.stack([torch.isfinite(r).all() for r in residuals]).all()
+
+
 def error_bound(lam: torch.Tensor, lipschitz: float, lag: float, score: torch.Tensor) -> torch.Tensor:
     """Proposition 1's bound ``(1 - lambda) * L * tau * S``."""
     return (1.0 - lam) * lipschitz * lag * score

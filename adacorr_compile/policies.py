@@ -25,16 +25,66 @@ others follow its verdict.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 
 from .config import AdaCorrConfig
 
 
+def _not(x: Any) -> Any:
+    """Logical not of a host bool or a bool tensor (``~True`` is -2 in Python)."""
+    return ~x if isinstance(x, torch.Tensor) else not x
+
+
+def guard_checks(
+    config: AdaCorrConfig, step: Any, steps_left: Any, consecutive: Any, has_cache: Any, is_first_region: bool,
+    generation_known: Any = True,
+) -> tuple[tuple[str, Any], ...]:
+    """Every guard, in order, as ``(reason, condition)``: the region must compute when a
+    condition holds, whatever the policy says. The one definition of the guards: the values
+    are host numbers (:meth:`Guards.forced` takes the first that holds) or 0-d tensors
+    (:func:`decide_tensor` ors them inside a traced graph). ``steps_left`` is
+    :data:`STEPS_UNKNOWN` where the generation's end is not known."""
+    return (
+        ("empty cache", _not(has_cache)),
+        ("policy never", config.policy == "never"),
+        ("no generation signal", _not(generation_known)),
+        ("warm-up", step < config.warmup_steps),
+        ("final steps", steps_left < config.final_steps),
+        ("max consecutive reuses", consecutive >= config.max_consecutive_reuses),
+        ("first block", config.policy == "first_block" and is_first_region),
+        ("step leader", config.scope == "step" and is_first_region),
+    )
+
+
+def scheduled(config: AdaCorrConfig, step: Any, first_block_similar: Any) -> Any:
+    """The policy's own proposal to reuse, before lambda gates it (:func:`lambda_gates`): the
+    one definition of the policies, for host values and 0-d tensors alike. ``adacorr``
+    leaves it to lambda; ``paper`` and ``never`` never reuse; ``interval`` reuses between
+    its computes (FORA); ``first_block`` when the first block's residual barely moved (FBCache)."""
+    if config.policy == "adacorr":
+        return True
+    if config.policy in ("paper", "never"):
+        return False
+    if config.policy == "interval":
+        return (step - config.warmup_steps) % config.interval != 0
+    if config.policy == "first_block":
+        if first_block_similar is None:  # the first region itself (always computes), or no verdict yet
+            return False
+        return first_block_similar.to(torch.bool) if isinstance(first_block_similar, torch.Tensor) else bool(first_block_similar)
+    raise ValueError(f"unknown policy {config.policy!r}")  # pragma: no cover - validated by AdaCorrConfig
+
+
+def lambda_gates(config: AdaCorrConfig) -> bool:
+    """A proposed reuse needs ``lambda <= reuse_threshold`` too: AdaCorrection's own policy,
+    and "X + AdaCorrection" (``correction=True``) for ``interval`` and ``first_block``."""
+    return config.policy == "adacorr" or (config.correction and config.policy in ("interval", "first_block"))
+
+
 @dataclass(frozen=True)
 class Guards:
-    """Why a region must compute regardless of the policy (host values)."""
+    """The host values the guards look at (:func:`guard_checks`)."""
 
     step: int  # 0-based step within the generation
     steps_left: int | None  # steps after this one in the generation, if known or predictable
@@ -44,23 +94,11 @@ class Guards:
     generation_known: bool = True  # False: any call may start a new generation (no timestep, no user marks)
 
     def forced(self, config: AdaCorrConfig) -> str | None:
-        if not self.has_cache:
-            return "empty cache"
-        if config.policy == "never":
-            return "policy never"
-        if not self.generation_known:
-            return "no generation signal"
-        if self.step < config.warmup_steps:
-            return "warm-up"
-        if self.steps_left is not None and self.steps_left < config.final_steps:
-            return "final steps"
-        if self.consecutive_reuses >= config.max_consecutive_reuses:
-            return "max consecutive reuses"
-        if config.policy == "first_block" and self.is_first_region:
-            return "first block"
-        if config.scope == "step" and self.is_first_region:
-            return "step leader"
-        return None
+        """The first guard that forces a compute (its reason), or None."""
+        left = STEPS_UNKNOWN if self.steps_left is None else self.steps_left
+        checks = guard_checks(config, self.step, left, self.consecutive_reuses, self.has_cache, self.is_first_region,
+                              self.generation_known)
+        return next((reason for reason, holds in checks if holds), None)
 
 
 def step_role(config: AdaCorrConfig, order: int) -> str:
@@ -106,31 +144,29 @@ def decide(
     guards: Guards,
     lam: Sequence[float] | None,
     first_block_similar: bool | None,
+    valid: bool = True,
+    score_finite: bool = True,
 ) -> list[bool] | str:
-    """Per-sample reuse verdicts (one entry when ``decision="batch"``), or the reason
-    the region must compute. ``lam`` holds lambda per decision unit (or None when
-    the policy does not need it)."""
+    """The host's verdict: per-unit reuse flags (one entry when ``decision="batch"``), or
+    why the region computes (a guard's reason, ``"non-finite cache"``, ``"non-finite
+    input"`` or ``"policy"``). ``lam`` holds lambda per decision unit (None when the policy
+    does not need it); ``valid``: the cache is finite; ``score_finite``: the OEM score is.
+    :func:`decide_tensor` is the same decision on 0-d tensors (both are built from
+    :func:`guard_checks`, :func:`scheduled` and :func:`lambda_gates`)."""
     forced = guards.forced(config)
     if forced is not None:
         return forced
-    units = len(lam) if lam is not None else 1
-    if config.policy == "adacorr":
-        assert lam is not None
-        return [x <= config.reuse_threshold for x in lam]
-    if config.policy == "paper":
+    if not valid:
+        return "non-finite cache"
+    if not score_finite:
+        return "non-finite input"
+    if not scheduled(config, guards.step, first_block_similar):
         return "policy"
-    if config.policy == "interval":
-        proposed = (guards.step - config.warmup_steps) % config.interval != 0
-    elif config.policy == "first_block":
-        proposed = bool(first_block_similar)
-    else:  # pragma: no cover - validated by AdaCorrConfig
-        raise ValueError(f"unknown policy {config.policy!r}")
-    if not proposed:
-        return "policy"
-    if config.correction:
-        assert lam is not None
+    if lambda_gates(config):
+        if lam is None:
+            raise ValueError(f"policy {config.policy!r} with correction={config.correction} needs lambda")
         return [x <= config.reuse_threshold for x in lam]
-    return [True] * units
+    return [True] * (len(lam) if lam is not None else 1)
 
 
 STEPS_UNKNOWN = 1 << 62  # ``steps_left`` as a tensor when the host's value is None
@@ -156,8 +192,9 @@ def decide_tensor(
     first_block_similar: torch.Tensor | None,
     score: torch.Tensor | None = None,
 ) -> TensorVerdict:
-    """In-graph twin of :meth:`Guards.forced` + :func:`decide` + the region's non-finite
-    checks, for ``decision="batch"``: a :class:`TensorVerdict`.
+    """:func:`decide` on 0-d tensors, for ``decision="batch"``: a :class:`TensorVerdict`
+    (the same guards, policy and lambda gate: :func:`guard_checks`, :func:`scheduled`,
+    :func:`lambda_gates`; no reasons, only flags).
 
     Used where the decision must live inside a traced graph (ONNX ``If``, ``torch.cond``):
     ``step``, ``steps_left``, ``consecutive`` are 0-d int64 (``steps_left`` is
@@ -172,39 +209,19 @@ def decide_tensor(
     if config.decision != "batch":
         raise NotImplementedError("decide_tensor supports decision='batch' only")
     has_cache = has_cache.to(torch.bool)
-    false = torch.zeros_like(has_cache)
-    forced = ~has_cache
-    if config.policy == "never":
-        forced = ~false
-    forced = forced | (step < config.warmup_steps)
-    forced = forced | (steps_left < config.final_steps)
-    forced = forced | (consecutive >= config.max_consecutive_reuses)
-    leads = first_region_computes_always(config) and is_first_region
-    if leads:
-        forced = ~false
+    forced = torch.zeros_like(has_cache)
+    for _, holds in guard_checks(config, step, steps_left, consecutive, has_cache, is_first_region):
+        forced = forced | holds
     finite = valid.to(torch.bool)
     if score is not None:
         finite = finite & torch.isfinite(score).all()
     nonfinite = ~forced & ~finite
-    if config.policy == "never" or leads:
-        return TensorVerdict(false, nonfinite, false)  # always forced: the policy is not consulted
-    lam_ok = None
-    if needs_lambda(config):
-        assert lam is not None, "lambda is needed by this policy"
-        lam_ok = lam <= config.reuse_threshold
-    if config.policy == "adacorr":
-        proposed = lam_ok
-    elif config.policy == "paper":
-        proposed = false
-    else:
-        if config.policy == "interval":
-            proposed = torch.remainder(step - config.warmup_steps, config.interval) != 0
-        elif config.policy == "first_block":
-            assert first_block_similar is not None, "first_block needs the first block's verdict"
-            proposed = first_block_similar.to(torch.bool)
-        else:  # pragma: no cover - validated by AdaCorrConfig
-            raise ValueError(f"unknown policy {config.policy!r}")
-        if config.correction:
-            proposed = proposed & lam_ok
+    proposed = scheduled(config, step, first_block_similar)
+    if isinstance(proposed, bool):  # the policy's schedule does not depend on the step's values
+        proposed = forced.new_full((), proposed)
+    if lambda_gates(config):
+        if lam is None:
+            raise ValueError(f"policy {config.policy!r} with correction={config.correction} needs lambda")
+        proposed = proposed & (lam <= config.reuse_threshold)
     consulted = ~forced & finite
     return TensorVerdict(consulted & proposed, nonfinite, consulted & ~proposed)

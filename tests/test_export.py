@@ -94,16 +94,6 @@ def timesteps(steps=STEPS, start=900.0):
 # --------------------------------------------------------------------------- decision twin
 
 
-def _host_verdict(cfg, guards, lam, similar, valid, score_finite):
-    """What runtime/region.py does with decision='batch': (reuse, counted as non-finite)."""
-    if guards.forced(cfg) is not None:
-        return False, False
-    if not valid or not score_finite:
-        return False, True
-    verdict = decide(cfg, guards, [lam] if needs_lambda(cfg) else None, similar)
-    return (not isinstance(verdict, str) and all(verdict)), False
-
-
 def test_decide_tensor_matches_host_decide():
     configs = [
         AdaCorrConfig(policy=p, correction=c, scope=sc, warmup_steps=2, final_steps=1, max_consecutive_reuses=2, interval=3,
@@ -120,7 +110,8 @@ def test_decide_tensor_matches_host_decide():
         has_cache = step > 0
         guards = Guards(step=step, steps_left=left, consecutive_reuses=consecutive, has_cache=has_cache, is_first_region=first)
         valid, score_ok = finite != "cache", finite != "input"
-        want = _host_verdict(cfg, guards, lam, similar, valid, score_ok)
+        verdict = decide(cfg, guards, [lam] if needs_lambda(cfg) else None, similar, valid=valid, score_finite=score_ok)
+        want = (not isinstance(verdict, str) and all(verdict), verdict in ("non-finite cache", "non-finite input"))
         reuse, nonfinite, _ = decide_tensor(
             cfg,
             torch.tensor(step),

@@ -47,3 +47,31 @@ def test_step_scope_roles_and_leader_always_computes():
     assert decide(block, g(first=True), [0.0], None) == [True]
     assert decide(step, g(), [0.05], None) == [True]  # the probe decides as a block would
     assert decide(step, g(), [0.5], None) == [False]
+
+
+def test_nonfinite_cache_or_score_computes_after_the_guards():
+    cfg = AdaCorrConfig(policy="adacorr", reuse_threshold=0.1, warmup_steps=2)
+    assert decide(cfg, g(), [0.0], None, valid=False) == "non-finite cache"
+    assert decide(cfg, g(), [0.0], None, score_finite=False) == "non-finite input"
+    assert decide(cfg, g(step=1), [0.0], None, valid=False) == "warm-up"  # a guard names the reason first
+    assert decide(cfg, g(), [0.0, 0.5], None) == [True, False]
+
+
+def test_host_and_graph_decisions_are_one_definition():
+    """decide and decide_tensor take their guards, schedule and lambda gate from the same
+    functions: each guard's tensor condition holds exactly where the host names it."""
+    import torch
+
+    from adacorr_compile.policies import STEPS_UNKNOWN, guard_checks
+
+    cfg = AdaCorrConfig(warmup_steps=2, final_steps=1, max_consecutive_reuses=2, scope="step")
+    for step, left, consecutive, has_cache, first, known in [(0, None, 0, True, False, True), (3, 0, 0, True, False, True),
+                                                             (3, 5, 2, True, False, True), (3, 5, 0, False, False, True),
+                                                             (3, 5, 0, True, True, True), (3, 5, 0, True, False, False),
+                                                             (3, 5, 0, True, False, True)]:
+        host = Guards(step=step, steps_left=left, consecutive_reuses=consecutive, has_cache=has_cache,
+                      is_first_region=first, generation_known=known).forced(cfg)
+        tensor = guard_checks(cfg, torch.tensor(step), torch.tensor(STEPS_UNKNOWN if left is None else left),
+                              torch.tensor(consecutive), torch.tensor(has_cache), first, torch.tensor(known))
+        held = [reason for reason, holds in tensor if bool(holds)]
+        assert (held[0] if held else None) == host

@@ -508,12 +508,10 @@ class CondRegion(torch.nn.Module):
         def reuse_values(
             a: Sequence[torch.Tensor], cache: Sequence[torch.Tensor], prev: Sequence[torch.Tensor], fc_: Sequence[torch.Tensor]
         ) -> list[torch.Tensor]:
-            if fc_:
-                ok, k = fc_
-                cache = [acm.extrapolate(c, p, k.to(c.dtype), ok) for c, p in zip(cache, prev)]
-            if res_kind == "ref_res":
-                return [acm.corrected_cache(a[i], r) for (i, _), r in zip(plan.stream_pairs, cache)]
-            return [c if fc_ else c.clone() for c in cache]
+            ok, k = fc_ if fc_ else (None, 0.0)
+            values = acm.reuse_values([a[i] for i, _ in plan.stream_pairs], list(cache), list(prev) if fc_ else None, k, ok,
+                                      res_kind == "ref_res")
+            return values if fc_ or res_kind == "ref_res" else [c.clone() for c in values]
 
         def ordered(by_pair: Sequence[torch.Tensor]) -> list[torch.Tensor]:
             outs: list[Any] = [None] * plan.num_outputs
@@ -565,9 +563,8 @@ class CondRegion(torch.nn.Module):
             new_valid = ops[-2].clone()
             if n_pairs:  # the residual from the region's (or the span's) input to its output
                 inputs = list(span) if span else [a[i] for i, _ in plan.stream_pairs]
-                residuals = [f - x for x, f in zip(inputs, by_pair)]
+                residuals, new_valid = acm.fresh_residuals(by_pair, inputs)
                 new_cache = residuals if res_kind == "ref_res" else [f.clone() for f in by_pair]
-                new_valid = torch.stack([torch.isfinite(r).all() for r in residuals]).all()
             new_ref = [a[i].clone() for i in plan.observed] if n_ref else []
             return _same_layout((*ordered(outs_paired), *new_ref, *new_cache, new_valid), flat)
 

@@ -95,9 +95,7 @@ class RegionMath:
 
     @staticmethod
     def _refresh(n: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        fresh, inputs = tensors[:n], tensors[n:]
-        residuals = [f - x for f, x in zip(fresh, inputs)]
-        valid = torch.stack([torch.isfinite(r).all() for r in residuals]).all()
+        residuals, valid = acm.fresh_residuals(list(tensors[:n]), list(tensors[n:]))
         return (*residuals, valid)
 
     # ----------------------------------------------------------------- calling

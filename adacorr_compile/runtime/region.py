@@ -206,11 +206,10 @@ def _decide(
         else:
             # one read: lambda, the cache is finite, the score is finite
             host = packed.tolist()
-            if host[-2] < 0.5 or host[-1] < 0.5:
+            verdict = decide(cfg, guards, host[:-2] if needs_lambda(cfg) else None, shared["similar"],
+                             valid=host[-2] >= 0.5, score_finite=host[-1] >= 0.5)
+            if verdict in ("non-finite cache", "non-finite input"):
                 state.region_stats(spec.path).nonfinite += 1
-                verdict = "non-finite cache" if host[-2] < 0.5 else "non-finite input"
-            else:
-                verdict = decide(cfg, guards, host[:-2] if needs_lambda(cfg) else None, shared["similar"])
         if role == "probe":
             shared["verdict"] = (active.step, verdict, lam)
     if span.size > 1 and span.position == 0:
@@ -231,9 +230,12 @@ def _reuse_values(region: GuardedRegion, args: Sequence[Any], cache: Any, step: 
     """What a reuse returns per stream pair: the input plus the (forecast) cached residual,
     or the cached output (``correction=False``)."""
     cfg, spec = region.config, region.spec
-    values = _forecast(cfg, cache, step)
-    if caches_residuals(cfg):
-        return [acm.corrected_cache(args[i], r) for (i, _), r in zip(spec.stream_pairs, values)]
+    residuals = caches_residuals(cfg)
+    cached = list(cache.ref_res if residuals else cache.ref_out)
+    previous, k = _forecast(cache, cached, step)
+    values = acm.reuse_values([args[i] for i, _ in spec.stream_pairs], cached, previous, k, cache.prev_valid, residuals)
+    if residuals:
+        return values
     # the cached outputs themselves (correction=False): a copy, so that an in-place op
     # on the returned value cannot change the cache
     return [v.clone() if any(v is c for c in cache.ref_out) else v for v in values]
@@ -390,17 +392,16 @@ def _refresh(
     cache.valid = valid
 
 
-def _forecast(cfg: AdaCorrConfig, cache: Any, step: int) -> list[torch.Tensor]:
-    """The cached values a reuse returns at ``step``: as stored, or (``forecast="linear"``)
-    extrapolated from the last two computes, ``v + (v - v_prev) * k`` with
-    ``k = (step - step_v) / (step_v - step_prev)``; where the earlier compute was not
-    finite, as stored (no host read: the choice is a ``where`` on the device)."""
-    values = list(cache.ref_res if caches_residuals(cfg) else cache.ref_out)
+def _forecast(cache: Any, values: list[torch.Tensor], step: int) -> tuple[list[torch.Tensor] | None, float]:
+    """What :func:`acm.reuse_values` extrapolates from (``forecast="linear"``): the cached
+    values of the compute before the last one and ``k = (step - step_v) / (step_v -
+    step_prev)``, or ``(None, 0.0)`` when there is nothing to extrapolate from (fewer than two
+    computes, other shapes). Where the earlier compute was not finite the values stay as
+    stored (``cache.prev_valid``: a device ``where``, no host read)."""
     prev = cache.prev_val  # set (with prev_step) only under forecast="linear", after two computes
     if prev is None or cache.ref_step <= cache.prev_step or not _same_shapes(values, prev):
-        return values
-    k = (step - cache.ref_step) / (cache.ref_step - cache.prev_step)
-    return [acm.extrapolate(v, p, k, cache.prev_valid) for v, p in zip(values, prev)]
+        return None, 0.0
+    return prev, (step - cache.ref_step) / (cache.ref_step - cache.prev_step)
 
 
 def _first_block_update(cfg: AdaCorrConfig, fb: dict, residual: torch.Tensor) -> None:
