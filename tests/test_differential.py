@@ -19,8 +19,10 @@ FAMILIES = {**ALL_FAMILIES, **TRUST_FAMILIES}
 NEVER = {"policy": "never"}
 SCENARIOS = ("never", "batch", "dynamic", "channels_last", "float_timestep", "two_models", "threads", "caching")
 # dit x dynamic (50 s) runs in the slow set; tests/test_dynamic.py covers dynamic shapes in CI
-CI_CASES = {("dit", s) for s in SCENARIOS if s != "dynamic"} | {("flux", "never"), ("plain_inplace", "never"),
-                                                                ("plain_inplace", "caching")}
+# dit x threads and flux x never also run in the slow set: test_state_ownership.py and
+# test_contexts.py cover threads in CI, test_pipelines.py Flux's never-equality
+CI_CASES = {("dit", s) for s in SCENARIOS if s not in ("dynamic", "threads")} | {("plain_inplace", "never"),
+                                                                               ("plain_inplace", "caching")}
 
 
 def _cases():

@@ -135,9 +135,9 @@ def test_decide_tensor_matches_host_decide():
 
 # the exports of SD3 (first_block), Flux (outputs cached, drift against the previous step) and
 # PixArt (per block, interval, dynamic tokens) take 30-120 s each on 2 cores: they run in the
-# slow set; in CI the default options (one span cache) and the step-blending DiT do (whose
-# export also serves the runner's tests)
-SLOW_EXPORTS = ("sd3", "flux", "pixart")
+# slow set, with the step-blending DiT's parity loop (its export serves the runner's tests in
+# CI); in CI the default options (one span cache) run step by step against the backend
+SLOW_EXPORTS = ("sd3", "flux", "pixart", "dit")
 EXPORT_CASES = [pytest.param(f, marks=pytest.mark.slow) if f in SLOW_EXPORTS else f for f in CASES]
 
 

@@ -38,8 +38,9 @@ def _calls(tp, steps=4):
     ]
 
 
-# Wan and SD3 (15 s each) in the slow set: Wan's CFG pipeline runs in CI in the caching test below
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("wan", "sd3") else n for n in BUILDERS])
+# Wan, SD3 and DiT (15 s each) in the slow set: Wan's CFG pipeline runs in CI in the caching test
+# below, the DiT's never-equality in test_differential.py
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("wan", "sd3", "dit") else n for n in BUILDERS])
 def test_never_gives_the_uncached_images_call_after_call(name):
     torch._dynamo.reset()
     tp = BUILDERS[name]()

@@ -46,7 +46,7 @@ SLOW = pytest.mark.slow  # the same mechanism on another family: benchmarks/vali
 
 
 @pytest.mark.parametrize("family, forecast", [
-    ("dit", "linear"), ("dit", "none"), ("flux", "linear"), pytest.param("flux", "none", marks=SLOW),
+    ("dit", "linear"), pytest.param("dit", "none", marks=SLOW), ("flux", "linear"), pytest.param("flux", "none", marks=SLOW),
     pytest.param("sd3", "linear", marks=SLOW), pytest.param("sd3", "none", marks=SLOW),
     pytest.param("wan", "linear", marks=SLOW), pytest.param("wan", "none", marks=SLOW)])
 def test_span_equals_one_cache_per_block(family, forecast, monkeypatch):
@@ -74,16 +74,18 @@ def test_span_equals_one_cache_per_block(family, forecast, monkeypatch):
 
 @pytest.mark.parametrize("family", ["dit", "flux", pytest.param("sd3", marks=SLOW), pytest.param("wan", marks=SLOW)])
 def test_cache_memory_does_not_grow_with_depth(family):
-    """Default options: at most 4 block inputs of cache per model at depth 4 and 16 (the
-    probe's reference residual, the span's residual and its previous value for the forecast)."""
+    """Default options: at most 4 block inputs of cache per model at depth 4 and 10 (the
+    probe's reference residual, the span's residual and its previous value for the forecast;
+    benchmarks/cache_memory.py measures 4 and 16)."""
     held = {}
-    for depth in (4, 16):
+    for depth in (4, 10):
         torch.manual_seed(0)
         model, inputs = FAMILIES[family](depth)
-        fast, _, block_input = _sample(model, inputs, {}, steps=6)
+        # the bytes kept do not depend on the lowering: eager keeps CI quick
+        fast, _, block_input = _sample(model, inputs, {"lowering": "eager"}, steps=6)
         held[depth] = adacorr_compile.stats(fast)["cache_bytes"] / block_input
-    assert held[4] <= 4.0 and held[16] <= 4.0, held
-    assert abs(held[16] - held[4]) < 0.1, held
+    assert held[4] <= 4.0 and held[10] <= 4.0, held
+    assert abs(held[10] - held[4]) < 0.1, held
 
 
 def test_reuse_step_runs_no_block_and_adds_once():
