@@ -1,7 +1,14 @@
 import logging
+import os
 
 import pytest
 import torch
+
+# pytest-xdist (pyproject's addopts run the suite on 2 workers): each worker gets its share of
+# the cores for torch's own threads, so the workers do not oversubscribe them
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 
 @pytest.fixture(autouse=True)
