@@ -151,16 +151,25 @@ def decide(
     why the region computes (a guard's reason, ``"non-finite cache"``, ``"non-finite
     input"`` or ``"policy"``). ``lam`` holds lambda per decision unit (None when the policy
     does not need it); ``valid``: the cache is finite; ``score_finite``: the OEM score is.
-    :func:`decide_tensor` is the same decision on 0-d tensors (both are built from
+    :func:`decide_tensor` is the same decision on tensors (both are built from
     :func:`guard_checks`, :func:`scheduled` and :func:`lambda_gates`)."""
     forced = guards.forced(config)
     if forced is not None:
         return forced
+    return policy_verdict(config, guards.step, lam, first_block_similar, valid, score_finite)
+
+
+def policy_verdict(
+    config: AdaCorrConfig, step: int, lam: Sequence[float] | None, first_block_similar: bool | None, valid: bool = True,
+    score_finite: bool = True,
+) -> list[bool] | str:
+    """:func:`decide` once no guard forced a compute (a caller that has evaluated the guards
+    already calls this, not :func:`decide`, so they are evaluated once)."""
     if not valid:
         return "non-finite cache"
     if not score_finite:
         return "non-finite input"
-    if not scheduled(config, guards.step, first_block_similar):
+    if not scheduled(config, step, first_block_similar):
         return "policy"
     if lambda_gates(config):
         if lam is None:
@@ -169,15 +178,27 @@ def decide(
     return [True] * (len(lam) if lam is not None else 1)
 
 
+def cap_streaks(config: AdaCorrConfig, reuse: Any, streaks: Any) -> Any:
+    """``decision="sample"``: a sample that has reused ``max_consecutive_reuses`` times in a
+    row computes, whatever its flag says (the others may still reuse; the guard forces a
+    compute of all only when all are at the cap). ``reuse`` and ``streaks`` are host lists
+    or ``[B]`` tensors: the one definition of the per-sample cap."""
+    if isinstance(reuse, torch.Tensor):
+        return reuse & (streaks < config.max_consecutive_reuses)
+    return [m and k < config.max_consecutive_reuses for m, k in zip(reuse, streaks)]
+
+
 STEPS_UNKNOWN = 1 << 62  # ``steps_left`` as a tensor when the host's value is None
 
 
 class TensorVerdict(NamedTuple):
-    """:func:`decide_tensor`'s result, three 0-d bool tensors."""
+    """:func:`decide_tensor`'s result: bool tensors, 0-d except ``reuse`` and ``proposed``
+    under ``decision="sample"`` (``[B]``)."""
 
-    reuse: torch.Tensor  # the region reuses its cache
+    reuse: torch.Tensor  # the region reuses its cache (per sample: the mask, after the cap)
     nonfinite: torch.Tensor  # no guard forced a compute, but the cache or the score is not finite
-    by_policy: torch.Tensor  # the policy itself chose to compute: only then does blend=True blend
+    by_policy: torch.Tensor  # the policy itself chose to compute (some samples): only then does blend=True blend
+    proposed: torch.Tensor  # the verdict before the per-sample cap: what scope="step"'s followers take
 
 
 def decide_tensor(
@@ -192,25 +213,26 @@ def decide_tensor(
     first_block_similar: torch.Tensor | None,
     score: torch.Tensor | None = None,
 ) -> TensorVerdict:
-    """:func:`decide` on 0-d tensors, for ``decision="batch"``: a :class:`TensorVerdict`
-    (the same guards, policy and lambda gate: :func:`guard_checks`, :func:`scheduled`,
-    :func:`lambda_gates`; no reasons, only flags).
+    """:func:`decide` on tensors: a :class:`TensorVerdict` (the same guards, policy, lambda
+    gate and per-sample cap: :func:`guard_checks`, :func:`scheduled`, :func:`lambda_gates`,
+    :func:`cap_streaks`; no reasons, only flags).
 
     Used where the decision must live inside a traced graph (ONNX ``If``, ``torch.cond``):
-    ``step``, ``steps_left``, ``consecutive`` are 0-d int64 (``steps_left`` is
-    :data:`STEPS_UNKNOWN` where the host's is None); ``has_cache``, ``valid`` (the cache
-    is finite) are 0-d bool; ``lam`` a 0-d float (ignored where :func:`needs_lambda` is
-    False); ``first_block_similar`` a 0-d bool for ``first_block``; ``score`` the OEM
-    score, whose non-finiteness forces a compute as on the host ("non-finite input").
-    The config is static: its branches are resolved in Python, only values are tensors.
-    ``nonfinite`` is True where no guard forced a compute but the cache or the score is
-    not finite (the host's ``stats.nonfinite``).
+    ``step``, ``steps_left`` are 0-d int64 (``steps_left`` is :data:`STEPS_UNKNOWN` where
+    the host's is None), ``consecutive`` the reuse streak (0-d int64; ``[B]`` per sample
+    under ``decision="sample"``, the guard then looks at the smallest); ``has_cache``,
+    ``valid`` (the cache is finite) are 0-d bool; ``lam`` lambda (0-d, or ``[B]`` per
+    sample; ignored where :func:`needs_lambda` is False); ``first_block_similar`` a 0-d bool
+    for ``first_block``; ``score`` the OEM score, whose non-finiteness forces a compute as
+    on the host ("non-finite input"). The config is static: its branches are resolved in
+    Python, only values are tensors. ``nonfinite`` is True where no guard forced a compute
+    but the cache or the score is not finite (the host's ``stats.nonfinite``).
     """
-    if config.decision != "batch":
-        raise NotImplementedError("decide_tensor supports decision='batch' only")
+    per_sample = config.decision == "sample"
     has_cache = has_cache.to(torch.bool)
     forced = torch.zeros_like(has_cache)
-    for _, holds in guard_checks(config, step, steps_left, consecutive, has_cache, is_first_region):
+    least = consecutive.amin(0) if consecutive.dim() else consecutive  # per sample: the smallest streak
+    for _, holds in guard_checks(config, step, steps_left, least, has_cache, is_first_region):
         forced = forced | holds
     finite = valid.to(torch.bool)
     if score is not None:
@@ -224,4 +246,8 @@ def decide_tensor(
             raise ValueError(f"policy {config.policy!r} with correction={config.correction} needs lambda")
         proposed = proposed & (lam <= config.reuse_threshold)
     consulted = ~forced & finite
-    return TensorVerdict(consulted & proposed, nonfinite, consulted & ~proposed)
+    if not per_sample:
+        return TensorVerdict(consulted & proposed, nonfinite, consulted & ~proposed, consulted & proposed)
+    proposed = proposed & torch.ones_like(consecutive, dtype=torch.bool)  # one flag per sample
+    mask = cap_streaks(config, proposed, consecutive)
+    return TensorVerdict(consulted & mask, nonfinite, consulted & ~mask.all(), consulted & proposed)

@@ -37,6 +37,7 @@ from adacorr_compile.export.tensorrt import (  # noqa: E402
 from adacorr_compile.policies import (  # noqa: E402
     STEPS_UNKNOWN,
     Guards,
+    cap_streaks,
     decide,
     decide_tensor,
     first_region_computes_always,
@@ -112,7 +113,7 @@ def test_decide_tensor_matches_host_decide():
         valid, score_ok = finite != "cache", finite != "input"
         verdict = decide(cfg, guards, [lam] if needs_lambda(cfg) else None, similar, valid=valid, score_finite=score_ok)
         want = (not isinstance(verdict, str) and all(verdict), verdict in ("non-finite cache", "non-finite input"))
-        reuse, nonfinite, _ = decide_tensor(
+        reuse, nonfinite, _, _ = decide_tensor(
             cfg,
             torch.tensor(step),
             torch.tensor(STEPS_UNKNOWN if left is None else left),
@@ -128,6 +129,32 @@ def test_decide_tensor_matches_host_decide():
                                                         similar, finite)
         checked += 1
     assert checked > 10000
+
+
+def test_decide_tensor_per_sample_matches_host_decide():
+    """decision="sample": the tensor decision is the host's per-sample verdict after the
+    per-sample cap (one definition: guard_checks on the smallest streak, scheduled,
+    lambda_gates, cap_streaks), and blend-worthy exactly where the host's would be."""
+    configs = [AdaCorrConfig(policy=p, correction=c, decision="sample", scope="block", warmup_steps=1, final_steps=1,
+                             max_consecutive_reuses=2, interval=2, reuse_threshold=0.1)
+               for p in ("adacorr", "interval") for c in (True, False)]
+    checked = 0
+    for cfg, step, left, streaks, lams in itertools.product(
+        configs, (0, 1, 2, 3), (None, 0, 3), ((0, 0), (2, 0), (1, 2), (2, 2)), ((0.05, 0.5), (0.05, 0.1), (0.5, 0.5)),
+    ):
+        guards = Guards(step=step, steps_left=left, consecutive_reuses=min(streaks), has_cache=step > 0, is_first_region=False)
+        verdict = decide(cfg, guards, list(lams) if needs_lambda(cfg) else None, None)
+        if isinstance(verdict, str):
+            want, by_policy = [False, False], verdict == "policy"
+        else:
+            want = cap_streaks(cfg, verdict * (2 // len(verdict)), list(streaks))
+            by_policy = not all(want)
+        got = decide_tensor(cfg, torch.tensor(step), torch.tensor(STEPS_UNKNOWN if left is None else left),
+                            torch.tensor(streaks), torch.tensor(step > 0), torch.tensor(True), False, torch.tensor(lams), None)
+        assert got.reuse.tolist() == want and bool(got.by_policy) == by_policy, (cfg.policy, cfg.correction, step, left,
+                                                                                streaks, lams)
+        checked += 1
+    assert checked == 576
 
 
 # --------------------------------------------------------------------------- parity
@@ -179,6 +206,68 @@ def test_graph_structure_and_tensorrt_patterns(family, exports):
     names = {i.name for i in proto.graph.input}
     assert {s["name"] for s in meta["states"]} <= names and "adacorr_step" in names
     assert {s["name"] + "_next" for s in meta["states"]} <= {o.name for o in proto.graph.output}
+
+
+def _diverging_dit():
+    """The tiny DiT whose second sample drifts fast on odd steps: per-sample decisions differ."""
+    model, base = tiny_dit()
+
+    def inputs(k, t):
+        kw = base(k, t)
+        kw["hidden_states"][1] += 0.3 * k * (k % 2)
+        return kw
+
+    return model, inputs
+
+
+@pytest.mark.parametrize("options", [
+    # per block, blended, extrapolated; the cap of two reuses in a row binds per sample
+    {"decision": "sample", "scope": "block", "blend": True, "reuse_threshold": 0.2, "max_consecutive_reuses": 2},
+    # the default options per sample: leader, probe and followers (their own caps)
+    {"decision": "sample", "reuse_threshold": 0.3},
+], ids=["block-blend", "step"])
+def test_decision_sample_exports_and_matches_backend_step_by_step(options, tmp_path):
+    """decision="sample" exports (issue 14): the step graph takes one decision per sample as
+    the runtime does: the block is skipped only when every sample reuses, otherwise it runs
+    and the samples that reuse take their (forecast) cache; a partial refresh keeps their
+    residuals, inputs and streaks, and stops the forecast's slope, as on the host. Outputs,
+    per-region reuse shares, partial counts and lambdas equal the backend's at every step."""
+    model, inputs = _diverging_dit()
+    path = tmp_path / "sample.onnx"
+    with torch.no_grad():
+        result = to_onnx(model, inputs(0, 900.0), path, config=options, dynamic="batch")
+    proto = onnx.load(str(path))
+    cfg = AdaCorrConfig.from_options(options)
+    report = check_tensorrt_patterns(proto, expect_if=expected_if_nodes(cfg, len(result.regions)))
+    assert report["problems"] == []
+    runner = OnnxRunner(str(path))
+    compiled = torch.compile(model, backend="adacorr", options={"lowering": "eager", **options})
+    states = []
+    with torch.no_grad():
+        for k, t in enumerate(timesteps(10)):
+            kw = inputs(k, t)
+            want = compiled(**kw, return_dict=False)[0]
+            got = runner(**kw)[0]
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5, msg=lambda m: f"step {k}: {m}")
+            states.append(runner.state())
+    ours, theirs = runner.stats(), adacorr_compile.stats(compiled)
+    for a, b in zip(ours["regions"], theirs["regions"]):
+        assert a["reuse_trace"] == b["reuse_trace"], (a["path"], a["reuse_trace"], b["reuse_trace"])
+        assert (a["reuses"], a["computes"], a["partial"]) == (b["reuses"], b["computes"], b["partial"])
+        np.testing.assert_allclose(a["lambda_trace"], b["lambda_trace"], rtol=1e-4, atol=1e-6)
+    assert sum(r["partial"] for r in ours["regions"]) >= 3, "the samples must disagree on some steps"
+    if cfg.scope == "block":
+        # region 0: both samples reuse at step 2, only the slow one at step 3 (a partial compute):
+        # its streak goes on to 2 while the other's restarts, and the cap makes it compute at step 4
+        assert ours["regions"][0]["reuse_trace"][2:5] == [1.0, 0.5, 0.0]
+        assert states[3]["adacorr_r0_consecutive"].tolist() == [2, 0]
+        assert states[3]["adacorr_r0_mixed"].item() and not states[4]["adacorr_r0_mixed"].item()
+        assert not states[4]["adacorr_r0_prev_valid"].item()  # no slope from a partial refresh's cache
+    # a second generation of another batch size (the export's batch is dynamic)
+    runner.reset()
+    with torch.no_grad():
+        kw = {k: (v[:1] if isinstance(v, torch.Tensor) else v) for k, v in inputs(0, 900.0).items()}
+        assert runner(**kw)[0].shape[0] == 1
 
 
 def test_span_state_is_one_cache_whatever_the_depth(exports):

@@ -76,7 +76,16 @@ from ..config import AdaCorrConfig
 from ..passes import find_blocks, outline_blocks
 from ..passes.chain_regions import _Wiring, find_spans, spans_apply
 from ..passes.common import analysis, example_value
-from ..policies import STEPS_UNKNOWN, caches_residuals, decide_tensor, first_region_computes_always, relative_change, step_role
+from ..policies import (
+    STEPS_UNKNOWN,
+    caches_residuals,
+    cap_streaks,
+    decide_tensor,
+    first_region_computes_always,
+    guard_checks,
+    relative_change,
+    step_role,
+)
 from .dims import ExportError, _expr_ast, eval_dim  # eval_dim and ExportError also re-exported from here
 
 logger = logging.getLogger("adacorr_compile")
@@ -96,7 +105,7 @@ class StateSpec:
 
     name: str
     kind: str  # step | fb_ref | probe_ref | ref_in | prev_in | ref_res | ref_out | valid | consecutive
-    #            | prev_val | prev_valid | ref_step | prev_step (forecast="linear")
+    #            | prev_val | prev_valid | ref_step | prev_step (forecast="linear") | mixed (and decision="sample")
     dtype: str  # torch dtype name without "torch."
     dims: list[Any]
     region: int | None = None
@@ -191,12 +200,16 @@ def _plan_regions(gm: fx.GraphModule, config: AdaCorrConfig, bindings: Mapping[A
         plan.residuals = [spec(f"res_{m}", "residual", outs[j]) for m, (_, j) in enumerate(plan.stream_pairs)]
         role = step_role(config, k)
         scalar = lambda kind, dtype: StateSpec(f"adacorr_r{k}_{kind}", kind, dtype, [], k)  # noqa: E731
+        # the reuse streak: one per sample under decision="sample" (the per-sample cap)
+        per_sample = config.decision == "sample"
+        batch_dims = [_expr_ast(outs[plan.stream_pairs[0][1]].shape[0], bindings)] if per_sample else []
+        streak = StateSpec(f"adacorr_r{k}_consecutive", "consecutive", "int64", batch_dims, k)
         if role == "leader" and config.policy != "first_block":
             plans.append(plan)  # computes at every step: its fresh residual goes to the probe
             continue
         if size > 1 and not plan.span_tail:
             if role == "probe":
-                plan.states.append(scalar("consecutive", "int64"))  # the span's reuse streak, for its guard
+                plan.states.append(streak)  # the span's reuse streak, for its guard
             plans.append(plan)
             continue
         if role == "block":
@@ -207,12 +220,14 @@ def _plan_regions(gm: fx.GraphModule, config: AdaCorrConfig, bindings: Mapping[A
         for m, (_, j) in enumerate(plan.stream_pairs):
             plan.states.append(spec(f"{res}_{m}", res, outs[j]))
         plan.states.append(scalar("valid", "bool"))
-        plan.states.append(scalar("consecutive", "int64"))
+        plan.states.append(streak)
         if config.forecast != "none":
             prev = "prev_res" if res == "ref_res" else "prev_out"
             for m, (_, j) in enumerate(plan.stream_pairs):
                 plan.states.append(spec(f"{prev}_{m}", "prev_val", outs[j]))
             plan.states.append(scalar("prev_valid", "bool"))
+            if per_sample:  # the cache holds values of several steps (a partial refresh): no slope from it
+                plan.states.append(scalar("mixed", "bool"))
             for kind in ("ref_step", "prev_step"):
                 plan.states.append(scalar(kind, "int64"))
         plans.append(plan)
@@ -386,6 +401,11 @@ def _aliasing_outputs(body: fx.GraphModule) -> set[int]:
     return aliasing
 
 
+def _per_sample(flags: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``[B]`` flags shaped to broadcast over ``like``'s sample dimension (0-d: as they are)."""
+    return flags if flags.dim() == 0 else flags.reshape(flags.shape[0], *([1] * (like.dim() - 1)))
+
+
 class CondRegion(torch.nn.Module):
     """One guarded block as ``torch.cond(reuse, reuse_fn, compute_fn, operands)``.
 
@@ -432,6 +452,9 @@ class CondRegion(torch.nn.Module):
         """Name the ``extra`` inputs (see the class docstring)."""
         cfg, role = self.config, step_role(self.config, self.plan.index)
         named: dict[str, Any] = {}
+        if role == "follower" and cfg.decision == "sample":  # (no spans: every region has its own cache)
+            named["probe_consulted"], named["probe_proposed"], named["probe_lam"] = extra
+            return named
         if role == "follower":
             named["probe_reuse"], named["probe_lam"] = extra[:2]
             named["span_in"] = extra[2:]  # the last region of a span: the span's input
@@ -466,7 +489,22 @@ class CondRegion(torch.nn.Module):
         observed = [args[i] for i in plan.observed]
         has_cache = step > 0
         nan_lam = torch.full((), float("nan"), dtype=torch.float32, device=step.device)
-        if srole == "follower":
+        per_sample = cfg.decision == "sample"
+        if srole == "follower" and per_sample:
+            # scope="step", one decision per sample: the probe's flags (its verdict was the
+            # policy's: no guard forced it, its and the followers' caches are finite; the
+            # samples the policy would reuse), under this region's own guards and per-sample
+            # cap, as on the host
+            score, lam = nan_lam, named["probe_lam"]
+            forced = torch.zeros_like(has_cache)
+            for _, holds in guard_checks(cfg, step, steps_left, consecutive.amin(0), has_cache, False):
+                forced = forced | holds
+            follows = named["probe_consulted"] & ~forced
+            reuse = cap_streaks(cfg, named["probe_proposed"], consecutive) & follows
+            by_policy = follows & ~reuse.all()
+            nonfinite = torch.zeros_like(has_cache)
+            blend_lam = torch.where(by_policy, lam, nan_lam)
+        elif srole == "follower":
             # scope="step": the probe's verdict (it covers every guard and every cache's
             # finiteness); the follower measures nothing (its statistics are NaN, as on the host).
             # The probe's lambda is NaN where its verdict was not the policy's: no blend then
@@ -475,22 +513,25 @@ class CondRegion(torch.nn.Module):
             blend_lam = torch.where(has_cache, lam, nan_lam)
         else:
             if srole == "probe":  # the OEM on the leader's fresh residual (see runtime/region.py)
-                score = oem.score(cfg.score, named["leader_res"], named["probe_ref"], cfg.spatial_weight, False)
+                score = oem.score(cfg.score, named["leader_res"], named["probe_ref"], cfg.spatial_weight, per_sample)
             elif srole == "leader":  # computes at every step, measures nothing
                 score = nan_lam
             else:
-                score = oem.score(cfg.score, observed, reference, cfg.spatial_weight, False)
+                score = oem.score(cfg.score, observed, reference, cfg.spatial_weight, per_sample)
             lam = acm.correction_weight(score, cfg.gamma) if srole != "leader" else nan_lam
             valid_all = valid
             for v in named.get("followers_valid", []):
                 valid_all = valid_all & v
-            reuse, nonfinite, by_policy = decide_tensor(
+            reuse, nonfinite, by_policy, proposed = decide_tensor(
                 cfg, step, steps_left, consecutive, has_cache, valid_all, plan.index == 0, lam, named.get("similar"), score
             )
             # blend=True blends a compute the policy chose, never a forced one (warm-up, final
             # steps, reuse cap, a non-finite cache): NaN marks "do not blend"
             blend_lam = torch.where(by_policy, lam, nan_lam)
 
+        # decision="sample": ``reuse`` is the per-sample mask; the block is skipped only when
+        # every sample reuses, otherwise it runs and the samples that reuse take their cache
+        reuse_mask, reuse = (reuse, reuse.all()) if per_sample else (None, reuse)
         n_pairs = len(cached_vals)
         # "cached" drift: the reference input changes only on a compute, so it goes through
         # the branches; "previous": it is the observed input either way, set after them
@@ -538,7 +579,8 @@ class CondRegion(torch.nn.Module):
                 a[i] = v
             at = n_t + n_ref + n_pairs
             span = ops[at + n_prev : at + n_prev + n_span]
-            return a, ops[n_t : n_t + n_ref], ops[n_t + n_ref : at], ops[at : at + n_prev], span, ops[-4:-2] if forecast else ()
+            end = len(ops) - 2 - (1 if per_sample else 0)
+            return a, ops[n_t : n_t + n_ref], ops[n_t + n_ref : at], ops[at : at + n_prev], span, ops[end - 2 : end] if forecast else ()
 
         def reuse_fn(*ops: torch.Tensor) -> tuple[torch.Tensor, ...]:
             a, ref, cache, prev, _, fc_ = unpack(ops)
@@ -555,20 +597,30 @@ class CondRegion(torch.nn.Module):
             fresh = [f.clone() if j in self.aliasing else f for j, f in enumerate(self.body(*a))]
             by_pair = [fresh[j] for _, j in plan.stream_pairs]
             outs_paired = by_pair
+            cached = reuse_values(a, cache, prev, fc_) if n_pairs and (cfg.blend or per_sample) else []
             if cfg.blend and srole != "leader":  # the leader measures nothing: no lambda to blend by
-                cached = reuse_values(a, cache, prev, fc_)
-                blends = torch.isfinite(lam_)  # the policy chose this compute (see blend_lam)
+                blends = _per_sample(torch.isfinite(lam_), by_pair[0])  # the policy chose this compute (see blend_lam)
                 outs_paired = [torch.where(blends, acm.blend(c, f, lam_), f) for c, f in zip(cached, by_pair)]
+            keep = _per_sample(ops[-3], by_pair[0]) if per_sample else None  # the samples that reuse
+            if keep is not None and cached:  # they return their cache, as a reuse does
+                outs_paired = [torch.where(keep, c, o) for c, o in zip(cached, outs_paired)]
             new_cache: list[torch.Tensor] = []
             new_valid = ops[-2].clone()
             if n_pairs:  # the residual from the region's (or the span's) input to its output
                 inputs = list(span) if span else [a[i] for i, _ in plan.stream_pairs]
                 residuals, new_valid = acm.fresh_residuals(by_pair, inputs)
                 new_cache = residuals if res_kind == "ref_res" else [f.clone() for f in by_pair]
+                if keep is not None:  # a partial refresh: the samples that reused keep their cache
+                    new_cache = [torch.where(keep, c, n) for c, n in zip(cache, new_cache)]
+                    new_valid = torch.stack([torch.isfinite(c).all() for c in new_cache]).all()
             new_ref = [a[i].clone() for i in plan.observed] if n_ref else []
+            if keep is not None and new_ref:
+                new_ref = [torch.where(_per_sample(ops[-3], r), r0, r) for r0, r in zip(ref, new_ref)]
             return _same_layout((*ordered(outs_paired), *new_ref, *new_cache, new_valid), flat)
 
-        operands = (*(args[i] for i in tensor_pos), *reference[:n_ref], *cached_vals, *prev_vals, *span_in, *fc, valid, blend_lam)
+        mask_op = (reuse_mask,) if per_sample else ()
+        operands = (*(args[i] for i in tensor_pos), *reference[:n_ref], *cached_vals, *prev_vals, *span_in, *fc, *mask_op, valid,
+                    blend_lam)
         # shapes of the branch outputs: the paired stream inputs, the observed inputs, the cache
         shapes = [args[i].shape for i, _ in sorted(plan.stream_pairs, key=lambda p: p[1])]
         shapes += [o.shape for o in observed[:n_ref]] + [c.shape for c in cached_vals] + [valid.shape]
@@ -584,20 +636,31 @@ class CondRegion(torch.nn.Module):
         new_valid = results[-1]
         if not n_ref and reference:  # "previous": the input of this step, whatever the branch
             new_ref = [o.clone() for o in observed]
-        new_consecutive = torch.where(reuse, consecutive + 1, torch.zeros_like(consecutive))
+        streak_up = reuse_mask if per_sample else reuse  # a sample that reused extends its streak
+        new_consecutive = torch.where(streak_up, consecutive + 1, torch.zeros_like(consecutive))
         scalars = {"valid": new_valid, "consecutive": new_consecutive}
         new_prev: list[torch.Tensor] = []
         if forecast:  # a compute rotates the cache into the previous values and records its step
             new_prev = [torch.where(reuse, p, c) for p, c in zip(prev_vals, cached_vals)]
-            scalars["prev_valid"] = (reuse & prev_valid) | (~reuse & valid)  # onnxruntime has no bool Where
+            slope_from = valid
+            if per_sample:
+                # values some samples kept from an earlier step have no single step: no slope
+                # from a partial refresh's cache, nor from the one before it (as on the host)
+                partial, mixed = reuse_mask.any(), by_kind["mixed"][0]
+                slope_from = valid & ~partial & ~mixed
+                scalars["mixed"] = (reuse & mixed) | (~reuse & partial)
+            scalars["prev_valid"] = (reuse & prev_valid) | (~reuse & slope_from)  # onnxruntime has no bool Where
             scalars["ref_step"] = torch.where(reuse, ref_step, step)
             # the first compute of a generation has no earlier one: equal steps, no extrapolation
             scalars["prev_step"] = torch.where(reuse, prev_step, torch.where(has_cache, ref_step, step))
-        nan = torch.full_like(lam, float("nan"))
+        nan = nan_lam.clone()
+        # reused: the share of the samples that reused (1 or 0 with one decision for the batch)
+        reused = reuse_mask.to(torch.float32).mean() if per_sample else reuse
         if srole in ("follower", "leader"):  # measured nothing (the host records NaN too)
-            stats = (reuse, nonfinite, nan.clone(), nan.clone())
+            stats = (reused, nonfinite, nan.clone(), nan.clone())
         else:
-            stats = (reuse, nonfinite, torch.where(has_cache, lam, nan), torch.where(has_cache, score.to(lam.dtype), nan))
+            lam_mean, score_mean = lam.to(torch.float32).mean(), score.to(torch.float32).mean()
+            stats = (reused, nonfinite, torch.where(has_cache, lam_mean, nan), torch.where(has_cache, score_mean, nan))
         new_state: list[torch.Tensor] = []
         it_ref, it_cache, it_prev = iter(new_ref), iter(new_cache), iter(new_prev)
         for s in plan.states:
@@ -624,7 +687,10 @@ class CondRegion(torch.nn.Module):
                 new_ref = [torch.where(reuse, r, c) for r, c in zip(ref, current)]
             else:
                 new_ref = [c.clone() for c in current]
-            extra_out += [reuse, blend_lam.to(torch.float32).reshape(()), *new_ref]
+            if per_sample:  # the followers decide per sample under their own guards and cap (see above)
+                extra_out += [by_policy | reuse_mask.any(), proposed, lam.to(torch.float32), *new_ref]
+            else:
+                extra_out += [reuse, blend_lam.to(torch.float32).reshape(()), *new_ref]
         return (*outs, *new_state, *stats, *extra_out)
 
 
@@ -743,10 +809,11 @@ def _build_step_graph(
             at = base + len(STATS_OUTPUTS) + (2 if config.policy == "first_block" and k == 0 else 0)
             if srole == "leader":
                 leader_res = [graph.call_function(operator.getitem, (call, at + m)) for m in range(len(probe_refs))]
-            elif srole == "probe":
-                probe_out = [graph.call_function(operator.getitem, (call, at + m)) for m in range(2)]
+            elif srole == "probe":  # its verdict for the followers (see CondRegion), then its new references
+                n_verdict = 3 if config.decision == "sample" else 2
+                probe_out = [graph.call_function(operator.getitem, (call, at + m)) for m in range(n_verdict)]
                 for m, spec in enumerate(probe_refs):
-                    new_state[spec.name] = graph.call_function(operator.getitem, (call, at + 2 + m))
+                    new_state[spec.name] = graph.call_function(operator.getitem, (call, at + n_verdict + m))
             continue
         if any(a in placeholders and a not in env for a in node.all_input_nodes):
             raise ExportError(f"node {node.name} reads a non-tensor model input")
@@ -958,8 +1025,6 @@ def build_step_module(
     :class:`ExportError` when no block can be guarded (the reasons the passes logged).
     """
     cfg = AdaCorrConfig.from_options(config)
-    if cfg.decision != "batch":
-        raise ExportError("export supports decision='batch' only (one decision per region for the batch)")
     model = model.eval()
     kwargs = _with_return_dict(model, example_inputs)
     ep, shapes = _export_model(model, kwargs, dynamic)

@@ -329,15 +329,16 @@ class OnnxRunner:
         step = gen.steps.get(_GRAPH, 0)
         for k, path in enumerate(self.regions):
             rs = gen.region_stats(path)
-            r = bool(reused[k])
+            share = float(reused[k])  # of the samples that reused: 0 or 1 with one decision for the batch
             if np.isnan(lam[k]):
-                rs.record(step, None, None, float(r))
+                rs.record(step, None, None, share)
             else:
-                rs.record(step, torch.tensor(float(lam[k])), torch.tensor(float(score[k])), float(r))
-            if r:
+                rs.record(step, torch.tensor(float(lam[k])), torch.tensor(float(score[k])), share)
+            if share >= 1.0:
                 rs.reuses += 1
             else:
                 rs.computes += 1
+                rs.partial += int(share > 0.0)  # decision="sample": some samples reused
             rs.nonfinite += int(bool(nonfinite[k]))
 
     # -- statistics ------------------------------------------------------------------
