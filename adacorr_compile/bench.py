@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 import statistics
 import time
+import types
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -149,16 +151,112 @@ def _peer_compiled(model: Any, compiled: bool) -> Any:
     return with_transformer(model, torch.compile(transformer_of(model))) if compiled else model
 
 
+def _attention_identifiers(transformer: torch.nn.Module) -> list[str]:
+    """Name patterns (``re.fullmatch``) of the attention modules directly inside the transformer's
+    blocks (diffusers ``Attention`` modules), e.g. ``^transformer_blocks\\.\\d+\\.attn1$`` for the DiT."""
+    from diffusers.models.attention_processor import Attention
+
+    patterns = []
+    for list_name, child in transformer.named_children():
+        if not (isinstance(child, torch.nn.ModuleList) and list_name.endswith("blocks")):
+            continue
+        for block in child:
+            for attr, sub in block.named_children():
+                pattern = rf"^{re.escape(list_name)}\.\d+\.{re.escape(attr)}$"
+                if isinstance(sub, Attention) and pattern not in patterns:
+                    patterns.append(pattern)
+    return patterns
+
+
+def diffusers_cache_config(transformer: torch.nn.Module, config: Any) -> Any:
+    """``config`` as it must be given for ``transformer``. diffusers' TaylorSeer hooks "all
+    attention-like modules" when no identifiers are given, found by names ending in ``attn``
+    (``^transformer_blocks.*attn``, ...): the DiT's ``BasicTransformerBlock`` names its attention
+    ``attn1``, so on the DiT those defaults hook nothing and nothing is cached. When the defaults
+    match no module, the config names the blocks' attention modules (``cache_identifiers``),
+    which is what the defaults hook on Flux. Other configs (and Flux's) are returned as they are."""
+    import dataclasses
+
+    from diffusers.hooks import TaylorSeerCacheConfig
+    from diffusers.hooks import taylorseer_cache
+
+    if (not isinstance(config, TaylorSeerCacheConfig) or config.use_lite_mode
+            or config.cache_identifiers is not None or config.skip_predict_identifiers is not None):
+        return config
+    defaults = taylorseer_cache._TRANSFORMER_BLOCK_IDENTIFIERS
+    names = [name for name, _ in transformer.named_modules()]
+    if any(re.fullmatch(p, n) for p in defaults for n in names):
+        return config
+    patterns = _attention_identifiers(transformer)
+    if not patterns:
+        raise ValueError(f"diffusers TaylorSeer: no attention module of {type(transformer).__name__} matches its "
+                         f"default identifiers {defaults} and none was found in its blocks: give cache_identifiers")
+    return dataclasses.replace(config, cache_identifiers=patterns)
+
+
+def enable_diffusers_cache(transformer: torch.nn.Module, config: Any) -> None:
+    """diffusers' cache ``config`` (``FirstBlockCacheConfig``, ``TaylorSeerCacheConfig``) on
+    ``transformer``: ``transformer.enable_cache(config)`` for a model with diffusers'
+    ``CacheMixin`` (Flux). A model without it (``DiTTransformer2DModel``) gets the same hooks
+    from ``diffusers.hooks.apply_first_block_cache`` / ``apply_taylorseer_cache`` (what
+    ``enable_cache`` calls; the DiT's ``BasicTransformerBlock`` is in diffusers'
+    ``TransformerBlockRegistry``: it returns ``hidden_states`` alone) and ``CacheMixin``'s
+    ``cache_context`` / ``_reset_stateful_cache`` bound to the instance: the hooks keep their
+    state per cache context, which a caller must open around each model call (the samplers do,
+    as diffusers' pipelines do), and reset between generations. Undo with
+    :func:`disable_diffusers_cache`."""
+    from diffusers.models.cache_utils import CacheMixin
+
+    config = diffusers_cache_config(transformer, config)
+    if isinstance(transformer, CacheMixin):
+        transformer.enable_cache(config)
+        return
+    from diffusers.hooks import (FirstBlockCacheConfig, HookRegistry, TaylorSeerCacheConfig, apply_first_block_cache,
+                                 apply_taylorseer_cache)
+
+    appliers = {FirstBlockCacheConfig: apply_first_block_cache, TaylorSeerCacheConfig: apply_taylorseer_cache}
+    apply = appliers.get(type(config))
+    if apply is None:
+        raise TypeError(f"{type(transformer).__name__} has no diffusers CacheMixin; applying {type(config).__name__} "
+                        f"directly is done for {sorted(c.__name__ for c in appliers)} only")
+    if getattr(transformer, "_cache_config", None) is not None:
+        raise ValueError(f"a diffusers cache is already enabled on {type(transformer).__name__}: disable it first")
+    apply(transformer, config)
+    HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
+    transformer.cache_context = types.MethodType(CacheMixin.cache_context, transformer)
+    transformer._reset_stateful_cache = types.MethodType(CacheMixin._reset_stateful_cache, transformer)
+    transformer._cache_config = config
+    transformer.is_cache_enabled = True
+
+
+_MIXIN_ATTRS = ("cache_context", "_reset_stateful_cache", "_cache_config", "is_cache_enabled")
+
+
+def disable_diffusers_cache(transformer: torch.nn.Module) -> None:
+    """Undo :func:`enable_diffusers_cache`: the hooks removed (``CacheMixin.disable_cache``)
+    and, on a model without ``CacheMixin``, the bound context methods dropped."""
+    from diffusers.models.cache_utils import CacheMixin
+
+    if isinstance(transformer, CacheMixin):
+        transformer.disable_cache()
+        return
+    if transformer.__dict__.get("_cache_config") is not None:
+        CacheMixin.disable_cache(transformer)  # removes the hooks of the config's kind
+    for attr in _MIXIN_ATTRS:
+        transformer.__dict__.pop(attr, None)
+
+
 def diffusers_cache(name: str, make_config: Callable[[], Any], setting: float | None = None, compiled: bool = False) -> Method:
-    """A diffusers cache hook (``transformer.enable_cache(config)``), eager or (``compiled``)
-    under ``torch.compile``."""
+    """A diffusers cache hook (``transformer.enable_cache(config)``, or on a model without
+    diffusers' ``CacheMixin`` such as the DiT the same hooks applied directly: see
+    :func:`enable_diffusers_cache`), eager or (``compiled``) under ``torch.compile``."""
 
     def build(model: Any) -> Any:
-        transformer_of(model).enable_cache(make_config())
+        enable_diffusers_cache(transformer_of(model), make_config())
         return _peer_compiled(model, compiled)
 
     def cleanup(model: Any) -> None:
-        transformer_of(model).disable_cache()
+        disable_diffusers_cache(transformer_of(model))
 
     return Method(name, "peer", build, "inductor" if compiled else "eager", name.split(" ")[0], None, setting, cleanup=cleanup)
 
@@ -175,11 +273,20 @@ def _import_cache_dit() -> Any:
 
 
 def cache_dit_adapter(transformer: torch.nn.Module) -> Any:
-    """A cache-dit ``BlockAdapter`` for a bare diffusers ``DiTTransformer2DModel`` (its
-    ``transformer_blocks`` take and return ``hidden_states`` only: cache-dit's Pattern_3) or
-    ``FluxTransformer2DModel``. For Flux: one cached
-    sequence of all blocks (double-stream then single-stream), so ``Fn``/``Bn`` count over the
-    whole model as FBCache does. This is cache-dit's own registered Flux layout
+    """A cache-dit ``BlockAdapter`` for a bare diffusers ``DiTTransformer2DModel`` or
+    ``FluxTransformer2DModel`` (other models: their ``transformer_blocks`` as Pattern_3).
+
+    DiT: its ``transformer_blocks`` (``BasicTransformerBlock``: ``hidden_states`` in, ``hidden_states``
+    alone out, ``timestep`` / ``class_labels`` as keyword arguments: cache-dit's Pattern_3) with
+    cache-dit's ``DiTPatchFunctor``, as cache-dit's own registered "DiT" adapter has it: cache-dit
+    replaces ``transformer_blocks`` during a forward by one ``CachedBlocks`` module, and the DiT's
+    forward reads ``self.transformer_blocks[0].norm1.emb`` after the blocks (the final AdaLN's
+    conditioning), which that module does not have; the functor gives the transformer a forward
+    that reads the embedding from ``_norm1_emb`` (block 0's ``norm1.emb``, kept before caching).
+    The functor's changes outlive ``disable_cache``: :func:`cache_dit_cache`'s cleanup removes them.
+
+    Flux: one cached sequence of all blocks (double-stream then single-stream), so ``Fn``/``Bn``
+    count over the whole model as FBCache does. This is cache-dit's own registered Flux layout
     (``transformer_blocks`` stands for the joined list during a forward, ``single_transformer_blocks``
     for an empty one) without its ``FluxPatchFunctor``: that functor replaces the transformer's
     ``forward`` for good (``disable_cache`` does not undo it), and diffusers >= 0.35's own Flux
@@ -187,8 +294,16 @@ def cache_dit_adapter(transformer: torch.nn.Module) -> Any:
     ``(hidden_states, encoder_hidden_states) -> (encoder_hidden_states, hidden_states)``)."""
     cache_dit = _import_cache_dit()
     if not hasattr(transformer, "single_transformer_blocks"):
+        from diffusers import DiTTransformer2DModel
+
+        functor = None
+        if isinstance(transformer, DiTTransformer2DModel):
+            from cache_dit.caching.patch_functors import DiTPatchFunctor
+
+            functor = DiTPatchFunctor()
         return cache_dit.BlockAdapter(transformer=transformer, blocks=transformer.transformer_blocks,
-                                      forward_pattern=cache_dit.ForwardPattern.Pattern_3, check_forward_pattern=True)
+                                      forward_pattern=cache_dit.ForwardPattern.Pattern_3, patch_functor=functor,
+                                      check_forward_pattern=True)
     blocks = torch.nn.ModuleList([*transformer.transformer_blocks, *transformer.single_transformer_blocks])
     return cache_dit.BlockAdapter(
         transformer=transformer, blocks=blocks, blocks_name="transformer_blocks",
@@ -224,10 +339,16 @@ def cache_dit_cache(
     if taylorseer is not None:
         cache_dit.TaylorSeerCalibratorConfig(**taylorseer)
     adapters: dict[int, Any] = {}
+    patched: dict[int, tuple[dict[str, Any], list[str], list[str]]] = {}
 
     def build(model: Any) -> Any:
         transformer = transformer_of(model)
-        adapter = cache_dit_adapter(transformer)
+        attrs, modules = dict(transformer.__dict__), set(transformer._modules)
+        adapter = cache_dit_adapter(transformer)  # a patch functor (DiT) patches the transformer here
+        if adapter.patch_functor is not None:
+            # what the functor added (DiT: forward, _is_patched; the module _norm1_emb)
+            patched[id(transformer)] = (attrs, [k for k in transformer.__dict__ if k not in attrs],
+                                        [k for k in transformer._modules if k not in modules])
         calibrator = cache_dit.TaylorSeerCalibratorConfig(**taylorseer) if taylorseer is not None else None
         cache_dit.enable_cache(adapter, cache_config=cache_dit.DBCacheConfig(**options), calibrator_config=calibrator)
         adapters[id(transformer)] = adapter
@@ -242,6 +363,16 @@ def cache_dit_cache(
         fwd = transformer.__dict__.get("forward")
         if fwd is not None and getattr(fwd, "__func__", None) is type(transformer).forward:
             del transformer.__dict__["forward"]
+        patch = patched.pop(id(transformer), None)
+        if patch is not None:
+            # the patch functor's forward and attributes outlive disable_cache: remove them
+            attrs, added_attrs, added_modules = patch
+            for key in added_modules:
+                transformer._modules.pop(key, None)
+            for key in added_attrs:
+                transformer.__dict__.pop(key, None)
+            if "forward" in attrs:  # the forward it replaced was the instance's own
+                transformer.__dict__["forward"] = attrs["forward"]
 
     recorded = dict(options, **({"taylorseer": dict(taylorseer)} if taylorseer is not None else {}))
     return Method(name, "peer", build, "inductor" if compiled else "eager", "cache-dit", None, setting, recorded,

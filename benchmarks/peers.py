@@ -17,7 +17,8 @@ against plain Inductor's images of the same seed. Peers:
   Inductor settings, so with compiled cache-dit rows every compiled method of the run (ours and
   plain Inductor included) compiles under them: the table says so.
 * diffusers' FirstBlockCache and TaylorSeer hooks, eager and compiled (``enable_cache`` then
-  ``torch.compile``), where the model supports them (a row that cannot run says why).
+  ``torch.compile``; the DiT has no ``enable_cache``: the same hooks applied directly, see
+  ``bench.enable_diffusers_cache``), where the model supports them (a row that cannot run says why).
 
 Compiling a peer's cached Flux transformer makes Dynamo give up on the code object of
 ``FluxTransformer2DModel.forward`` for every instance of the class in the process: a model

@@ -339,6 +339,82 @@ def test_tiny_flux_with_cache_dit_dbcache():
     assert torch.equal(sample_flux(wrapper, [1, 2], num_steps=steps, seed=0), ref)
 
 
+def _dit_peer(kind, cached):
+    """(method, what it skips) of a peer on the DiT: ``cached`` False is its exact setting
+    (threshold 0, or TaylorSeer's caching never starting)."""
+    from functools import partial
+
+    from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
+
+    from adacorr_compile import bench
+
+    if kind.startswith("cache-dit"):
+        pytest.importorskip("cache_dit")
+        taylorseer = {"taylorseer_order": 1} if kind.endswith("TaylorSeer") else None
+        thr = 0.5 if cached else 0.0
+        return bench.cache_dit_cache(f"{kind} thr={thr}", _dbcache(thr), thr, taylorseer), "blocks"
+    if kind == "FirstBlockCache":
+        thr = 0.5 if cached else 0.0
+        method = bench.diffusers_cache(f"diffusers {kind} thr={thr}", partial(FirstBlockCacheConfig, threshold=thr), thr)
+        return method, "blocks"
+    before = 2 if cached else 1000  # caching never starts: every step computes
+    return bench.diffusers_cache(f"diffusers {kind}", partial(TaylorSeerCacheConfig, cache_interval=3,
+                                                              disable_cache_before_step=before), 3), "attention"
+
+
+@pytest.mark.parametrize("kind", ["cache-dit", "cache-dit + TaylorSeer", "FirstBlockCache", "TaylorSeer"])
+def test_tiny_dit_with_peers(kind):
+    """The peers of benchmarks/peers.py run on a bare DiTTransformer2DModel: cache-dit (its DiT
+    patch functor, undone by the cleanup), diffusers' FirstBlockCache and TaylorSeer hooks
+    (applied directly, the DiT has no CacheMixin; TaylorSeer on the blocks' attn1). Exact
+    settings give the uncached images; cached ones skip blocks (TaylorSeer: attention calls),
+    the same in two generations in a row; the model is as it was afterwards."""
+    from adacorr_compile.bench import BlockCounter, block_modules
+
+    torch.manual_seed(0)
+    cfg = tiny_dit_config()
+    cfg.update(num_layers=3)
+    t = build_dit(cfg).eval()
+    attrs, modules = set(t.__dict__), set(t._modules)
+    n_blocks, steps, labels = len(block_modules(t)), 8, [1, 2]
+    calls = n_blocks * steps
+    blocks = BlockCounter(t)
+    attention = [b.attn1.to_q.register_forward_hook(lambda *_: attention_count.append(1)) for b in t.transformer_blocks]
+    attention_count = []
+
+    def generate(fn):
+        blocks.count = 0
+        attention_count.clear()
+        images = sample_dit(fn, labels, num_steps=steps, seed=0)
+        return images, {"blocks": blocks.count, "attention": len(attention_count)}
+
+    try:
+        ref, counts = generate(t)
+        assert counts == {"blocks": calls, "attention": calls}
+        for cached in (False, True):
+            method, skips = _dit_peer(kind, cached)
+            fn = method.build(t)
+            try:
+                (a, count_a), (b, count_b) = generate(fn), generate(fn)
+            finally:
+                method.cleanup(t)
+            # a fresh cache state for each generation: the same images and skips twice
+            assert torch.equal(a, b) and count_a == count_b
+            assert torch.isfinite(a).all()
+            if not cached:
+                assert torch.equal(a, ref) and count_a == {"blocks": calls, "attention": calls}
+                continue
+            assert count_a[skips] < calls and not torch.equal(a, ref), count_a
+            assert count_a["blocks"] == (calls if skips == "attention" else count_a["attention"])
+    finally:
+        blocks.close()
+        for h in attention:
+            h.remove()
+    # cleaned up: the transformer is as it was (diffusers leaves its empty hook registry)
+    assert set(t.__dict__) - {"_diffusers_hook"} == attrs and set(t._modules) == modules
+    assert torch.equal(sample_dit(t, labels, num_steps=steps, seed=0), ref)
+
+
 def test_cache_dit_missing_names_the_package(monkeypatch):
     import sys
 
