@@ -21,15 +21,9 @@ def correction_weight(score: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
     return torch.nan_to_num(lam, nan=1.0)
 
 
-def _per_batch(lam: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    if lam.dim() == 0:
-        return lam.to(like.dtype)
-    return lam.to(like.dtype).reshape(lam.shape[0], *([1] * (like.dim() - 1)))
-
-
 def blend(cached: torch.Tensor, fresh: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     """``(1 - lambda) * cached + lambda * fresh``."""
-    w = _per_batch(lam, fresh)
+    w = per_sample(lam.to(fresh.dtype), fresh)
     return cached + w * (fresh - cached)
 
 
@@ -65,12 +59,30 @@ def reuse_values(
     return list(cached)
 
 
+def all_finite(values: list[torch.Tensor]) -> torch.Tensor:
+    """Whether every element of every tensor is finite (0-d bool): a cache's ``valid`` flag."""
+    return torch.stack([torch.isfinite(v).all() for v in values]).all()
+
+
 def fresh_residuals(fresh: list[torch.Tensor], inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The cache a compute leaves: ``fresh - inputs`` per stream, and whether all of it is
     finite (0-d bool). The one definition of a refresh's math, for the runtime's fused kernel
     and the ONNX step graph."""
     residuals = [f - x for f, x in zip(fresh, inputs)]
-    return residuals, torch.stack([torch.isfinite(r).all() for r in residuals]).all()
+    return residuals, all_finite(residuals)
+
+
+def per_sample(flags: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``[B]`` flags or weights shaped to broadcast over ``like``'s sample dimension (0-d: as
+    they are)."""
+    return flags if flags.dim() == 0 else flags.reshape(flags.shape[0], *([1] * (like.dim() - 1)))
+
+
+def keep_samples(keep: torch.Tensor, old: list[torch.Tensor], new: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A partial (per-sample) refresh: where ``keep`` (``[B]`` bool) a sample keeps its
+    ``old`` value, elsewhere it takes the ``new`` one. The one definition, for the runtime and
+    the ONNX step graph (a reused sample's output, cache and reference input)."""
+    return [torch.where(per_sample(keep, n), o, n) for o, n in zip(old, new)]
 
 
 def error_bound(lam: torch.Tensor, lipschitz: float, lag: float, score: torch.Tensor) -> torch.Tensor:

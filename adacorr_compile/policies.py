@@ -188,6 +188,23 @@ def cap_streaks(config: AdaCorrConfig, reuse: Any, streaks: Any) -> Any:
     return [m and k < config.max_consecutive_reuses for m, k in zip(reuse, streaks)]
 
 
+def next_streaks(reused: Any, streaks: Any) -> Any:
+    """The reuse streaks after a call: one more where the unit (the batch, or a sample)
+    reused, 0 where it computed. Host lists or tensors: the one definition, for the runtime
+    and the ONNX step graph."""
+    if isinstance(reused, torch.Tensor):
+        return torch.where(reused, streaks + 1, torch.zeros_like(streaks))
+    return [k + 1 if m else 0 for m, k in zip(reused, streaks)]
+
+
+def forecast_keeps_previous(partial: Any, mixed: Any) -> Any:
+    """``forecast="linear"``: whether a compute's replaced cache may be the extrapolation's
+    earlier point. Not when this refresh is partial (the samples that reused keep older
+    values) nor when the replaced cache was itself mixed: values of several steps have no
+    single step to measure a slope from. Host bools or 0-d bool tensors."""
+    return _not(partial) & _not(mixed) if isinstance(partial, torch.Tensor) else not partial and not mixed
+
+
 STEPS_UNKNOWN = 1 << 62  # ``steps_left`` as a tensor when the host's value is None
 
 

@@ -82,7 +82,9 @@ from ..policies import (
     cap_streaks,
     decide_tensor,
     first_region_computes_always,
+    forecast_keeps_previous,
     guard_checks,
+    next_streaks,
     relative_change,
     step_role,
 )
@@ -401,11 +403,6 @@ def _aliasing_outputs(body: fx.GraphModule) -> set[int]:
     return aliasing
 
 
-def _per_sample(flags: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``[B]`` flags shaped to broadcast over ``like``'s sample dimension (0-d: as they are)."""
-    return flags if flags.dim() == 0 else flags.reshape(flags.shape[0], *([1] * (like.dim() - 1)))
-
-
 class CondRegion(torch.nn.Module):
     """One guarded block as ``torch.cond(reuse, reuse_fn, compute_fn, operands)``.
 
@@ -599,11 +596,11 @@ class CondRegion(torch.nn.Module):
             outs_paired = by_pair
             cached = reuse_values(a, cache, prev, fc_) if n_pairs and (cfg.blend or per_sample) else []
             if cfg.blend and srole != "leader":  # the leader measures nothing: no lambda to blend by
-                blends = _per_sample(torch.isfinite(lam_), by_pair[0])  # the policy chose this compute (see blend_lam)
+                blends = acm.per_sample(torch.isfinite(lam_), by_pair[0])  # the policy chose this compute (see blend_lam)
                 outs_paired = [torch.where(blends, acm.blend(c, f, lam_), f) for c, f in zip(cached, by_pair)]
-            keep = _per_sample(ops[-3], by_pair[0]) if per_sample else None  # the samples that reuse
+            keep = ops[-3] if per_sample else None  # the samples that reuse
             if keep is not None and cached:  # they return their cache, as a reuse does
-                outs_paired = [torch.where(keep, c, o) for c, o in zip(cached, outs_paired)]
+                outs_paired = acm.keep_samples(keep, cached, outs_paired)
             new_cache: list[torch.Tensor] = []
             new_valid = ops[-2].clone()
             if n_pairs:  # the residual from the region's (or the span's) input to its output
@@ -611,11 +608,11 @@ class CondRegion(torch.nn.Module):
                 residuals, new_valid = acm.fresh_residuals(by_pair, inputs)
                 new_cache = residuals if res_kind == "ref_res" else [f.clone() for f in by_pair]
                 if keep is not None:  # a partial refresh: the samples that reused keep their cache
-                    new_cache = [torch.where(keep, c, n) for c, n in zip(cache, new_cache)]
-                    new_valid = torch.stack([torch.isfinite(c).all() for c in new_cache]).all()
+                    new_cache = acm.keep_samples(keep, list(cache), new_cache)
+                    new_valid = acm.all_finite(new_cache)
             new_ref = [a[i].clone() for i in plan.observed] if n_ref else []
             if keep is not None and new_ref:
-                new_ref = [torch.where(_per_sample(ops[-3], r), r0, r) for r0, r in zip(ref, new_ref)]
+                new_ref = acm.keep_samples(keep, list(ref), new_ref)
             return _same_layout((*ordered(outs_paired), *new_ref, *new_cache, new_valid), flat)
 
         mask_op = (reuse_mask,) if per_sample else ()
@@ -636,8 +633,7 @@ class CondRegion(torch.nn.Module):
         new_valid = results[-1]
         if not n_ref and reference:  # "previous": the input of this step, whatever the branch
             new_ref = [o.clone() for o in observed]
-        streak_up = reuse_mask if per_sample else reuse  # a sample that reused extends its streak
-        new_consecutive = torch.where(streak_up, consecutive + 1, torch.zeros_like(consecutive))
+        new_consecutive = next_streaks(reuse_mask if per_sample else reuse, consecutive)
         scalars = {"valid": new_valid, "consecutive": new_consecutive}
         new_prev: list[torch.Tensor] = []
         if forecast:  # a compute rotates the cache into the previous values and records its step
@@ -647,7 +643,7 @@ class CondRegion(torch.nn.Module):
                 # values some samples kept from an earlier step have no single step: no slope
                 # from a partial refresh's cache, nor from the one before it (as on the host)
                 partial, mixed = reuse_mask.any(), by_kind["mixed"][0]
-                slope_from = valid & ~partial & ~mixed
+                slope_from = valid & forecast_keeps_previous(partial, mixed)
                 scalars["mixed"] = (reuse & mixed) | (~reuse & partial)
             scalars["prev_valid"] = (reuse & prev_valid) | (~reuse & slope_from)  # onnxruntime has no bool Where
             scalars["ref_step"] = torch.where(reuse, ref_step, step)

@@ -36,7 +36,8 @@ import torch
 from .. import acm
 from ..config import AdaCorrConfig
 from ..policies import (
-    Guards, cap_streaks, caches_residuals, needs_lambda, policy_verdict, read_to_host, relative_change, step_role,
+    Guards, cap_streaks, caches_residuals, forecast_keeps_previous, needs_lambda, next_streaks, policy_verdict, read_to_host,
+    relative_change, step_role,
 )
 from .fused import RegionMath
 from .state import GenerationState
@@ -111,8 +112,8 @@ class GuardedRegion(torch.nn.Module):
         return _guarded_call(self, args, active)
 
 
-def _per_sample(mask: list[bool], like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(mask, device=like.device).reshape(len(mask), *([1] * (like.dim() - 1)))
+def _flags(mask: list[bool], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(mask, device=like.device)
 
 
 @dataclass
@@ -264,7 +265,7 @@ def _reuse(
     cache.consecutive += 1
     if cfg.decision == "sample":
         batch = observed[0].shape[0] if observed else 1
-        cache.streaks = [k + 1 for k in (cache.streaks or [0] * batch)]
+        cache.streaks = next_streaks([True] * batch, cache.streaks or [0] * batch)
     if role == "block" and cfg.drift_reference == "previous":
         cache.prev_in = _kept(region, observed)
     return tuple(outs)
@@ -289,8 +290,7 @@ def _compute(
         if blend:
             outs_paired = [acm.blend(c, f, lam) for c, f in zip(cached, by_pair)]
         if mask is not None and any(mask):
-            m = _per_sample(mask, by_pair[0])
-            outs_paired = [torch.where(m, c, o) for c, o in zip(cached, outs_paired)]
+            outs_paired = acm.keep_samples(_flags(mask, by_pair[0]), cached, outs_paired)
             stats.partial += 1
     if role == "leader":
         # the leader computes at every step and keeps nothing: its fresh residual is the
@@ -326,7 +326,7 @@ def _compute(
     if cfg.decision == "sample":  # a sample that reused keeps its streak, one that computed starts afresh
         batch = len(mask) if mask is not None else (observed[0].shape[0] if observed else 1)
         old = cache.streaks if cache.streaks is not None and len(cache.streaks) == batch else [0] * batch
-        cache.streaks = [k + 1 if m else 0 for k, m in zip(old, mask)] if mask is not None else [0] * batch
+        cache.streaks = next_streaks(mask if mask is not None else [False] * batch, old)
     reused = 0.0 if mask is None else sum(mask) / len(mask)
     stats.record(active.step, lam, taken.score, reused)
     return tuple(_order_outputs(spec, outs_paired))
@@ -370,7 +370,7 @@ def _refresh(
         # values some samples kept from an earlier step have no single step: no slope from
         # them (they are not extrapolated until two computes of all samples)
         mixed, cache.mixed = cache.mixed, partial
-        cache.prev_val = None if partial or mixed or old is None else old
+        cache.prev_val = old if old is not None and forecast_keeps_previous(partial, mixed) else None
         cache.prev_step = None if cache.prev_val is None else cache.ref_step
         cache.prev_valid = None if cache.prev_val is None else cache.valid
         cache.ref_step = step
@@ -379,18 +379,15 @@ def _refresh(
     outputs = [f.clone() for f in fresh] if not caches_residuals(cfg) else None
     new_in = list(observed) if keeps == "ref" else None
     if partial:
-        def keep(old: list[torch.Tensor], new: list[torch.Tensor]) -> list[torch.Tensor]:
-            return [torch.where(_per_sample(keep_mask, n), o, n) for o, n in zip(old, new)]
-
-        residuals = keep(cache.ref_res, residuals)
-        outputs = keep(cache.ref_out, outputs) if outputs is not None else None
-        new_in = keep(cache.ref_in, new_in) if new_in is not None and cache.ref_in is not None else new_in
+        keep = _flags(keep_mask, residuals[0])
+        residuals = acm.keep_samples(keep, cache.ref_res, residuals)
+        outputs = acm.keep_samples(keep, cache.ref_out, outputs) if outputs is not None else None
+        new_in = acm.keep_samples(keep, cache.ref_in, new_in) if new_in is not None and cache.ref_in is not None else new_in
+        valid = acm.all_finite(residuals)
     cache.ref_res = residuals
     cache.ref_out = outputs
     cache.ref_in = new_in
     cache.prev_in = list(observed) if keeps == "prev" else None
-    if partial:
-        valid = torch.stack([torch.isfinite(r).all() for r in residuals]).all()
     cache.valid = valid
 
 
