@@ -40,7 +40,7 @@ from ..policies import (
     relative_change, step_role,
 )
 from .fused import RegionMath
-from .state import GenerationState
+from .state import GenerationState, StepSignals
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,9 @@ def _guarded_call(region: GuardedRegion, args: Sequence[Any], active: Active) ->
             cache.clear()
             cache.signature = signature
     role = step_role(cfg, spec.order)
-    shared = state.shared.setdefault(active.graph_id, {"similar": None, "ref": None})
+    shared = state.shared.get(active.graph_id)
+    if shared is None:
+        shared = state.shared[active.graph_id] = StepSignals()
     taken = _decide(region, args, observed, active, cache, shared, role)
     if taken.mask is not None and all(taken.mask):
         return _reuse(region, args, observed, active, cache, shared, taken, role)
@@ -147,7 +149,7 @@ def _guarded_call(region: GuardedRegion, args: Sequence[Any], active: Active) ->
 
 def _decide(
     region: GuardedRegion, args: Sequence[Any], observed: list[torch.Tensor], active: Active, cache: Any,
-    shared: dict[str, Any], role: str,
+    shared: StepSignals, role: str,
 ) -> _Step:
     """The region's verdict for this step: forced by a guard, taken from the probe (or the
     span's first region), or the policy's on this step's lambda (one host read)."""
@@ -178,7 +180,7 @@ def _decide(
             verdict, lam = pending[1], pending[2]
     elif role == "follower":
         # scope="step": take the probe's verdict of this step; nothing to measure or read
-        probe = shared.get("verdict")
+        probe = shared.verdict
         if probe is not None and probe[0] == active.step:
             lam = probe[2]  # the step's lambda: a compute blends by it (blend=True) as the probe does, forced or not
         if forced is not None:
@@ -196,11 +198,11 @@ def _decide(
             # the OEM on the first block's fresh residual against its value when the probe
             # last computed (or at the previous step): what the network does with this
             # step's input and timestep, not the input alone (which the noisy latent dominates)
-            current, reference = shared.get("leader_res"), shared.get("probe_ref")
+            current, reference = shared.leader_res, shared.probe_ref
             if has_cache and current is not None and reference is not None and _same_shapes(current, reference):
                 valid = cache.valid
-                if shared.get("followers_valid") is not None:
-                    valid = valid & shared["followers_valid"]  # a follower's cache is not finite: compute all
+                if shared.followers_valid is not None:
+                    valid = valid & shared.followers_valid  # a follower's cache is not finite: compute all
                 score, lam, packed = region.math.measure(current, reference, valid)
             elif forced is None:
                 forced = "empty cache"
@@ -209,12 +211,12 @@ def _decide(
         else:
             # one read: lambda, the cache is finite, the score is finite
             host = packed.tolist()
-            verdict = policy_verdict(cfg, active.step, host[:-2] if needs_lambda(cfg) else None, shared["similar"],
+            verdict = policy_verdict(cfg, active.step, host[:-2] if needs_lambda(cfg) else None, shared.similar,
                                      valid=host[-2] >= 0.5, score_finite=host[-1] >= 0.5)
             if verdict in ("non-finite cache", "non-finite input"):
                 state.region_stats(spec.path).nonfinite += 1
         if role == "probe":
-            shared["verdict"] = (active.step, verdict, lam)
+            shared.verdict = (active.step, verdict, lam)
     if span.size > 1 and span.position == 0:
         cache.pending = (active.step, verdict, lam)
 
@@ -246,7 +248,7 @@ def _reuse_values(region: GuardedRegion, args: Sequence[Any], cache: Any, step: 
 
 def _reuse(
     region: GuardedRegion, args: Sequence[Any], observed: list[torch.Tensor], active: Active, cache: Any,
-    shared: dict[str, Any], taken: _Step, role: str,
+    shared: StepSignals, taken: _Step, role: str,
 ) -> tuple[torch.Tensor, ...]:
     """The block does not run. A span's regions pass their input on, the last one adds the
     span's (forecast) residual: the span's output is its input plus the sum of the blocks'
@@ -254,9 +256,9 @@ def _reuse(
     cfg, spec, span, state = region.config, region.spec, region.span, active.state
     stats = state.region_stats(spec.path)
     if role == "probe":  # the leader's residual is read: the next reference ("previous" drift) or dropped
-        leader_res = shared.pop("leader_res", None)
+        leader_res, shared.leader_res = shared.leader_res, None
         if cfg.drift_reference == "previous":
-            shared["probe_ref"] = leader_res
+            shared.probe_ref = leader_res
     stats.reuses += 1
     stats.record(active.step, taken.lam, taken.score, 1.0)
     if not span.last:
@@ -273,7 +275,7 @@ def _reuse(
 
 def _compute(
     region: GuardedRegion, args: Sequence[Any], observed: list[torch.Tensor], active: Active, cache: Any,
-    shared: dict[str, Any], taken: _Step, role: str,
+    shared: StepSignals, taken: _Step, role: str,
 ) -> tuple[torch.Tensor, ...]:
     """The block runs (for all samples); a lambda blend or per-sample mask applies where the
     decision asks for one, and the cache is refreshed (a span's by its last region)."""
@@ -295,7 +297,7 @@ def _compute(
     if role == "leader":
         # the leader computes at every step and keeps nothing: its fresh residual is the
         # probe's signal in this step, and the probe's reference after it
-        shared["leader_res"] = region.math.refresh(by_pair, [args[i] for i, _ in spec.stream_pairs])[0]
+        shared.leader_res = region.math.refresh(by_pair, [args[i] for i, _ in spec.stream_pairs])[0]
     elif span.size == 1:
         # the inputs a region keeps are the ones its own OEM compares with: only a region that
         # decides for itself measures its input (under scope="step" the probe scores the
@@ -313,13 +315,13 @@ def _compute(
         else:
             _refresh(region.math, cfg, cache, inputs, observed, by_pair, None, active.step, None)
     if role == "probe":
-        shared["probe_ref"] = shared.pop("leader_res", None)
-        shared["followers_valid"] = None  # the followers refresh after the probe in this step
+        shared.probe_ref, shared.leader_res = shared.leader_res, None
+        shared.followers_valid = None  # the followers refresh after the probe in this step
     elif role == "follower" and span.last and cache.valid is not None:
-        fv = shared.get("followers_valid")
-        shared["followers_valid"] = cache.valid if fv is None else fv & cache.valid
+        fv = shared.followers_valid
+        shared.followers_valid = cache.valid if fv is None else fv & cache.valid
     if cfg.policy == "first_block" and spec.order == 0:
-        _first_block_update(cfg, shared, (shared["leader_res"] if role == "leader" else cache.ref_res)[0])
+        _first_block_update(cfg, shared, (shared.leader_res if role == "leader" else cache.ref_res)[0])
     stats.computes += 1
     if span.last:
         cache.consecutive = 0
@@ -403,13 +405,13 @@ def _forecast(cache: Any, values: list[torch.Tensor], step: int) -> tuple[list[t
     return prev, (step - cache.ref_step) / (cache.ref_step - cache.prev_step)
 
 
-def _first_block_update(cfg: AdaCorrConfig, fb: dict, residual: torch.Tensor) -> None:
+def _first_block_update(cfg: AdaCorrConfig, signals: StepSignals, residual: torch.Tensor) -> None:
     """FBCache: compare the first block's residual with the one at the last full step."""
-    ref = fb["ref"]
+    ref = signals.fb_ref
     if ref is None or ref.shape != residual.shape:
-        fb["similar"] = False
+        signals.similar = False
     else:
         change = read_to_host([relative_change(residual, ref)])[0]
-        fb["similar"] = change < cfg.first_block_threshold
-    if not fb["similar"]:
-        fb["ref"] = residual
+        signals.similar = change < cfg.first_block_threshold
+    if not signals.similar:
+        signals.fb_ref = residual

@@ -61,6 +61,22 @@ class RegionCache:
         self.consecutive = 0
         self.signature = None
 
+@dataclass
+class StepSignals:
+    """What the regions of one graph pass each other within a step (one per graph key)."""
+
+    # policy="first_block": the first block's verdict (its residual barely moved since the last
+    # full step) and that residual
+    similar: bool | None = None
+    fb_ref: torch.Tensor | None = None
+    # scope="step": the leader's fresh residuals of this step, the probe's reference residuals,
+    # whether the followers' caches are finite, and the probe's (step, verdict, lambda)
+    leader_res: list[torch.Tensor] | None = None
+    probe_ref: list[torch.Tensor] | None = None
+    followers_valid: torch.Tensor | None = None
+    verdict: tuple[int, Any, torch.Tensor | None] | None = None
+
+
 _NAN = torch.tensor(float("nan"))  # trace entry of a call that measured nothing (never written to)
 
 
@@ -187,9 +203,8 @@ class GenerationState:
         self.total: dict[GraphKey, int] = {}  # the pipeline's number of steps (cache_context)
         self.caches: dict[Any, RegionCache] = {}  # (owner token, block path or span key) -> cache
         self.stats: dict[str, RegionStats] = {}
-        # graph key -> what the graph's regions share within a step: FBCache's first-block
-        # residual and verdict; with scope="step" the leader's residuals and the probe's verdict
-        self.shared: dict[GraphKey, dict[str, Any]] = {}
+        # graph key -> what the graph's regions pass each other within a step
+        self.shared: dict[GraphKey, StepSignals] = {}
         self.generations = 0
         self.lock = threading.RLock()
 
@@ -209,7 +224,7 @@ class GenerationState:
         """Bytes of the tensors the caches of this generation hold now (inputs, residuals or
         outputs, forecast values, the step's shared values), each storage counted once."""
         held = [getattr(c, name) for c in self.caches.values() for name in ("prev_in", "ref_in", "ref_res", "ref_out", "prev_val", "span_in")]
-        return storage_bytes(held, self.shared)
+        return storage_bytes(held, [vars(signals) for signals in self.shared.values()])
 
     def has_boundaries(self) -> bool:
         """The user marks where generations end: a ``generation()`` context or a step count."""
