@@ -194,20 +194,47 @@ def diffusers_cache_config(transformer: torch.nn.Module, config: Any) -> Any:
     return dataclasses.replace(config, cache_identifiers=patterns)
 
 
+def _text_stream_dropped(transformer: torch.nn.Module) -> bool:
+    """Whether the transformer's last block drops the text stream (``context_pre_only``: SD3's last
+    ``JointTransformerBlock`` returns ``None`` for ``encoder_hidden_states``)."""
+    blocks = block_modules(transformer)
+    return bool(blocks) and getattr(blocks[-1], "context_pre_only", False) is True
+
+
+class PeerUnsupported(NotImplementedError):
+    """A peer's cache cannot run this model: raised when the cache is enabled, before the model
+    is changed or called."""
+
+
+def _check_first_block_cache(transformer: torch.nn.Module, config: Any) -> None:
+    """:class:`PeerUnsupported`, before any hook is applied, for diffusers' FirstBlockCache on a model
+    whose last block drops the text stream (SD3): its tail hook subtracts the first block's text
+    output from the last block's, which is ``None`` there (a TypeError at the first step)."""
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    if isinstance(config, FirstBlockCacheConfig) and _text_stream_dropped(transformer):
+        raise PeerUnsupported(
+            f"diffusers FirstBlockCache cannot run {type(transformer).__name__}: its last block is context_pre_only "
+            "(returns None for encoder_hidden_states), which FirstBlockCache's tail hook subtracts from")
+
+
 def enable_diffusers_cache(transformer: torch.nn.Module, config: Any) -> None:
     """diffusers' cache ``config`` (``FirstBlockCacheConfig``, ``TaylorSeerCacheConfig``) on
     ``transformer``: ``transformer.enable_cache(config)`` for a model with diffusers'
-    ``CacheMixin`` (Flux). A model without it (``DiTTransformer2DModel``) gets the same hooks
+    ``CacheMixin`` (Flux). A model without it (``DiTTransformer2DModel``; ``SD3Transformer2DModel``,
+    whose ``JointTransformerBlock`` is registered too) gets the same hooks
     from ``diffusers.hooks.apply_first_block_cache`` / ``apply_taylorseer_cache`` (what
     ``enable_cache`` calls; the DiT's ``BasicTransformerBlock`` is in diffusers'
     ``TransformerBlockRegistry``: it returns ``hidden_states`` alone) and ``CacheMixin``'s
     ``cache_context`` / ``_reset_stateful_cache`` bound to the instance: the hooks keep their
     state per cache context, which a caller must open around each model call (the samplers do,
     as diffusers' pipelines do), and reset between generations. Undo with
-    :func:`disable_diffusers_cache`."""
+    :func:`disable_diffusers_cache`. FirstBlockCache on SD3 raises :class:`PeerUnsupported`
+    (:func:`_check_first_block_cache`)."""
     from diffusers.models.cache_utils import CacheMixin
 
     config = diffusers_cache_config(transformer, config)
+    _check_first_block_cache(transformer, config)
     if isinstance(transformer, CacheMixin):
         transformer.enable_cache(config)
         return
@@ -273,8 +300,9 @@ def _import_cache_dit() -> Any:
 
 
 def cache_dit_adapter(transformer: torch.nn.Module) -> Any:
-    """A cache-dit ``BlockAdapter`` for a bare diffusers ``DiTTransformer2DModel`` or
-    ``FluxTransformer2DModel`` (other models: their ``transformer_blocks`` as Pattern_3).
+    """A cache-dit ``BlockAdapter`` for a bare diffusers ``DiTTransformer2DModel``,
+    ``SD3Transformer2DModel`` or ``FluxTransformer2DModel`` (other models: their
+    ``transformer_blocks`` as Pattern_3).
 
     DiT: its ``transformer_blocks`` (``BasicTransformerBlock``: ``hidden_states`` in, ``hidden_states``
     alone out, ``timestep`` / ``class_labels`` as keyword arguments: cache-dit's Pattern_3) with
@@ -285,6 +313,11 @@ def cache_dit_adapter(transformer: torch.nn.Module) -> Any:
     that reads the embedding from ``_norm1_emb`` (block 0's ``norm1.emb``, kept before caching).
     The functor's changes outlive ``disable_cache``: :func:`cache_dit_cache`'s cleanup removes them.
 
+    SD3: its ``transformer_blocks`` (``JointTransformerBlock``: ``(hidden_states, encoder_hidden_states)``
+    in, ``(encoder_hidden_states, hidden_states)`` out, the last one ``context_pre_only`` with
+    ``None`` for the text stream: cache-dit's Pattern_1), as cache-dit's own registered
+    "StableDiffusion3" adapter has it; no patch functor.
+
     Flux: one cached sequence of all blocks (double-stream then single-stream), so ``Fn``/``Bn``
     count over the whole model as FBCache does. This is cache-dit's own registered Flux layout
     (``transformer_blocks`` stands for the joined list during a forward, ``single_transformer_blocks``
@@ -294,22 +327,35 @@ def cache_dit_adapter(transformer: torch.nn.Module) -> Any:
     ``(hidden_states, encoder_hidden_states) -> (encoder_hidden_states, hidden_states)``)."""
     cache_dit = _import_cache_dit()
     if not hasattr(transformer, "single_transformer_blocks"):
-        from diffusers import DiTTransformer2DModel
+        from diffusers import DiTTransformer2DModel, SD3Transformer2DModel
 
-        functor = None
+        functor, pattern = None, cache_dit.ForwardPattern.Pattern_3
         if isinstance(transformer, DiTTransformer2DModel):
             from cache_dit.caching.patch_functors import DiTPatchFunctor
 
             functor = DiTPatchFunctor()
+        elif isinstance(transformer, SD3Transformer2DModel):
+            pattern = cache_dit.ForwardPattern.Pattern_1
         return cache_dit.BlockAdapter(transformer=transformer, blocks=transformer.transformer_blocks,
-                                      forward_pattern=cache_dit.ForwardPattern.Pattern_3, patch_functor=functor,
-                                      check_forward_pattern=True)
+                                      forward_pattern=pattern, patch_functor=functor, check_forward_pattern=True)
     blocks = torch.nn.ModuleList([*transformer.transformer_blocks, *transformer.single_transformer_blocks])
     return cache_dit.BlockAdapter(
         transformer=transformer, blocks=blocks, blocks_name="transformer_blocks",
         dummy_blocks_names=["single_transformer_blocks"], forward_pattern=cache_dit.ForwardPattern.Pattern_1,
         check_forward_pattern=True,
     )
+
+
+def _encoder_calibrator_off(transformer: torch.nn.Module, taylorseer: dict[str, Any]) -> dict[str, Any]:
+    """cache-dit's TaylorSeer options for ``transformer``: on a model whose last block drops the text
+    stream (SD3), the encoder calibrator is switched off unless the options name it. The blocks'
+    text output is ``None`` there, so cache-dit never stores an encoder residual, and its TaylorSeer
+    encoder calibrator (on by default) fails its first cached step ("State
+    'transformer_blocks_Bn_residual' not found"); the model's output does not depend on that
+    stream after the last block anyway."""
+    if "enable_encoder_calibrator" in taylorseer or not _text_stream_dropped(transformer):
+        return dict(taylorseer)
+    return {**taylorseer, "enable_encoder_calibrator": False}
 
 
 def cache_dit_cache(
@@ -320,11 +366,12 @@ def cache_dit_cache(
     compiled: bool = False,
 ) -> Method:
     """cache-dit's DBCache (``cache_dit.enable_cache``, https://github.com/vipshop/cache-dit) on the
-    DiT or Flux transformer, eager or (``compiled``) under ``torch.compile`` as its guide runs it
+    DiT, SD3 or Flux transformer, eager or (``compiled``) under ``torch.compile`` as its guide runs it
     (the caller applies ``cache_dit.set_compile_configs()`` once per process). ``cache_options`` are ``cache_dit.DBCacheConfig`` fields
     (``Fn_compute_blocks``, ``Bn_compute_blocks``, ``residual_diff_threshold``, ``max_warmup_steps``,
     ...); ``taylorseer``: ``cache_dit.TaylorSeerCalibratorConfig`` fields to add its TaylorSeer
-    calibrator (``{}`` for its defaults), None for plain residual reuse.
+    calibrator (``{}`` for its defaults; on SD3 without its encoder calibrator, see
+    :func:`_encoder_calibrator_off`), None for plain residual reuse.
 
     cache-dit keeps one persistent cache context per transformer that it would carry from one
     generation into the next (no warmup, stale residuals); the samplers in
@@ -349,7 +396,9 @@ def cache_dit_cache(
             # what the functor added (DiT: forward, _is_patched; the module _norm1_emb)
             patched[id(transformer)] = (attrs, [k for k in transformer.__dict__ if k not in attrs],
                                         [k for k in transformer._modules if k not in modules])
-        calibrator = cache_dit.TaylorSeerCalibratorConfig(**taylorseer) if taylorseer is not None else None
+        calibrator = None
+        if taylorseer is not None:
+            calibrator = cache_dit.TaylorSeerCalibratorConfig(**_encoder_calibrator_off(transformer, taylorseer))
         cache_dit.enable_cache(adapter, cache_config=cache_dit.DBCacheConfig(**options), calibrator_config=calibrator)
         adapters[id(transformer)] = adapter
         return _peer_compiled(model, compiled)

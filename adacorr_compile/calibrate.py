@@ -147,28 +147,29 @@ def pipeline_workload(pipe: Any, output_type: str = "latent", generator_device: 
     return Workload(run, model, value_range)
 
 
-REFERENCE_MODELS = ("reference-dit", "reference-flux")
+REFERENCE_MODELS = ("reference-dit", "reference-flux", "reference-sd3")
 
 
 def reference_workload(name: str, steps: int = 50, images: int = 10, guidance: float | None = None) -> Workload:
     """A built-in reference model sampled as the benchmark samples it
     (``benchmarks/run_benchmark.py``): ``images`` class-conditional images with classes
     ``0, 1, ..., 9, 0, ...``, ``steps`` steps, the sampler's default guidance (DiT: DDIM, CFG
-    1.5; Flux: Euler, CFG 4.0), CFG batched into one call per step; the seed draws the initial
-    noise. Outputs are images in [-1, 1]. The compiled module is the diffusers transformer (the
-    DiT itself; the ``transformer`` inside the Flux wrapper)."""
+    1.5; Flux and the held-out SD3: Euler, CFG 4.0), CFG batched into one call per step; the seed
+    draws the initial noise. Outputs are images in [-1, 1]. The compiled module is the diffusers
+    transformer (the DiT itself; the ``transformer`` inside the Flux or SD3 wrapper)."""
     from functools import partial
 
     from . import bench
-    from .reference import load_reference_dit, load_reference_flux
-    from .sampling import DEFAULT_GUIDANCE, sample_dit, sample_flux
+    from .reference import load_reference
+    from .sampling import reference_sampler
 
     if name not in REFERENCE_MODELS:
         raise ValueError(f"unknown reference model {name!r}; expected one of {', '.join(REFERENCE_MODELS)}")
     kind = name.split("-", 1)[1]
-    wrapper = load_reference_dit() if kind == "dit" else load_reference_flux()
-    scale = DEFAULT_GUIDANCE[kind] if guidance is None else guidance
-    sampler = partial(sample_dit if kind == "dit" else sample_flux, guidance_scale=scale)
+    wrapper = load_reference(kind)
+    sampler = reference_sampler(kind)
+    if guidance is not None:
+        sampler = partial(sampler, guidance_scale=guidance)
     labels = [i % 10 for i in range(images)]
 
     def run(compiled: Any, seed: int) -> torch.Tensor:

@@ -6,7 +6,7 @@
     adacorr calibrate --model mypkg.models:make --steps 30 --thresholds 0.04 0.08 0.15 --rule worst
     torch.compile(model, backend="adacorr", options=adacorr_compile.load_options("calib.json"))
 
-``--model``: ``reference-dit`` / ``reference-flux`` (the built-in reference models, sampled as
+``--model``: ``reference-dit`` / ``reference-flux`` / ``reference-sd3`` (the built-in reference models, sampled as
 the benchmark samples them: ``--images`` images of classes 0..9, ``--steps`` steps, the
 sampler's guidance), a tiny family (``dit``, ``flux``, ...; random weights) or
 ``package.module:factory`` returning ``(model, inputs)`` with ``inputs(step, t)`` giving one

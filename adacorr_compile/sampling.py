@@ -22,8 +22,10 @@ on:
 
 DiT call: ``model(x_in, timestep=t_batch, class_labels=labels)`` returning an
 object with ``.sample`` (a ``Transformer2DModelOutput``), a tuple, or a tensor.
-Flux call: ``wrapper(x_in, timestep=t_batch, class_labels=labels)`` returning a
-tensor (the velocity), see :class:`adacorr_compile.reference.models.ClassConditionedFlux`.
+Flux and SD3 call: ``wrapper(x_in, timestep=t_batch, class_labels=labels)`` returning a
+tensor (the velocity), see :class:`adacorr_compile.reference.models.ClassConditionedFlux`
+and :class:`~adacorr_compile.reference.models.ClassConditionedSD3` (both sampled by
+:func:`sample_flux`).
 """
 
 from __future__ import annotations
@@ -46,9 +48,10 @@ StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 # 4.0 the reference DiT's 50-step DDIM samples are worse and its trajectories chaotic.
 # Flux: 4.0, the reference Flux's best class accuracy. The measurements are in
 # benchmarks/results/guidance_sweep.md (discussed in benchmarks/results/README.md, "Guidance").
+# SD3 (the held-out reference, trained as the Flux one) takes Flux's scale, not a tuned one.
 DIT_GUIDANCE_SCALE = 1.5
 FLUX_GUIDANCE_SCALE = 4.0
-DEFAULT_GUIDANCE = {"dit": DIT_GUIDANCE_SCALE, "flux": FLUX_GUIDANCE_SCALE}  # by reference model
+DEFAULT_GUIDANCE = {"dit": DIT_GUIDANCE_SCALE, "flux": FLUX_GUIDANCE_SCALE, "sd3": FLUX_GUIDANCE_SCALE}  # by reference model
 
 
 def _as_labels(class_labels: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -352,6 +355,18 @@ def sample_flux(
             if callback is not None:
                 callback(i, ts[i], x)
     return x.float().clamp(-1.0, 1.0)
+
+
+def reference_sampler(kind: str) -> Callable[..., torch.Tensor]:
+    """The sampler of reference model ``kind``: :func:`sample_dit` for ``dit``, :func:`sample_flux`
+    for the rectified-flow models ``flux`` and ``sd3``, with the model's default guidance
+    (:data:`DEFAULT_GUIDANCE`; a ``guidance_scale`` given to the call overrides it)."""
+    import functools
+
+    if kind not in DEFAULT_GUIDANCE:
+        raise ValueError(f"unknown reference model {kind!r}; expected one of {', '.join(DEFAULT_GUIDANCE)}")
+    sampler = sample_dit if kind == "dit" else sample_flux
+    return functools.partial(sampler, guidance_scale=DEFAULT_GUIDANCE[kind])
 
 
 def image_grid(images: torch.Tensor, nrow: int, pad: int = 2, pad_value: float = 1.0) -> np.ndarray:

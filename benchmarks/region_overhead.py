@@ -2,6 +2,7 @@
 
     python benchmarks/region_overhead.py --model dit --threads 2
     python benchmarks/region_overhead.py --model flux --threads 2
+    python benchmarks/region_overhead.py --model sd3 --threads 2
 
 Every variant computes every block at every step (nothing is skipped), so its time over
 plain ``torch.compile`` (Inductor) is what the runtime adds: the per-region Python, the OEM
@@ -39,8 +40,8 @@ from pathlib import Path
 import torch
 
 from adacorr_compile import bench
-from adacorr_compile.reference import load_reference_dit, load_reference_flux
-from adacorr_compile.sampling import sample_dit, sample_flux
+from adacorr_compile.reference import load_reference
+from adacorr_compile.sampling import reference_sampler
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NO_REUSE = {"policy": "adacorr", "correction": True, "reuse_threshold": 0.0, "warmup_steps": 0, "final_steps": 0,
@@ -102,7 +103,7 @@ def reuse_step_rows(model, sampler, labels, steps: int, reps: int) -> list[dict]
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["dit", "flux"], default="dit")
+    parser.add_argument("--model", choices=["dit", "flux", "sd3"], default="dit")
     parser.add_argument("--images", type=int, default=10, help="images (the CFG batch is twice this)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--reps", type=int, default=5)
@@ -111,8 +112,8 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_reference_dit() if args.model == "dit" else load_reference_flux()
-    sampler = sample_dit if args.model == "dit" else sample_flux
+    model = load_reference(args.model)
+    sampler = reference_sampler(args.model)
     labels = [i % 10 for i in range(args.images)]
     runs = {}
     for name, options in VARIANTS.items():

@@ -5,14 +5,17 @@
 Trains, with fixed seeds, on the synthetic glyph data:
   1. the glyph classifier (used for sample-quality metrics),
   2. the class-conditional DiT (DDPM epsilon objective, cosine schedule),
-  3. the class-conditional Flux transformer (rectified flow, velocity).
-The two diffusion models are trained under a wall-clock budget (``--minutes``,
+  3. the class-conditional Flux transformer (rectified flow, velocity),
+  4. with ``--only sd3`` (not by default): the class-conditional SD3 (MMDiT) transformer, the
+     held-out reference, trained exactly as the Flux one.
+The diffusion models are trained under a wall-clock budget (``--minutes``,
 split evenly) rather than a fixed step count; the step count reached is logged.
 Each model's EMA weights are saved as fp16 safetensors beside a JSON config
 (which also records the training summary). Afterwards every model is reloaded
 through the package loaders, sampled (50 steps, the sampler's default guidance) and scored; sample grids
-go to benchmarks/results/reference_samples_{dit,flux}.png and a summary to
-benchmarks/results/train_reference.md.
+go to benchmarks/results/reference_samples_{dit,flux,sd3}.png and a summary to
+benchmarks/results/train_reference.md. A run of SD3 alone rewrites only the SD3 section of an
+existing summary (the other models' sections and the notes written by hand stay).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import platform
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -40,7 +44,7 @@ if str(REPO) not in sys.path:
 from adacorr_compile.reference import classifier as clf_mod  # noqa: E402
 from adacorr_compile.reference import data as data_mod  # noqa: E402
 from adacorr_compile.reference import models as models_mod  # noqa: E402
-from adacorr_compile.sampling import DEFAULT_GUIDANCE, make_dit_scheduler, sample_dit, sample_flux, save_grid  # noqa: E402
+from adacorr_compile.sampling import DEFAULT_GUIDANCE, make_dit_scheduler, reference_sampler, save_grid  # noqa: E402
 
 logger = logging.getLogger("train_reference")
 
@@ -77,21 +81,37 @@ def init_dit_weights(model: nn.Module) -> None:
     _zero(model.proj_out_2)
 
 
-def init_flux_weights(wrapper: models_mod.ClassConditionedFlux) -> None:
-    """Same recipe for Flux: zero the adaLN modulations and the output projection."""
+def _init_class_conditioned(wrapper: models_mod.ClassConditioned, modulations: list[nn.Module]) -> None:
+    """The DiT recipe on a class-conditioned Flux or SD3: xavier linears, N(0, 0.02) timestep
+    embedding, the blocks' adaLN ``modulations`` and the output layers zeroed, N(0, 1) class tokens."""
     tr = wrapper.transformer
     _xavier_linears(tr)
     for lin in (tr.time_text_embed.timestep_embedder.linear_1, tr.time_text_embed.timestep_embedder.linear_2):
         nn.init.normal_(lin.weight, std=0.02)
-    for block in tr.transformer_blocks:
-        _zero(block.norm1.linear)
-        _zero(block.norm1_context.linear)
-    for block in tr.single_transformer_blocks:
-        _zero(block.norm.linear)
+    for m in modulations:
+        _zero(m)
     _zero(tr.norm_out.linear)
     _zero(tr.proj_out)
     nn.init.normal_(wrapper.text_tokens, std=1.0)
     nn.init.normal_(wrapper.pooled, std=1.0)
+
+
+def init_flux_weights(wrapper: models_mod.ClassConditionedFlux) -> None:
+    """Same recipe for Flux: zero the adaLN modulations and the output projection."""
+    tr = wrapper.transformer
+    modulations = [m for block in tr.transformer_blocks for m in (block.norm1.linear, block.norm1_context.linear)]
+    _init_class_conditioned(wrapper, modulations + [block.norm.linear for block in tr.single_transformer_blocks])
+
+
+def init_sd3_weights(wrapper: models_mod.ClassConditionedSD3) -> None:
+    """Same recipe for SD3 (the patch embedding xavier as the DiT's): every joint block's image and
+    text modulations (the last block's text norm is the continuous adaLN) zeroed."""
+    tr = wrapper.transformer
+    w = tr.pos_embed.proj.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(tr.pos_embed.proj.bias)
+    modulations = [m for block in tr.transformer_blocks for m in (block.norm1.linear, block.norm1_context.linear)]
+    _init_class_conditioned(wrapper, modulations)
 
 
 # ------------------------------------------------------------------------ helpers
@@ -330,14 +350,24 @@ def train_dit(args, images, labels, out: Path, budget_s: float) -> dict:
     return info
 
 
-def train_flux(args, images, labels, out: Path, budget_s: float) -> dict:
-    torch.manual_seed(args.seed + 30)
-    cfg = models_mod.flux_config()
-    model = models_mod.build_flux(cfg, num_classes=data_mod.NUM_CLASSES)
-    init_flux_weights(model)
-    earlier = resume_from(model, out, "flux", args)
+# the rectified-flow models: kind -> (name, config, builder, initialiser, seed offset, extra record of the wrapper)
+FLOW_MODELS = {
+    "flux": ("Flux", models_mod.flux_config, models_mod.build_flux, init_flux_weights, 30, lambda m: {"patch": m.patch}),
+    "sd3": ("SD3", models_mod.sd3_config, models_mod.build_sd3, init_sd3_weights, 40, lambda m: {}),
+}
+
+
+def train_flow(kind: str, args, images, labels, out: Path, budget_s: float) -> dict:
+    """Train the rectified-flow model ``kind`` (``flux`` or ``sd3``): the same data, objective,
+    optimiser, EMA and schedule for both; its own seeds."""
+    name, make_config, build, init, seed, record = FLOW_MODELS[kind]
+    torch.manual_seed(args.seed + seed)
+    cfg = make_config()
+    model = build(cfg, num_classes=data_mod.NUM_CLASSES)
+    init(model)
+    earlier = resume_from(model, out, kind, args)
     nparams = models_mod.count_parameters(model)
-    logger.info("Flux: %d parameters, budget %.0fs", nparams, budget_s)
+    logger.info("%s: %d parameters, budget %.0fs", name, nparams, budget_s)
     loss_fn = flux_loss_fn(data_mod.NUM_CLASSES, args.p_uncond)
 
     def save(ema_model, info):
@@ -345,17 +375,17 @@ def train_flux(args, images, labels, out: Path, budget_s: float) -> dict:
         info["parameters"] = nparams
         info["objective"] = ("rectified flow: x_t=(1-t)x0+t*noise, target noise-x0, t~logit-normal(0,1), "
                              "label dropout %.2f" % args.p_uncond)
-        write_json(out / "flux_config.json", {"model": cfg, "num_classes": data_mod.NUM_CLASSES,
-                                              "null_class": data_mod.NUM_CLASSES,
-                                              "num_text_tokens": model.num_text_tokens,
-                                              "image_size": model.image_size, "patch": model.patch,
-                                              "training": info})
-        return save_fp16(ema_model, out / "flux.safetensors")
+        write_json(out / f"{kind}_config.json", {"model": cfg, "num_classes": data_mod.NUM_CLASSES,
+                                                 "null_class": data_mod.NUM_CLASSES,
+                                                 "num_text_tokens": model.num_text_tokens,
+                                                 "image_size": model.image_size, **record(model),
+                                                 "training": info})
+        return save_fp16(ema_model, out / f"{kind}.safetensors")
 
-    ema_model, info = time_budgeted_train("flux", model, loss_fn, images, labels, args, budget_s, args.seed + 31,
+    ema_model, info = time_budgeted_train(kind, model, loss_fn, images, labels, args, budget_s, args.seed + seed + 1,
                                           checkpoint=save)
     size = save(ema_model, info)
-    logger.info("Flux saved (%d bytes)", size)
+    logger.info("%s saved (%d bytes)", name, size)
     return info
 
 
@@ -366,16 +396,13 @@ def evaluate(kind: str, out: Path, results_dir: Path, classifier, held_x, args) 
     """Reload through the package loader, sample, score, save the grid."""
     per_class = args.eval_per_class
     labels = torch.arange(data_mod.NUM_CLASSES).repeat(per_class)
+    model = models_mod.load_reference(kind, out)
+    sampler = reference_sampler(kind)
     if kind == "dit":
-        model = models_mod.load_reference_dit(out)
-        sampler = sample_dit
-
         def fwd():
             return model(torch.randn(16, 3, 32, 32), timestep=torch.full((16,), 500),
                          class_labels=torch.arange(16) % 11).sample
     else:
-        model = models_mod.load_reference_flux(out)
-        sampler = sample_flux
 
         def fwd():
             return model(torch.randn(16, 3, 32, 32), torch.full((16,), 0.5), torch.arange(16) % 11)
@@ -397,15 +424,86 @@ def evaluate(kind: str, out: Path, results_dir: Path, classifier, held_x, args) 
     return res
 
 
-def write_summary(path: Path, cmd: str, total_s: float, out: Path) -> None:
+def _machine() -> str:
+    return f"{platform.machine()} ({os.cpu_count()} CPU cores, shared), torch {torch.__version__}"
+
+
+def model_section(name: str, m: dict) -> list[str]:
+    """The summary lines of one diffusion model (``name``: DiT, Flux or SD3) from its JSON record."""
+    tr = m["training"]
+    c = m["model"]
+    hidden = f"hidden {c['num_attention_heads'] * c['attention_head_dim']} ({c['num_attention_heads']} heads x {c['attention_head_dim']})"
+    if name == "DiT":
+        arch = (f"DiTTransformer2DModel, {c['num_layers']} blocks, {hidden}, patch {c['patch_size']}, "
+                f"{(c['sample_size'] // c['patch_size']) ** 2} tokens, adaLN-Zero, {c['num_embeds_ada_norm']} class embeddings (null = {m['null_class']})")
+    elif name == "Flux":
+        arch = (f"FluxTransformer2DModel, {c['num_layers']} double + {c['num_single_layers']} single blocks, "
+                f"{hidden}, {(m['image_size'] // m['patch']) ** 2} image tokens "
+                f"({m['patch']}x{m['patch']} packed RGB, {c['in_channels']} ch) + "
+                f"{m['num_text_tokens']} class tokens, null class = {m['null_class']}")
+    else:
+        arch = (f"SD3Transformer2DModel (MMDiT), {c['num_layers']} joint blocks (the last one context_pre_only), "
+                f"{hidden}, patch {c['patch_size']}: {(m['image_size'] // c['patch_size']) ** 2} image tokens + "
+                f"{m['num_text_tokens']} class tokens (joint dim {c['joint_attention_dim']}, pooled {c['pooled_projection_dim']}), "
+                f"QK norm {c.get('qk_norm')}, null class = {m['null_class']}")
+    lines = [f"## {name}", "", f"- {arch}", f"- parameters: {tr['parameters']:,}",
+             f"- objective: {tr['objective']}",
+             f"- AdamW lr {tr['lr']} (warmup + cosine over the time budget), batch {tr['batch_size']}, "
+             f"EMA {tr['ema_decay']}",
+             f"- **{tr['steps']} steps in {tr['wall_s']:.0f} s**, final loss {tr['final_loss']:.4f}"
+             + (f" (resumed: {tr['resumed_steps']} steps in {tr['resumed_wall_s']:.0f} s before this run, "
+                f"{tr['steps'] + tr['resumed_steps']} in all)" if tr.get("resumed_steps") else "")]
+    ev = m.get("eval")
+    if ev:
+        lines += [f"- eager fp32 forward of a CFG batch of 16: {ev['forward_cfg16_s'] * 1000:.0f} ms",
+                  f"- generated-sample class accuracy (classifier): **{ev['sample_acc_50steps']:.3f}** "
+                  f"at 50 steps ({ev['n_samples']} samples, CFG {ev.get('guidance', 4.0):g}), "
+                  f"{ev['sample_acc_10steps']:.3f} at 10 steps "
+                  "(40 samples)",
+                  f"- FID proxy (classifier features, {ev['n_samples']} samples vs 2000 held-out): "
+                  f"{ev['fid_proxy']:.2f} (held-out vs held-out at the same sizes: {ev['fid_floor']:.2f})",
+                  f"- samples: `reference_samples_{name.lower()}.png` (each row = classes 0-9)"]
+    hist = tr.get("loss_history", [])
+    if hist:
+        pick = hist[:: max(1, len(hist) // 8)] + ([hist[-1]] if hist[-1] not in hist[:: max(1, len(hist) // 8)] else [])
+        lines += ["", "| step | time (s) | loss |", "| --- | --- | --- |"]
+        lines += [f"| {s} | {t:.0f} | {loss:.4f} |" for s, t, loss in pick]
+    lines.append("")
+    return lines
+
+
+def replace_section(text: str, section: list[str]) -> str:
+    """``text`` (a summary) with the section headed like ``section`` (``## Name``) replaced by it,
+    up to the next ``## `` heading; appended when there is none."""
+    lines = text.rstrip("\n").split("\n")
+    head = section[0]
+    if head not in lines:
+        return "\n".join(lines + [""] + section) + "\n"
+    i = lines.index(head)
+    j = next((k for k in range(i + 1, len(lines)) if lines[k].startswith("## ")), len(lines))
+    return "\n".join(lines[:i] + section + lines[j:]).rstrip("\n") + "\n"
+
+
+def write_summary(path: Path, cmd: str, total_s: float, out: Path, kinds: list[str]) -> None:
     def meta(name):
         p = out / f"{name}_config.json"
         return json.loads(p.read_text()) if p.exists() else None
 
-    clf, dit, flux = meta("classifier"), meta("dit"), meta("flux")
+    if kinds == ["sd3"] and path.exists():
+        # the held-out model alone: its section only, the rest of the summary (and its notes) as it is
+        how = ("evaluation only (`--eval-only`)" if args_ns.eval_only else
+               f"{args_ns.threads} thread(s)" + (", training step under torch.compile" if args_ns.compile else ""))
+        section = model_section("SD3", meta("sd3"))
+        section[2:2] = [f"The held-out family: the backend's defaults were not tuned on it. Trained as Flux (same data, "
+                        "objective, optimiser, EMA, batch size, learning rate) and sampled as Flux (Euler, Flux's default "
+                        f"guidance) by `{cmd}` on {_machine()} ({how}; {total_s / 60:.1f} min in all, evaluation included).",
+                        ""]
+        path.write_text(replace_section(path.read_text(encoding="utf-8"), section), encoding="utf-8")
+        return
+    clf, dit, flux, sd3 = meta("classifier"), meta("dit"), meta("flux"), meta("sd3")
     lines = ["# Reference checkpoints: training log", "",
              "Reproduce (from the repo root, CPU, fixed seeds):", "", "```", cmd, "```", "",
-             f"- machine: {platform.machine()} ({os.cpu_count()} CPU cores, shared), torch {torch.__version__}; "
+             f"- machine: {_machine()}; "
              + ("evaluation only (`--eval-only`): the training figures below are the checkpoints' own records"
                 if args_ns.eval_only else
                 f"DiT and Flux trained side by side, one process with {args_ns.worker_threads} thread(s) each"
@@ -424,44 +522,9 @@ def write_summary(path: Path, cmd: str, total_s: float, out: Path) -> None:
                   f"- {tr['epochs']} epoch(s) over {tr['steps'] * 128} images ({tr['steps']} steps, batch 128) in {tr['wall_s']:.0f} s, "
                   f"final loss {tr['final_loss']:.4f}",
                   f"- held-out accuracy: **{tr['heldout_accuracy']:.4f}** ({tr['heldout_size']} images)", ""]
-    for name, m in (("DiT", dit), ("Flux", flux)):
-        if not m:
-            continue
-        tr = m["training"]
-        c = m["model"]
-        if name == "DiT":
-            arch = (f"DiTTransformer2DModel, {c['num_layers']} blocks, hidden {c['num_attention_heads'] * c['attention_head_dim']}"
-                    f" ({c['num_attention_heads']} heads x {c['attention_head_dim']}), patch {c['patch_size']}, "
-                    f"{(c['sample_size'] // c['patch_size']) ** 2} tokens, adaLN-Zero, {c['num_embeds_ada_norm']} class embeddings (null = {m['null_class']})")
-        else:
-            arch = (f"FluxTransformer2DModel, {c['num_layers']} double + {c['num_single_layers']} single blocks, "
-                    f"hidden {c['num_attention_heads'] * c['attention_head_dim']} ({c['num_attention_heads']} heads x "
-                    f"{c['attention_head_dim']}), {(m['image_size'] // m['patch']) ** 2} image tokens "
-                    f"({m['patch']}x{m['patch']} packed RGB, {c['in_channels']} ch) + "
-                    f"{m['num_text_tokens']} class tokens, null class = {m['null_class']}")
-        lines += [f"## {name}", "", f"- {arch}", f"- parameters: {tr['parameters']:,}",
-                  f"- objective: {tr['objective']}",
-                  f"- AdamW lr {tr['lr']} (warmup + cosine over the time budget), batch {tr['batch_size']}, "
-                  f"EMA {tr['ema_decay']}",
-                  f"- **{tr['steps']} steps in {tr['wall_s']:.0f} s**, final loss {tr['final_loss']:.4f}"
-                  + (f" (resumed: {tr['resumed_steps']} steps in {tr['resumed_wall_s']:.0f} s before this run, "
-                     f"{tr['steps'] + tr['resumed_steps']} in all)" if tr.get("resumed_steps") else "")]
-        ev = m.get("eval")
-        if ev:
-            lines += [f"- eager fp32 forward of a CFG batch of 16: {ev['forward_cfg16_s'] * 1000:.0f} ms",
-                      f"- generated-sample class accuracy (classifier): **{ev['sample_acc_50steps']:.3f}** "
-                      f"at 50 steps ({ev['n_samples']} samples, CFG {ev.get('guidance', 4.0):g}), "
-                      f"{ev['sample_acc_10steps']:.3f} at 10 steps "
-                      "(40 samples)",
-                      f"- FID proxy (classifier features, {ev['n_samples']} samples vs 2000 held-out): "
-                      f"{ev['fid_proxy']:.2f} (held-out vs held-out at the same sizes: {ev['fid_floor']:.2f})",
-                      f"- samples: `reference_samples_{name.lower()}.png` (each row = classes 0-9)"]
-        hist = tr.get("loss_history", [])
-        if hist:
-            pick = hist[:: max(1, len(hist) // 8)] + ([hist[-1]] if hist[-1] not in hist[:: max(1, len(hist) // 8)] else [])
-            lines += ["", "| step | time (s) | loss |", "| --- | --- | --- |"]
-            lines += [f"| {s} | {t:.0f} | {loss:.4f} |" for s, t, loss in pick]
-        lines.append("")
+    for name, m in (("DiT", dit), ("Flux", flux), ("SD3", sd3)):
+        if m:
+            lines += model_section(name, m)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -479,9 +542,10 @@ def main(argv=None) -> None:
     p.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=True,
                    help="train DiT and Flux side by side, one single-threaded process each")
     p.add_argument("--worker-threads", type=int, default=1)
-    p.add_argument("--worker", choices=["dit", "flux"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["dit", "flux", "sd3"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--checkpoint-every", type=float, default=10.0, help="minutes between EMA checkpoints")
-    p.add_argument("--only", nargs="*", choices=["classifier", "dit", "flux"], default=None)
+    p.add_argument("--only", nargs="*", choices=["classifier", "dit", "flux", "sd3"], default=None,
+                   help="what to train (default: classifier dit flux; the held-out sd3 only when named)")
     p.add_argument("--skip-eval", action="store_true")
     p.add_argument("--eval-only", action="store_true",
                    help="no training: re-evaluate the checkpoints in --out (e.g. after a sampler default changed)")
@@ -525,7 +589,7 @@ def main(argv=None) -> None:
     if "classifier" in only and not args.worker and not args.eval_only:
         k = min(args.classifier_train_size, images.shape[0])
         train_classifier(args, images[:k], labels[:k], held_x, held_y, args.out)
-    kinds = [k for k in ("dit", "flux") if k in only]
+    kinds = [k for k in ("dit", "flux", "sd3") if k in only]
     if args.worker:
         kinds = [args.worker]
     evals: dict = {}
@@ -542,7 +606,7 @@ def main(argv=None) -> None:
             raise SystemExit(f"worker(s) failed: {failed}")
     else:
         budget = args.minutes * 60.0 / max(len(kinds), 1)
-        trainers = {"dit": train_dit, "flux": train_flux}
+        trainers = {"dit": train_dit, "flux": partial(train_flow, "flux"), "sd3": partial(train_flow, "sd3")}
         if not args.eval_only:
             for kind in kinds:
                 trainers[kind](args, images, labels, args.out, budget)
@@ -562,9 +626,9 @@ def main(argv=None) -> None:
     total = time.perf_counter() - t_all
     cmd = "python benchmarks/train_reference.py " + " ".join(
         a if not a.startswith(str(REPO)) else os.path.relpath(a, REPO) for a in (argv or sys.argv[1:]))
-    write_summary(args.results / "train_reference.md", cmd, total, args.out)
+    write_summary(args.results / "train_reference.md", cmd, total, args.out, kinds)
     summary = {"total_min": round(total / 60, 1)}
-    for kind in ("dit", "flux"):
+    for kind in ("dit", "flux", "sd3"):
         meta_path = args.out / f"{kind}_config.json"
         if meta_path.exists():
             summary[kind] = json.loads(meta_path.read_text()).get("eval")

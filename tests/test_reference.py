@@ -11,25 +11,29 @@ from adacorr_compile.reference import (
     NUM_CLASSES,
     build_dit,
     build_flux,
+    build_sd3,
     class_accuracy,
     frechet_distance,
     load_reference_classifier,
     load_reference_dit,
     load_reference_flux,
+    load_reference_sd3,
     make_dataset,
     tiny_dit_config,
     tiny_flux_config,
+    tiny_sd3_config,
 )
 from adacorr_compile.reference.models import WEIGHTS_DIR, pack_patches, unpack_patches
-from adacorr_compile.sampling import (DIT_GUIDANCE_SCALE, FLUX_GUIDANCE_SCALE, flux_timesteps, sample_dit, sample_flux,
-                                     save_grid)
+from adacorr_compile.sampling import (DEFAULT_GUIDANCE, DIT_GUIDANCE_SCALE, FLUX_GUIDANCE_SCALE, flux_timesteps, sample_dit,
+                                     sample_flux, save_grid)
 
 # Floors under what the committed checkpoints measure (benchmarks/results/train_reference.md;
-# DiT 55 + 58 + 80, Flux 55 + 58 minutes of CPU training): the models denoise held-out
+# DiT 55 + 58 + 80, Flux 55 + 58, SD3 25 minutes of CPU training): the models denoise held-out
 # images far better than the trivial predictor, use the class, and 10-step samples at the
 # samplers' default guidance are classified as the requested class well above chance
-# (0.1); measured on these 50 samples: DiT 0.64, Flux 0.62.
-MIN_CLASS_ACCURACY = {"dit": 0.5, "flux": 0.45}
+# (0.1); measured on these 50 samples: DiT 0.64, Flux 0.62, SD3 (the held-out family, the
+# least trained) 0.28.
+MIN_CLASS_ACCURACY = {"dit": 0.5, "flux": 0.45, "sd3": 0.2}
 DIT_MAX_EPS_MSE = 0.1  # the zero predictor scores 1.0
 FLUX_MAX_VELOCITY_MSE = 0.25  # the zero predictor scores ~1.36
 
@@ -41,6 +45,11 @@ def dit():
 @pytest.fixture(scope="module")
 def flux():
     return load_reference_flux()
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    return load_reference_sd3()
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +102,8 @@ def _committed(name):
     return load_file(str(WEIGHTS_DIR / name))
 
 
-def test_loaders_use_committed_weights(dit, flux, classifier):
-    for model, name in ((dit, "dit.safetensors"), (flux, "flux.safetensors"),
+def test_loaders_use_committed_weights(dit, flux, sd3, classifier):
+    for model, name in ((dit, "dit.safetensors"), (flux, "flux.safetensors"), (sd3, "sd3.safetensors"),
                         (classifier, "classifier.safetensors")):
         assert not model.training
         state = model.state_dict()
@@ -105,7 +114,7 @@ def test_loaders_use_committed_weights(dit, flux, classifier):
             assert torch.equal(state[key], value.float()), key
 
 
-def test_reference_forwards_finite_and_deterministic(dit, flux):
+def test_reference_forwards_finite_and_deterministic(dit, flux, sd3):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 3, 32, 32, generator=g)
     y = torch.tensor([0, 3, 7, NUM_CLASSES])
@@ -119,9 +128,14 @@ def test_reference_forwards_finite_and_deterministic(dit, flux):
         # packed tokens in, packed tokens out; same numbers
         vp = flux(pack_patches(x), torch.tensor([1.0, 0.5, 0.1, 0.7]), y)
         assert torch.allclose(unpack_patches(vp, 32, 32), v1, atol=1e-5)
+        # SD3: image in, velocity out as an image; a scalar flow time is every sample's
+        s1 = sd3(x, torch.tensor([1.0, 0.5, 0.1, 0.7]), y)
+        assert s1.shape == x.shape and torch.isfinite(s1).all()
+        assert torch.equal(s1, sd3(x, torch.tensor([1.0, 0.5, 0.1, 0.7]), y))
+        assert torch.equal(sd3(x, 0.5, y), sd3(x, torch.full((4,), 0.5), y))
 
 
-def test_reference_configs(dit, flux):
+def test_reference_configs(dit, flux, sd3):
     assert dit.config.num_layers >= 8 and dit.config.norm_type == "ada_norm_zero"
     assert dit.config.num_embeds_ada_norm == NUM_CLASSES + 1 and dit.config.out_channels == 3
     assert (dit.config.sample_size // dit.config.patch_size) ** 2 == 64
@@ -129,6 +143,12 @@ def test_reference_configs(dit, flux):
     assert t.config.num_layers + t.config.num_single_layers >= 8
     assert t.config.in_channels == 3 * flux.patch ** 2
     assert flux.img_ids.shape == (64, 3) and flux.txt_ids.ndim == 2
+    # the held-out family: an MMDiT of joint blocks, 64 image tokens as the others, QK norm as SD3.5
+    c = sd3.transformer.config
+    assert type(sd3.transformer).__name__ == "SD3Transformer2DModel" and c.num_layers >= 6
+    assert {type(b).__name__ for b in sd3.transformer.transformer_blocks} == {"JointTransformerBlock"}
+    assert (c.sample_size // c.patch_size) ** 2 == 64 and c.qk_norm == "rms_norm" and c.out_channels == 3
+    assert (sd3.num_classes, sd3.null_class, sd3.image_size) == (NUM_CLASSES, NUM_CLASSES, 32)
 
 
 def test_classifier_heldout_accuracy(classifier):
@@ -178,16 +198,40 @@ def test_flux_denoises_heldout_images_and_uses_the_class(flux):
     assert sum(cond) < sum(uncond), (cond, uncond)
 
 
-@pytest.mark.parametrize("kind", ["dit", "flux"])
-def test_samples_have_the_requested_class_above_chance(kind, dit, flux, classifier):
+@pytest.mark.parametrize("kind", ["dit", "flux", "sd3"])
+def test_samples_have_the_requested_class_above_chance(kind, request, classifier):
+    """10 steps at the sampler's default guidance, CFG batched: images in range, of the class."""
     labels = torch.arange(NUM_CLASSES).repeat(5)
-    if kind == "dit":
-        imgs = sample_dit(dit, labels, num_steps=10, seed=0)
-    else:
-        imgs = sample_flux(flux, labels, num_steps=10, seed=0)
-    assert imgs.shape == (50, 3, 32, 32)
+    sampler = sample_dit if kind == "dit" else sample_flux
+    imgs = sampler(request.getfixturevalue(kind), labels, num_steps=10, seed=0)
+    assert imgs.shape == (50, 3, 32, 32) and torch.isfinite(imgs).all()
     assert float(imgs.min()) >= -1.0 and float(imgs.max()) <= 1.0
     assert class_accuracy(classifier, imgs, labels) >= MIN_CLASS_ACCURACY[kind]
+
+
+@pytest.mark.parametrize("lowering", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_sd3_blocks_are_guarded_regions_and_never_reuse_equals_plain_compile(sd3, lowering):
+    """The held-out SD3 under the backend: every JointTransformerBlock (the last one, context_pre_only,
+    too) is a guarded region, and with caching off 3 CFG steps give the images of plain
+    ``torch.compile``: Inductor against Inductor (slow set: ~2 min of compiling on one thread with
+    an empty Inductor cache); eager lowering against the eager model, exactly (plain
+    ``torch.compile`` with the eager backend runs that same code)."""
+    import adacorr_compile
+    from adacorr_compile import bench
+
+    t = sd3.transformer
+    ours = bench.with_transformer(sd3, torch.compile(t, backend="adacorr", options={"policy": "never", "lowering": lowering}))
+    plain = sd3 if lowering == "eager" else bench.with_transformer(sd3, torch.compile(t))
+    a = sample_flux(ours, [3, 7], num_steps=3, seed=0)
+    b = sample_flux(plain, [3, 7], num_steps=3, seed=0)
+    n = len(t.transformer_blocks)
+    assert [r.spec.path for r in adacorr_compile.regions(ours.transformer)] == [f"transformer_blocks.{i}" for i in range(n)]
+    totals = adacorr_compile.stats(ours.transformer)["totals"]
+    assert totals["reuses"] == 0 and totals["computes"] == 3 * n
+    if lowering == "eager":
+        assert torch.equal(a, b)
+    else:
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_samplers_default_guidance_is_the_documented_scale(dit, flux):
@@ -199,6 +243,8 @@ def test_samplers_default_guidance_is_the_documented_scale(dit, flux):
     assert not torch.equal(a, sample_dit(dit, [3, 7], num_steps=3, seed=1, guidance_scale=4.0))
     b = sample_flux(flux, [3, 7], num_steps=3, seed=1)
     assert torch.equal(b, sample_flux(flux, [3, 7], num_steps=3, seed=1, guidance_scale=4.0))
+    # the held-out SD3 takes Flux's scale (not tuned on it)
+    assert DEFAULT_GUIDANCE == {"dit": DIT_GUIDANCE_SCALE, "flux": FLUX_GUIDANCE_SCALE, "sd3": FLUX_GUIDANCE_SCALE}
 
 
 @pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
@@ -339,8 +385,8 @@ def test_tiny_flux_with_cache_dit_dbcache():
     assert torch.equal(sample_flux(wrapper, [1, 2], num_steps=steps, seed=0), ref)
 
 
-def _dit_peer(kind, cached):
-    """(method, what it skips) of a peer on the DiT: ``cached`` False is its exact setting
+def _peer(kind, cached):
+    """(method, what it skips) of a peer: ``cached`` False is its exact setting
     (threshold 0, or TaylorSeer's caching never starting)."""
     from functools import partial
 
@@ -362,42 +408,62 @@ def _dit_peer(kind, cached):
                                                               disable_cache_before_step=before), 3), "attention"
 
 
+def _tiny_three_blocks(family):
+    """(what the sampler takes, its diffusers transformer, the sampler, the blocks' attention
+    modules) of a tiny DiT or class-conditioned SD3 with 3 blocks (random weights)."""
+    torch.manual_seed(0)
+    if family == "dit":
+        cfg = tiny_dit_config()
+        cfg.update(num_layers=3)
+        t = build_dit(cfg).eval()
+        return t, t, sample_dit, [b.attn1 for b in t.transformer_blocks]
+    cfg = tiny_sd3_config()
+    cfg.update(num_layers=3)
+    wrapper = build_sd3(cfg).eval()
+    return wrapper, wrapper.transformer, sample_flux, [b.attn for b in wrapper.transformer.transformer_blocks]
+
+
+@pytest.mark.parametrize("family", ["dit", "sd3"])
 @pytest.mark.parametrize("kind", ["cache-dit", "cache-dit + TaylorSeer", "FirstBlockCache", "TaylorSeer"])
-def test_tiny_dit_with_peers(kind):
-    """The peers of benchmarks/peers.py run on a bare DiTTransformer2DModel: cache-dit (its DiT
-    patch functor, undone by the cleanup), diffusers' FirstBlockCache and TaylorSeer hooks
-    (applied directly, the DiT has no CacheMixin; TaylorSeer on the blocks' attn1). Exact
-    settings give the uncached images; cached ones skip blocks (TaylorSeer: attention calls),
-    the same in two generations in a row; the model is as it was afterwards."""
+def test_tiny_models_with_peers(kind, family):
+    """The peers of benchmarks/peers.py run on a bare DiTTransformer2DModel and on the SD3 wrapper:
+    cache-dit (the DiT: its DiT patch functor, undone by the cleanup; SD3: its joint blocks as
+    Pattern_1, TaylorSeer without its encoder calibrator), diffusers' FirstBlockCache and TaylorSeer
+    hooks (applied directly, neither model has CacheMixin; TaylorSeer on the blocks' attention).
+    Exact settings give the uncached images; cached ones skip blocks (TaylorSeer: attention calls),
+    the same in two generations in a row; the model is as it was afterwards. FirstBlockCache
+    cannot run SD3 (its last block returns no text stream) and says so before touching it."""
+    from adacorr_compile import bench
     from adacorr_compile.bench import BlockCounter, block_modules
 
-    torch.manual_seed(0)
-    cfg = tiny_dit_config()
-    cfg.update(num_layers=3)
-    t = build_dit(cfg).eval()
+    model, t, sampler, attention_modules = _tiny_three_blocks(family)
     attrs, modules = set(t.__dict__), set(t._modules)
     n_blocks, steps, labels = len(block_modules(t)), 8, [1, 2]
     calls = n_blocks * steps
     blocks = BlockCounter(t)
-    attention = [b.attn1.to_q.register_forward_hook(lambda *_: attention_count.append(1)) for b in t.transformer_blocks]
+    attention = [a.to_q.register_forward_hook(lambda *_: attention_count.append(1)) for a in attention_modules]
     attention_count = []
 
     def generate(fn):
         blocks.count = 0
         attention_count.clear()
-        images = sample_dit(fn, labels, num_steps=steps, seed=0)
+        images = sampler(fn, labels, num_steps=steps, seed=0)
         return images, {"blocks": blocks.count, "attention": len(attention_count)}
 
     try:
-        ref, counts = generate(t)
+        ref, counts = generate(model)
         assert counts == {"blocks": calls, "attention": calls}
         for cached in (False, True):
-            method, skips = _dit_peer(kind, cached)
-            fn = method.build(t)
+            method, skips = _peer(kind, cached)
+            if family == "sd3" and kind == "FirstBlockCache":
+                with pytest.raises(bench.PeerUnsupported, match="context_pre_only"):
+                    method.build(model)
+                continue
+            fn = method.build(model)
             try:
                 (a, count_a), (b, count_b) = generate(fn), generate(fn)
             finally:
-                method.cleanup(t)
+                method.cleanup(model)
             # a fresh cache state for each generation: the same images and skips twice
             assert torch.equal(a, b) and count_a == count_b
             assert torch.isfinite(a).all()
@@ -412,7 +478,7 @@ def test_tiny_dit_with_peers(kind):
             h.remove()
     # cleaned up: the transformer is as it was (diffusers leaves its empty hook registry)
     assert set(t.__dict__) - {"_diffusers_hook"} == attrs and set(t._modules) == modules
-    assert torch.equal(sample_dit(t, labels, num_steps=steps, seed=0), ref)
+    assert torch.equal(sampler(model, labels, num_steps=steps, seed=0), ref)
 
 
 def test_cache_dit_missing_names_the_package(monkeypatch):
@@ -457,13 +523,15 @@ def test_save_grid(tmp_path):
 
 # ------------------------------------------------------------ training script
 
+# a few training steps, no evaluation (with train_reference.py's --only and extra flags)
+SHORT_TRAINING = ["--max-steps", "2", "--minutes", "2", "--skip-eval", "--no-compile", "--train-size", "128",
+                  "--heldout-size", "64", "--log-every", "1"]
 
-@pytest.mark.slow  # 30 s of training
-def test_train_reference_resume_continues_the_committed_checkpoint(tmp_path):
-    """``benchmarks/train_reference.py --resume`` starts from the weights in ``--out``
-    (the loss of its first steps is that of the trained model, not of a fresh init) and
-    its record counts the earlier runs' steps."""
-    import json
+
+def _train_reference(tmp_path, *args, check=True):
+    """``benchmarks/train_reference.py *args`` on one thread, ``--out``: a copy of the committed
+    weights in ``tmp_path/weights`` (made by the first call), ``--results``: ``tmp_path/results``;
+    returns the CompletedProcess (text output)."""
     import shutil
     import subprocess
     import sys
@@ -471,15 +539,25 @@ def test_train_reference_resume_continues_the_committed_checkpoint(tmp_path):
 
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "weights"
-    shutil.copytree(WEIGHTS_DIR, out)
-    before = json.loads((out / "dit_config.json").read_text())["training"]
-    common = [sys.executable, str(repo / "benchmarks/train_reference.py"), "--out", str(out),
-              "--results", str(tmp_path / "results"), "--only", "dit", "--max-steps", "2", "--minutes", "2",
-              "--skip-eval", "--no-compile", "--train-size", "128", "--heldout-size", "64", "--log-every", "1",
-              "--threads", "1"]
+    if not out.exists():
+        shutil.copytree(WEIGHTS_DIR, out)
+    cmd = [sys.executable, str(repo / "benchmarks/train_reference.py"), "--out", str(out), "--results",
+           str(tmp_path / "results"), "--threads", "1", *args]
+    return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow  # 30 s of training
+def test_train_reference_resume_continues_the_committed_checkpoint(tmp_path):
+    """``benchmarks/train_reference.py --resume`` starts from the weights in ``--out``
+    (the loss of its first steps is that of the trained model, not of a fresh init) and
+    its record counts the earlier runs' steps."""
+    import json
+
+    out = tmp_path / "weights"
+    before = json.loads((WEIGHTS_DIR / "dit_config.json").read_text())["training"]
 
     def first_loss(extra):
-        subprocess.run(common + extra, check=True, capture_output=True, timeout=300)
+        _train_reference(tmp_path, "--only", "dit", *SHORT_TRAINING, *extra)
         return json.loads((out / "dit_config.json").read_text())["training"]
 
     resumed = first_loss(["--resume"])
@@ -496,20 +574,12 @@ def test_train_reference_eval_only_rescores_without_training(tmp_path):
     """``--eval-only`` leaves the weights and the training record alone and stores a
     fresh evaluation at the sampler's default guidance."""
     import json
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
     out, results = tmp_path / "weights", tmp_path / "results"
-    shutil.copytree(WEIGHTS_DIR, out)
-    weights = (out / "dit.safetensors").read_bytes()
-    before = json.loads((out / "dit_config.json").read_text())
-    cmd = [sys.executable, str(repo / "benchmarks/train_reference.py"), "--out", str(out), "--results", str(results),
-           "--only", "dit", "--eval-only", "--eval-per-class", "1", "--train-size", "16", "--heldout-size", "2010",
-           "--threads", "1"]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    weights = (WEIGHTS_DIR / "dit.safetensors").read_bytes()
+    before = json.loads((WEIGHTS_DIR / "dit_config.json").read_text())
+    args = ["--only", "dit", "--eval-only", "--eval-per-class", "1", "--train-size", "16", "--heldout-size", "2010"]
+    _train_reference(tmp_path, *args)
     after = json.loads((out / "dit_config.json").read_text())
     assert (out / "dit.safetensors").read_bytes() == weights
     assert after["training"] == before["training"]
@@ -518,8 +588,35 @@ def test_train_reference_eval_only_rescores_without_training(tmp_path):
     summary = (results / "train_reference.md").read_text()
     assert "evaluation only" in summary and "CFG 1.5" in summary
     assert (results / "reference_samples_dit.png").stat().st_size > 0
-    bad = subprocess.run(cmd + ["--skip-eval"], capture_output=True, text=True, timeout=300)
+    bad = _train_reference(tmp_path, *args, "--skip-eval", check=False)
     assert bad.returncode != 0 and "--eval-only and --skip-eval exclude each other" in bad.stderr
+
+
+@pytest.mark.slow  # 35 s (two short runs)
+def test_train_reference_sd3_alone_leaves_the_other_models_alone(tmp_path):
+    """``--only sd3`` trains the held-out SD3 from its fresh init (zeroed output: the first loss is the
+    zero predictor's, ~1.36) into ``sd3.safetensors`` + ``sd3_config.json``, loadable by the package
+    loader; the classifier, DiT and Flux files stay as they were, and an existing summary keeps
+    its text and other sections: only its SD3 section is written (replaced on the next run)."""
+    import json
+
+    from adacorr_compile.reference import sd3_config
+
+    out, results = tmp_path / "weights", tmp_path / "results"
+    results.mkdir()
+    summary = results / "train_reference.md"
+    summary.write_text("# Reference checkpoints\n\nNotes written by hand.\n\n## DiT\n\n- its rows\n")
+    others = {p.name: p.read_bytes() for p in WEIGHTS_DIR.iterdir() if not p.name.startswith("sd3")}
+    for _ in range(2):
+        _train_reference(tmp_path, "--only", "sd3", *SHORT_TRAINING)
+        text = summary.read_text()
+        assert text.startswith("# Reference checkpoints\n\nNotes written by hand.\n\n## DiT\n\n- its rows\n\n## SD3\n")
+        assert text.count("## SD3") == 1 and "--only sd3" in text and "SD3Transformer2DModel" in text
+    assert {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith("sd3")} == others
+    training = json.loads((out / "sd3_config.json").read_text())["training"]
+    assert training["steps"] == 2 and "resumed_steps" not in training
+    assert 1.2 < training["loss_history"][0][2] < 1.6
+    assert load_reference_sd3(out).transformer.config.num_layers == sd3_config()["num_layers"]
 
 
 def test_samplers_cfg_as_two_calls_give_the_batched_images(dit, flux):
