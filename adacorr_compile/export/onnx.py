@@ -239,6 +239,25 @@ def _plan_regions(gm: fx.GraphModule, config: AdaCorrConfig, bindings: Mapping[A
 # --------------------------------------------------------------------------- the guarded region
 
 
+@dataclass
+class RegionSignals:
+    """What the other regions of a step pass a :class:`CondRegion` (its ``extra`` inputs)."""
+
+    fb_ref: torch.Tensor | None = None  # first_block, the first region: the reference residual
+    similar: torch.Tensor | None = None  # first_block, a later region: the first block's verdict
+    # scope="step", the probe: the leader's fresh residuals, their reference, the followers' cache-valid flags
+    leader_res: list[torch.Tensor] = field(default_factory=list)
+    probe_ref: list[torch.Tensor] = field(default_factory=list)
+    followers_valid: list[torch.Tensor] = field(default_factory=list)
+    # scope="step", a follower: the probe's verdict (batch: reuse; sample: consulted and the
+    # per-sample proposal), its lambda, and for the last region of a span the span's input
+    probe_reuse: torch.Tensor | None = None
+    probe_consulted: torch.Tensor | None = None
+    probe_proposed: torch.Tensor | None = None
+    probe_lam: torch.Tensor | None = None
+    span_in: list[torch.Tensor] = field(default_factory=list)
+
+
 def _size_sources(nodes: Sequence[fx.Node]) -> dict[Any, tuple[fx.Node, int]]:
     """Symbol -> (tensor node, axis) for every dimension of ``nodes`` that is a bare symbol."""
     import sympy
@@ -445,23 +464,24 @@ class CondRegion(torch.nn.Module):
             return None
         return "first" if self.plan.index == 0 else "follower"
 
-    def _extra_inputs(self, extra: list[torch.Tensor]) -> dict[str, Any]:
+    def _extra_inputs(self, extra: list[torch.Tensor]) -> RegionSignals:
         """Name the ``extra`` inputs (see the class docstring)."""
         cfg, role = self.config, step_role(self.config, self.plan.index)
-        named: dict[str, Any] = {}
         if role == "follower" and cfg.decision == "sample":  # (no spans: every region has its own cache)
-            named["probe_consulted"], named["probe_proposed"], named["probe_lam"] = extra
-            return named
-        if role == "follower":
-            named["probe_reuse"], named["probe_lam"] = extra[:2]
-            named["span_in"] = extra[2:]  # the last region of a span: the span's input
-            return named
-        if cfg.policy == "first_block":
-            named["fb_ref" if self.plan.index == 0 else "similar"] = extra.pop(0)
+            consulted, proposed, lam = extra
+            return RegionSignals(probe_consulted=consulted, probe_proposed=proposed, probe_lam=lam)
+        if role == "follower":  # the last region of a span also gets the span's input
+            return RegionSignals(probe_reuse=extra[0], probe_lam=extra[1], span_in=list(extra[2:]))
+        signals = RegionSignals()
+        if cfg.policy == "first_block" and self.plan.index == 0:
+            signals.fb_ref = extra.pop(0)
+        elif cfg.policy == "first_block":
+            signals.similar = extra.pop(0)
         if role == "probe":
             n = self.leader_pairs
-            named["leader_res"], named["probe_ref"], named["followers_valid"] = extra[:n], extra[n : 2 * n], extra[2 * n :]
-        return named
+            signals.leader_res, signals.probe_ref = list(extra[:n]), list(extra[n : 2 * n])
+            signals.followers_valid = list(extra[2 * n :])
+        return signals
 
     def forward(self, step: torch.Tensor, steps_left: torch.Tensor, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
         cfg, plan = self.config, self.plan
@@ -481,7 +501,7 @@ class CondRegion(torch.nn.Module):
         prev_vals = by_kind.get("prev_val", [])  # forecast="linear" only
         role = self._first_block_role()
         srole = step_role(cfg, plan.index)
-        named = self._extra_inputs(extra)
+        named = self._extra_inputs(extra)  # what the other regions of the step pass this one
 
         observed = [args[i] for i in plan.observed]
         has_cache = step > 0
@@ -492,12 +512,12 @@ class CondRegion(torch.nn.Module):
             # policy's: no guard forced it, its and the followers' caches are finite; the
             # samples the policy would reuse), under this region's own guards and per-sample
             # cap, as on the host
-            score, lam = nan_lam, named["probe_lam"]
+            score, lam = nan_lam, named.probe_lam
             forced = torch.zeros_like(has_cache)
             for _, holds in guard_checks(cfg, step, steps_left, consecutive.amin(0), has_cache, False):
                 forced = forced | holds
-            follows = named["probe_consulted"] & ~forced
-            reuse = cap_streaks(cfg, named["probe_proposed"], consecutive) & follows
+            follows = named.probe_consulted & ~forced
+            reuse = cap_streaks(cfg, named.probe_proposed, consecutive) & follows
             by_policy = follows & ~reuse.all()
             nonfinite = torch.zeros_like(has_cache)
             blend_lam = torch.where(by_policy, lam, nan_lam)
@@ -505,22 +525,22 @@ class CondRegion(torch.nn.Module):
             # scope="step": the probe's verdict (it covers every guard and every cache's
             # finiteness); the follower measures nothing (its statistics are NaN, as on the host).
             # The probe's lambda is NaN where its verdict was not the policy's: no blend then
-            score, lam = nan_lam, named["probe_lam"]
-            reuse, nonfinite = named["probe_reuse"] & has_cache, torch.zeros_like(has_cache)
+            score, lam = nan_lam, named.probe_lam
+            reuse, nonfinite = named.probe_reuse & has_cache, torch.zeros_like(has_cache)
             blend_lam = torch.where(has_cache, lam, nan_lam)
         else:
             if srole == "probe":  # the OEM on the leader's fresh residual (see runtime/region.py)
-                score = oem.score(cfg.score, named["leader_res"], named["probe_ref"], cfg.spatial_weight, per_sample)
+                score = oem.score(cfg.score, named.leader_res, named.probe_ref, cfg.spatial_weight, per_sample)
             elif srole == "leader":  # computes at every step, measures nothing
                 score = nan_lam
             else:
                 score = oem.score(cfg.score, observed, reference, cfg.spatial_weight, per_sample)
             lam = acm.correction_weight(score, cfg.gamma) if srole != "leader" else nan_lam
             valid_all = valid
-            for v in named.get("followers_valid", []):
+            for v in named.followers_valid:
                 valid_all = valid_all & v
             reuse, nonfinite, by_policy, proposed = decide_tensor(
-                cfg, step, steps_left, consecutive, has_cache, valid_all, plan.index == 0, lam, named.get("similar"), score
+                cfg, step, steps_left, consecutive, has_cache, valid_all, plan.index == 0, lam, named.similar, score
             )
             # blend=True blends a compute the policy chose, never a forced one (warm-up, final
             # steps, reuse cap, a non-finite cache): NaN marks "do not blend"
@@ -533,7 +553,7 @@ class CondRegion(torch.nn.Module):
         # "cached" drift: the reference input changes only on a compute, so it goes through
         # the branches; "previous": it is the observed input either way, set after them
         n_ref = len(reference) if cfg.drift_reference == "cached" else 0
-        span_in = named.get("span_in", [])  # the span's input, for its last region's residual
+        span_in = named.span_in  # the span's input, for its last region's residual
         passes_on = plan.span_size > 1 and not plan.span_tail  # a reuse hands its input on
 
         forecast = bool(prev_vals)
@@ -670,7 +690,7 @@ class CondRegion(torch.nn.Module):
                 new_state.append(scalars[s.kind])
         extra_out: list[torch.Tensor] = []
         if role == "first":
-            fb_ref = named["fb_ref"]
+            fb_ref = named.fb_ref
             residual = new_cache[0]
             change = relative_change(residual, fb_ref)
             similar_now = has_cache & (change < cfg.first_block_threshold)
@@ -678,7 +698,7 @@ class CondRegion(torch.nn.Module):
         if srole == "leader":
             extra_out += [outs[j] - args[i] for i, j in plan.stream_pairs]
         elif srole == "probe":
-            current, ref = named["leader_res"], named["probe_ref"]
+            current, ref = named.leader_res, named.probe_ref
             if cfg.drift_reference == "cached":  # the reference moves when the probe computes
                 new_ref = [torch.where(reuse, r, c) for r, c in zip(ref, current)]
             else:
