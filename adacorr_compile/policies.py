@@ -202,7 +202,7 @@ def forecast_keeps_previous(partial: Any, mixed: Any) -> Any:
     earlier point. Not when this refresh is partial (the samples that reused keep older
     values) nor when the replaced cache was itself mixed: values of several steps have no
     single step to measure a slope from. Host bools or 0-d bool tensors."""
-    return _not(partial) & _not(mixed) if isinstance(partial, torch.Tensor) else not partial and not mixed
+    return _not(partial) & _not(mixed)
 
 
 STEPS_UNKNOWN = 1 << 62  # ``steps_left`` as a tensor when the host's value is None
