@@ -43,6 +43,21 @@ def extrapolate(value: torch.Tensor, previous: torch.Tensor, k: float | torch.Te
     return torch.where(usable, torch.lerp(previous, value, 1.0 + k), value)
 
 
+def steady(new: list[torch.Tensor], old: list[torch.Tensor], gap: float | torch.Tensor, max_change: float) -> torch.Tensor:
+    """Whether cached values changed slowly enough between two computes ``gap`` steps apart
+    for a first-order forecast from them (``forecast_max_change``): ``||new - old|| <=
+    max_change * gap * ||new||`` over all streams (0-d bool; False where anything is not
+    finite). A residual that moves by more than that share of its size per step is in a
+    fast, curved phase (the first steps of flow-matching models), where extrapolating its
+    last difference overshoots: it is then reused as it was. The one definition, for the
+    runtime's refresh and the ONNX step graph (``gap`` a float, or a 0-d tensor there)."""
+    if max_change == float("inf"):  # always (0 * inf would be NaN for an all-zero cache)
+        return torch.ones((), dtype=torch.bool, device=new[0].device)
+    change = torch.stack([(n.float() - o.float()).square().sum() for n, o in zip(new, old)]).sum().sqrt()
+    size = torch.stack([n.float().square().sum() for n in new]).sum().sqrt()
+    return change <= size * (gap * max_change)
+
+
 def reuse_values(
     inputs: list[torch.Tensor], cached: list[torch.Tensor], previous: list[torch.Tensor] | None,
     k: float | torch.Tensor, usable: torch.Tensor | None, residuals: bool,

@@ -62,13 +62,16 @@ def load_factory(spec: str) -> Callable[[], tuple[torch.nn.Module, Callable[...,
 
 def parse_option(text: str) -> tuple[str, Any]:
     """``key=value`` -> ``(key, value)``; the value is a Python literal if it parses as one
-    (``0.1``, ``3``, ``True``), ``true``/``false`` are booleans, anything else a string."""
+    (``0.1``, ``3``, ``True``), ``true``/``false`` are booleans, ``inf`` is ``float("inf")``,
+    anything else a string."""
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"--option {text!r}: expected key=value")
     key, _, raw = text.partition("=")
     key, raw = key.strip(), raw.strip()
     if raw.lower() in ("true", "false"):
         return key, raw.lower() == "true"
+    if raw.lower() in ("inf", "+inf", "infinity"):  # e.g. forecast_max_change=inf
+        return key, float("inf")
     try:
         return key, ast.literal_eval(raw)
     except (ValueError, SyntaxError):

@@ -96,6 +96,12 @@ class AdaCorrConfig:
         (first-order Taylor in the step index, as TaylorSeer and cache-dit's calibrator
         do): ``v + (v - v_prev) * (step - step_v) / (step_v - step_prev)``; until a region
         has computed twice in a generation it reuses as with ``"none"``.
+    forecast_max_change: ``forecast="linear"`` extrapolates only from two computes between
+        which the cached values changed by at most this share of their size per step
+        (``||v - v_prev|| <= forecast_max_change * (step_v - step_prev) * ||v||``, see
+        :func:`adacorr_compile.acm.steady`); after a faster change they are reused as
+        they are until the next compute. ``float("inf")``: always extrapolate (TaylorSeer's
+        rule). The default 0.1 is measured (benchmarks/results/README.md, "Forecast").
 
     Lowering:
 
@@ -130,6 +136,7 @@ class AdaCorrConfig:
     decision: str = "batch"
     scope: str = "step"
     forecast: str = "linear"
+    forecast_max_change: float = 0.1
     lowering: str = "inductor"
     inductor_mode: str = "default"
     timestep_arg: str = "timestep"
@@ -231,6 +238,7 @@ _ALLOWED: dict[str, tuple[Any, str]] = {
     "decision": (lambda v: v in DECISIONS, " | ".join(DECISIONS)),
     "scope": (lambda v: v in SCOPES, " | ".join(SCOPES)),
     "forecast": (lambda v: v in FORECASTS, " | ".join(FORECASTS)),
+    "forecast_max_change": (lambda v: _is_number(v) and v >= 0, "a number >= 0 (float('inf'): always extrapolate)"),
     "lowering": (lambda v: v in LOWERINGS, " | ".join(LOWERINGS)),
     "inductor_mode": (lambda v: v in INDUCTOR_MODES, " | ".join(INDUCTOR_MODES)),
     "timestep_arg": (lambda v: isinstance(v, str) and v.isidentifier(), "a Python identifier (the forward argument name)"),

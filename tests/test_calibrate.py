@@ -134,6 +134,21 @@ def test_swapped_config_decides_as_a_fresh_compile_and_refuses_structural_option
             _swap_config(swapped, {name: None})
 
 
+def test_swapped_forecast_gate_decides_as_a_fresh_compile():
+    """forecast_max_change is read at run time (a calibrate variant needs no recompile)."""
+    model, _ = tiny_plain(4)
+    options = {**EAGER, "reuse_threshold": 1.0, "warmup_steps": 1}
+    fresh = torch.compile(model, backend="adacorr", options={**options, "forecast_max_change": float("inf")})
+    expected = sample(fresh, 0)
+    torch._dynamo.reset()
+    swapped = torch.compile(model, backend="adacorr", options={**options, "forecast_max_change": 0.0})
+    gated = sample(swapped, 0)
+    assert not torch.equal(gated, expected)  # the gate changed what the reuses returned
+    with torch.compiler.set_stance("fail_on_recompile"), swapped_config(swapped, {"forecast_max_change": float("inf")}):
+        adacorr_compile.reset(swapped)
+        assert torch.equal(sample(swapped, 0), expected)
+
+
 class _Flippable(PlainDiT):
     def forward(self, hidden_states, timestep, flip: bool = False):
         out = super().forward(hidden_states, timestep)[0]

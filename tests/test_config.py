@@ -35,6 +35,8 @@ def test_from_options_sets_fields():
         ("decision", "token"),
         ("scope", "layer"),
         ("forecast", "quadratic"),
+        ("forecast_max_change", -0.1),
+        ("forecast_max_change", float("nan")),
         ("lowering", "xla"),
         ("inductor_mode", "turbo"),
         ("timestep_arg", "not an identifier"),

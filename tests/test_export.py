@@ -502,6 +502,7 @@ def test_cli_export_uncached_and_bench(tmp_path, exports, capsys):
     assert parse_option("reuse_threshold=0.1") == ("reuse_threshold", 0.1)
     assert parse_option("correction=false") == ("correction", False)
     assert parse_option("policy=interval") == ("policy", "interval")
+    assert parse_option("forecast_max_change=inf") == ("forecast_max_change", float("inf"))
     with pytest.raises(SystemExit) as exc:
         main(["export", "onnx", "--model", "dit", "--out", str(tmp_path / "x.onnx"), "--option", "reuse_threshold=7"])
     assert exc.value.code == 2 and "reuse_threshold" in capsys.readouterr().err.splitlines()[-1]

@@ -86,6 +86,24 @@ def test_corrected_cache_and_bound():
     assert acm.error_bound(torch.tensor(0.25), 2.0, 3.0, torch.tensor(0.5)).item() == pytest.approx(0.75 * 2 * 3 * 0.5)
 
 
+def test_steady_bounds_the_change_per_step_over_all_streams():
+    """acm.steady: ||new - old|| <= max_change * gap * ||new||, the streams pooled."""
+    old = [torch.ones(2, 3, 4), torch.ones(2, 5, 4)]
+    new = [o * 1.2 for o in old]  # ||new - old|| / ||new|| = 0.2 / 1.2 = 1/6 in both streams
+    assert not acm.steady(new, old, 1.0, 0.16).item()
+    assert acm.steady(new, old, 1.0, 0.17).item()
+    assert acm.steady(new, old, 2.0, 0.09).item()  # the same change over two steps: half as fast
+    assert not acm.steady(new, old, torch.tensor(2.0), 0.08).item()  # gap as a 0-d tensor (the ONNX graph)
+    # pooled: a stream that did not move dilutes the change (0.2 * 4 / sqrt(1.44 * 4 + 4))
+    mixed = [new[0], old[1][:, :3]]
+    ratio = 0.2 * math.sqrt(24) / math.sqrt(1.44 * 24 + 24)
+    assert acm.steady(mixed, [old[0], old[1][:, :3]], 1.0, ratio + 1e-4).item()
+    assert not acm.steady(mixed, [old[0], old[1][:, :3]], 1.0, ratio - 1e-4).item()
+    # a non-finite value is never steady; an infinite bound always is (even for an all-zero cache)
+    assert not acm.steady([torch.full((2, 3), float("nan"))], [torch.zeros(2, 3)], 1.0, 10.0).item()
+    assert acm.steady([torch.zeros(2, 3)], [torch.ones(2, 3)], 1.0, float("inf")).item()
+
+
 def test_score_dispatch_rejects_unknown():
     with pytest.raises(ValueError, match="score variant"):
         oem.score("other", torch.zeros(1, 1, 2), torch.zeros(1, 1, 2))

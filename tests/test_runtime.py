@@ -316,26 +316,89 @@ class _LinearInTime(torch.nn.Module):
 def test_linear_forecast_is_exact_where_blocks_are_linear_in_time(correction, lowering):
     """forecast='linear' extrapolates the cached value from the last two computes: on
     blocks whose output moves linearly with the (evenly spaced) timestep it reproduces
-    the uncached output on reused steps, where plain reuse does not."""
+    the uncached output on reused steps, where plain reuse does not. With
+    ``forecast_max_change=0`` no change is slow enough to extrapolate from: the outputs are
+    plain reuse's, bit for bit."""
     torch.manual_seed(0)
     model = _LinearInTime().eval()
     x = torch.randn(2, 8, 4)
-    errors = {}
-    for forecast in ("none", "linear"):
+    errors, outputs = {}, {}
+    for forecast, max_change in (("none", 0.1), ("linear", float("inf")), ("linear", 0.0)):
         torch._dynamo.reset()
         fast = torch.compile(model, backend="adacorr", options={
             "policy": "interval", "interval": 3, "correction": correction, "reuse_threshold": 1.0, "scope": "block",
-            "forecast": forecast, "lowering": lowering})
-        err = []
+            "forecast": forecast, "forecast_max_change": max_change, "lowering": lowering})
+        err, outs = [], []
         with torch.no_grad():
             for k in range(12):
                 t = torch.full((2,), 900.0 - 60.0 * k)
-                err.append(float((fast(hidden_states=x, timestep=t)[0] - model(hidden_states=x, timestep=t)[0]).abs().max()))
+                outs.append(fast(hidden_states=x, timestep=t)[0])
+                err.append(float((outs[-1] - model(hidden_states=x, timestep=t)[0]).abs().max()))
         totals = adacorr_compile.stats(fast)["totals"]
         assert totals["regions"] == 4 and totals["reuses"] == 4 * 6  # steps 3, 4, 6, 7, 9, 10 reused
-        errors[forecast] = err
-    assert max(errors["none"]) > 1e-2  # plain reuse lags behind the moving output
-    assert max(errors["linear"]) < 1e-4
+        errors[forecast, max_change], outputs[forecast, max_change] = err, outs
+    assert max(errors["none", 0.1]) > 1e-2  # plain reuse lags behind the moving output
+    assert max(errors["linear", float("inf")]) < 1e-4
+    for a, b in zip(outputs["linear", 0.0], outputs["none", 0.1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_forecast_max_change_gates_each_slope_by_its_own_change():
+    """The gate looks at each pair of computes a reuse would extrapolate from: a slope across a
+    jump of the residual is not used (the reuse takes the residual as it was), a slow, steady
+    change is. The block's residual is ``timestep / 1000 * v`` (v fixed), so the change per
+    step between two computes is known in closed form."""
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.v = torch.nn.Parameter(torch.randn(1, 1, 8))
+
+        def forward(self, x, c):
+            return x + c[:, None, None] * self.v
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([Block() for _ in range(2)])
+
+        def forward(self, hidden_states, timestep, return_dict=True):
+            x = hidden_states
+            for block in self.blocks:
+                x = block(x, timestep.float() / 1000.0)
+            return (x,)
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(2, 4, 8)
+    # t: 1000, 500 (a 50% drop, per step), then 490, 480, ... (about 2% of the residual per step)
+    ts = [1000.0, 500.0] + [490.0 - 10.0 * k for k in range(10)]
+    torch._dynamo.reset()
+    fast = torch.compile(model, backend="adacorr", options={
+        "policy": "interval", "interval": 3, "warmup_steps": 2, "reuse_threshold": 1.0, "scope": "block",
+        "forecast": "linear", "forecast_max_change": 0.1, "lowering": "eager", "final_steps": 0})
+    err = []
+    with torch.no_grad():
+        for t in ts:
+            tt = torch.full((2,), t)
+            err.append(float((fast(hidden_states=x, timestep=tt)[0] - model(hidden_states=x, timestep=tt)[0]).abs().max()))
+    # computes at steps 0, 1, 2, 5, 8, 11; reuses at 3, 4 (slope 1 -> 2: r changes by 2% of itself, steady),
+    # 6, 7, 9, 10: every reuse is extrapolated, and exactly (the residual is linear in t from step 1 on)
+    assert adacorr_compile.stats(fast)["totals"]["reuses"] == 2 * 6
+    assert max(err) < 1e-5
+    # the same with t jumping between the last two computes before a reuse (steps 1 -> 2): no slope from it
+    ts2 = [1000.0, 990.0, 500.0] + [490.0 - 10.0 * k for k in range(9)]
+    adacorr_compile.reset(fast)
+    err2 = []
+    with torch.no_grad():
+        for t in ts2:
+            tt = torch.full((2,), t)
+            err2.append(float((fast(hidden_states=x, timestep=tt)[0] - model(hidden_states=x, timestep=tt)[0]).abs().max()))
+    v = torch.stack([b.v for b in model.blocks]).sum(0).abs().max().item()
+    # step 3 reuses the residual of step 2 as it was (t 500 -> 490: off by 10/1000 * v); extrapolating
+    # the 990 -> 500 slope would have been off by 480/1000 * v
+    assert err2[3] == pytest.approx(10.0 / 1000.0 * v, rel=1e-4)
+    assert max(err2[6:]) < 1e-5  # the slope 2 -> 5 is steady again: exact
 
 
 def test_linear_forecast_does_not_extrapolate_from_a_nonfinite_compute():

@@ -43,8 +43,9 @@ probe, keeps only ``adacorr_r<k>_consecutive``:
 * ``adacorr_r<k>_consecutive`` (int64): reuses in a row;
 * ``forecast="linear"`` only: ``adacorr_r<k>_prev_res_<j>`` / ``adacorr_r<k>_prev_out_<j>``
   (the cached values of the compute before the last), ``adacorr_r<k>_prev_valid`` (bool:
-  they were finite), ``adacorr_r<k>_ref_step`` and ``adacorr_r<k>_prev_step`` (int64: the
-  steps of the last two computes; equal until the region has computed twice).
+  they were finite and the change since them steady, ``acm.steady``),
+  ``adacorr_r<k>_ref_step`` and ``adacorr_r<k>_prev_step`` (int64: the steps of the last two
+  computes; equal until the region has computed twice).
 
 Shared: ``adacorr_step`` (int64, steps done in this generation; 0 means empty cache),
 ``adacorr_steps_left`` (int64 input only: steps after this one, as the host computes it
@@ -665,6 +666,9 @@ class CondRegion(torch.nn.Module):
                 partial, mixed = reuse_mask.any(), by_kind["mixed"][0]
                 slope_from = valid & forecast_keeps_previous(partial, mixed)
                 scalars["mixed"] = (reuse & mixed) | (~reuse & partial)
+            if cfg.forecast_max_change != float("inf"):  # no slope from a fast change, as on the host
+                since = (step - ref_step).clamp(min=1).to(torch.float32)
+                slope_from = slope_from & acm.steady(new_cache, cached_vals, since, cfg.forecast_max_change)
             scalars["prev_valid"] = (reuse & prev_valid) | (~reuse & slope_from)  # onnxruntime has no bool Where
             scalars["ref_step"] = torch.where(reuse, ref_step, step)
             # the first compute of a generation has no earlier one: equal steps, no extrapolation

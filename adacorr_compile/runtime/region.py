@@ -379,6 +379,12 @@ def _refresh(
     residuals, valid = math.refresh(fresh, inputs)
     # correction=False caches the outputs: a copy, the caller may write into what it gets
     outputs = [f.clone() for f in fresh] if not caches_residuals(cfg) else None
+    if cache.prev_val is not None and cfg.forecast_max_change != float("inf"):
+        # no slope from a fast change (acm.steady): a device flag, no host read
+        new = residuals if outputs is None else outputs
+        if _same_shapes(new, cache.prev_val) and cache.ref_step > cache.prev_step:
+            gap = float(cache.ref_step - cache.prev_step)
+            cache.prev_valid = cache.prev_valid & acm.steady(new, cache.prev_val, gap, cfg.forecast_max_change)
     new_in = list(observed) if keeps == "ref" else None
     if partial:
         keep = _flags(keep_mask, residuals[0])

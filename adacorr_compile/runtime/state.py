@@ -44,7 +44,7 @@ class RegionCache:
     ref_step: int | None = None  # step of the last compute (forecast="linear")
     prev_val: list[torch.Tensor] | None = None  # the cached values of the compute before it
     prev_step: int | None = None
-    prev_valid: torch.Tensor | None = None  # 0-d bool: prev_val is finite (a non-finite one is not extrapolated from)
+    prev_valid: torch.Tensor | None = None  # 0-d bool: prev_val is finite and the change since it steady (acm.steady)
     streaks: list[int] | None = None  # decision="sample": consecutive reuses per sample
     mixed: bool = False  # the cached values come from a partial (per-sample) refresh: not one step
     # a span of chained regions (one cache): the first region's verdict in this step
