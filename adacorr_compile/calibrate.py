@@ -50,6 +50,7 @@ PSNR (None: each seed's uncached output's min..max). :func:`pipeline_workload`,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -334,6 +335,13 @@ def _db(x: float) -> str:
     return "exact" if x == math.inf else f"{x:.2f}"
 
 
+def _options_json(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Options as JSON keeps them: an infinite number (``forecast_max_change=inf``) as the string
+    ``"inf"`` (JSON has no infinity; :func:`load_options` reads it back as ``float("inf")``)."""
+    return {k: ("inf" if v == math.inf else "-inf" if v == -math.inf else v) if isinstance(v, float) else v
+            for k, v in options.items()}
+
+
 def _json_safe(value: Any) -> Any:
     """Non-finite floats as null (JSON has no Infinity): an infinite PSNR means identical outputs."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -615,17 +623,17 @@ def write(result: CalibrationResult, path: str | Path, command: str | None = Non
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         "format": FORMAT,
-        "options": result.options,
+        "options": _options_json(result.options),
         "target_psnr": result.target_psnr,
         "rule": result.rule,
         "met": result.met,
         "chosen": result.chosen["setting"] if result.chosen is not None else None,
         "seeds": result.seeds,
         "uncached": result.uncached,
-        "base_options": result.base_options,
+        "base_options": _options_json(result.base_options),
         "compiles_in_sweep": result.compiles_in_sweep,
         "seconds": result.seconds,
-        "table": result.table,
+        "table": [{**row, "options": _options_json(row["options"])} if "options" in row else row for row in result.table],
         "command": command if command is not None else " ".join(sys.argv),
         "environment": _environment(),
         "notes": ("psnr_* in dB against the uncached outputs of the same seeds (null: identical); speedup: median "
@@ -702,11 +710,13 @@ def load_options(path: str | Path) -> dict[str, Any]:
     if not isinstance(options, dict):
         raise ValueError(f"adacorr options file {str(path)!r}: expected a JSON object of options (or a calibration "
                          f"file with an 'options' object), got {type(options).__name__}")
+    numeric = {f.name for f in dataclasses.fields(AdaCorrConfig) if isinstance(f.default, float)}
+    options = {k: float(v) if k in numeric and v in ("inf", "-inf") else v for k, v in options.items()}  # _options_json
     try:
         AdaCorrConfig.from_options(options)
     except ValueError as exc:
         raise ValueError(f"adacorr options file {str(path)!r}: {exc}") from None
-    return dict(options)
+    return options
 
 
 __all__ = [

@@ -149,6 +149,20 @@ def test_swapped_forecast_gate_decides_as_a_fresh_compile():
         assert torch.equal(sample(swapped, 0), expected)
 
 
+def test_infinite_option_round_trips_through_the_calibration_file(tmp_path):
+    """JSON has no infinity: forecast_max_change=inf is written as "inf" and read back as a float
+    (a string option that happens to read "inf" stays a string)."""
+    from adacorr_compile.calibrate import _options_json
+
+    doc = {"format": "adacorr-calibration/1",
+           "options": _options_json({"forecast_max_change": float("inf"), "timestep_arg": "inf", "reuse_threshold": 0.1})}
+    path = tmp_path / "calib.json"
+    path.write_text(json.dumps(doc))
+    assert json.loads(path.read_text())["options"]["forecast_max_change"] == "inf"
+    assert adacorr_compile.load_options(path) == {"forecast_max_change": float("inf"), "timestep_arg": "inf",
+                                                  "reuse_threshold": 0.1}
+
+
 class _Flippable(PlainDiT):
     def forward(self, hidden_states, timestep, flip: bool = False):
         out = super().forward(hidden_states, timestep)[0]
