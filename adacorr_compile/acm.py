@@ -43,19 +43,24 @@ def extrapolate(value: torch.Tensor, previous: torch.Tensor, k: float | torch.Te
     return torch.where(usable, torch.lerp(previous, value, 1.0 + k), value)
 
 
-def steady(new: list[torch.Tensor], old: list[torch.Tensor], gap: float | torch.Tensor, max_change: float) -> torch.Tensor:
+def steady(
+    new: list[torch.Tensor], old: list[torch.Tensor], gap: float | torch.Tensor, max_change: float | torch.Tensor
+) -> torch.Tensor:
     """Whether cached values changed slowly enough between two computes ``gap`` steps apart
     for a first-order forecast from them (``forecast_max_change``): ``||new - old|| <=
     max_change * gap * ||new||`` over all streams (0-d bool; False where anything is not
     finite). A residual that moves by more than that share of its size per step is in a
     fast, curved phase (the first steps of flow-matching models), where extrapolating its
     last difference overshoots: it is then reused as it was. The one definition, for the
-    runtime's refresh and the ONNX step graph (``gap`` a float, or a 0-d tensor there)."""
-    if max_change == float("inf"):  # always (0 * inf would be NaN for an all-zero cache)
+    runtime's refresh, the probe's forecast reference and the ONNX step graph (``gap`` a
+    float, or a 0-d tensor there; ``max_change`` a float, or a 0-d tensor where a compiled
+    kernel takes it as an input). An infinite ``max_change`` always holds."""
+    if not isinstance(max_change, torch.Tensor) and max_change == float("inf"):  # 0 * inf would be NaN
         return torch.ones((), dtype=torch.bool, device=new[0].device)
     change = torch.stack([(n.float() - o.float()).square().sum() for n, o in zip(new, old)]).sum().sqrt()
     size = torch.stack([n.float().square().sum() for n in new]).sum().sqrt()
-    return change <= size * (gap * max_change)
+    holds = change <= size * (gap * max_change)
+    return holds | torch.isinf(max_change) if isinstance(max_change, torch.Tensor) else holds
 
 
 def reuse_values(
@@ -72,6 +77,22 @@ def reuse_values(
     if residuals:
         return [corrected_cache(h, r) for h, r in zip(inputs, cached)]
     return list(cached)
+
+
+def forecast_reference(
+    reference: list[torch.Tensor], previous: list[torch.Tensor], k: torch.Tensor, gap: torch.Tensor,
+    max_change: float | torch.Tensor, usable: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """``probe_forecast``: the probe's reference extrapolated to the current step from its
+    last two values (``gap`` steps apart, the current step ``k`` gaps past the last), where
+    the change between them was steady (:func:`steady`), else the reference as it is: what a
+    reuse of this step returns for the first block, so the score measures the drift the reuse
+    would carry. ``usable`` (0-d bool): the two values are of distinct steps (the ONNX step
+    graph's state; the runtime checks it on the host). The one definition, for the runtime's
+    fused OEM and the ONNX step graph."""
+    holds = steady(reference, previous, gap, max_change)
+    usable = holds if usable is None else holds & usable
+    return [extrapolate(r, p, k.to(r.dtype), usable) for r, p in zip(reference, previous)]
 
 
 def all_finite(values: list[torch.Tensor]) -> torch.Tensor:

@@ -81,7 +81,7 @@ RULES = ("mean", "worst")
 # inductor_mode, timestep_arg, min_blocks are compile-time) and need a compile of their own.
 RUNTIME_FIELDS = frozenset({
     "reuse_threshold", "warmup_steps", "max_consecutive_reuses", "final_steps", "forecast", "forecast_max_change",
-    "interval", "first_block_threshold",
+    "probe_forecast", "interval", "first_block_threshold",
 })
 # options kept when the result falls back to caching off (how to compile, not what to decide)
 _COMPILE_FIELDS = ("lowering", "inductor_mode", "timestep_arg", "min_blocks")

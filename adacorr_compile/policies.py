@@ -123,6 +123,12 @@ def caches_residuals(config: AdaCorrConfig) -> bool:
     return config.correction or config.policy == "first_block"
 
 
+def probe_forecasts(config: AdaCorrConfig) -> bool:
+    """``probe_forecast`` applies: the probe (``scope="step"``) scores against its reference's
+    forecast (``forecast="linear"``), and keeps the reference before the last for it."""
+    return config.probe_forecast and config.scope == "step" and config.forecast == "linear"
+
+
 def needs_lambda(config: AdaCorrConfig) -> bool:
     """Whether the decision reads lambda on the host."""
     return config.policy in ("adacorr", "paper") or config.correction

@@ -97,7 +97,9 @@ def methods(group: str) -> list[bench.Method]:
     m = [bench.inductor_baseline()]
     if group != "compiled":
         m += [bench.ours("ours default", {}), bench.ours("ours thr=0.1", {"reuse_threshold": 0.1}, 0.1),
-              bench.ours("ours thr=0.12", {"reuse_threshold": 0.12}, 0.12)]
+              bench.ours("ours thr=0.12", {"reuse_threshold": 0.12}, 0.12),
+              bench.ours("ours probe_forecast thr=0.06 cap=4",
+                         {"probe_forecast": True, "reuse_threshold": 0.06, "max_consecutive_reuses": 4}, 0.06)]
     for compiled in {"eager": (False,), "compiled": (True,), "all": (False, True)}[group]:
         how = "compiled" if compiled else "eager"
         m.append(bench.cache_dit_cache(f"cache-dit F1B0 thr=0.12, {how}", {**F1B0, "residual_diff_threshold": 0.12}, 0.12,

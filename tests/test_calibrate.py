@@ -149,6 +149,32 @@ def test_swapped_forecast_gate_decides_as_a_fresh_compile():
         assert torch.equal(sample(swapped, 0), expected)
 
 
+def test_swapped_probe_forecast_decides_as_a_fresh_compile():
+    """probe_forecast and the gate of its forecast are read at run time, by the compiled OEM
+    kernel too (Inductor lowering: the gate is a value of the kernel, not a constant): a
+    variant needs no recompile. On the tiny model the forecast-aware probe reuses at a
+    threshold where the stored reference never does; with forecast_max_change=0 no forecast
+    applies and the probe decides as without it."""
+    model, _ = tiny_plain(4)
+    options = {"reuse_threshold": 0.05}
+    fresh = torch.compile(model, backend="adacorr", options={**options, "probe_forecast": True})
+    expected = sample(fresh, 0)
+    forecast_trace = adacorr_compile.stats(fresh)["regions"][1]["reuse_trace"]
+    assert sum(forecast_trace) >= 3
+    with torch.compiler.set_stance("fail_on_recompile"), swapped_config(fresh, {"forecast_max_change": 0.0}):
+        adacorr_compile.reset(fresh)
+        sample(fresh, 0)
+        assert adacorr_compile.stats(fresh)["regions"][1]["reuse_trace"] == [0.0] * STEPS
+    torch._dynamo.reset()
+    swapped = torch.compile(model, backend="adacorr", options=options)
+    sample(swapped, 0)
+    assert adacorr_compile.stats(swapped)["regions"][1]["reuse_trace"] == [0.0] * STEPS
+    with torch.compiler.set_stance("fail_on_recompile"), swapped_config(swapped, {"probe_forecast": True}):
+        adacorr_compile.reset(swapped)
+        assert torch.equal(sample(swapped, 0), expected)
+        assert adacorr_compile.stats(swapped)["regions"][1]["reuse_trace"] == forecast_trace
+
+
 def test_infinite_option_round_trips_through_the_calibration_file(tmp_path):
     """JSON has no infinity: forecast_max_change=inf is written as "inf" and read back as a float
     (a string option that happens to read "inf" stays a string)."""

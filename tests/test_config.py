@@ -37,6 +37,7 @@ def test_from_options_sets_fields():
         ("forecast", "quadratic"),
         ("forecast_max_change", -0.1),
         ("forecast_max_change", float("nan")),
+        ("probe_forecast", 1),
         ("lowering", "xla"),
         ("inductor_mode", "turbo"),
         ("timestep_arg", "not an identifier"),

@@ -59,6 +59,10 @@ CASES = {
                       "blend": True}, "batch"),
     # the default options: the blocks after the leader chain into one span with one cache
     "dit_span": (tiny_dit, {"reuse_threshold": 0.3}, "batch"),
+    # the probe scores against its reference's forecast (probe_forecast), whose history moves
+    # when the probe computes ("cached") or at every step ("previous")
+    "dit_probe_forecast": (tiny_dit, {"reuse_threshold": 0.3, "probe_forecast": True}, "batch"),
+    "dit_previous": (tiny_dit, {"reuse_threshold": 0.3, "probe_forecast": True, "drift_reference": "previous"}, "batch"),
     "pixart": (lambda: tiny_pixart(num_layers=2),
                {"policy": "interval", "correction": True, "reuse_threshold": 0.5, "forecast": "linear", "scope": "block"},
                "tokens"),
@@ -225,7 +229,9 @@ def _diverging_dit():
     {"decision": "sample", "scope": "block", "blend": True, "reuse_threshold": 0.2, "max_consecutive_reuses": 2},
     # the default options per sample: leader, probe and followers (their own caps)
     {"decision": "sample", "reuse_threshold": 0.3},
-], ids=["block-blend", "step"])
+    # the same, the probe scoring against its reference's forecast
+    {"decision": "sample", "reuse_threshold": 0.3, "probe_forecast": True},
+], ids=["block-blend", "step", "step-probe-forecast"])
 def test_decision_sample_exports_and_matches_backend_step_by_step(options, tmp_path):
     """decision="sample" exports (issue 14): the step graph takes one decision per sample as
     the runtime does: the block is skipped only when every sample reuses, otherwise it runs
@@ -274,7 +280,11 @@ def test_span_state_is_one_cache_whatever_the_depth(exports):
     """Default options (scope="step", no blend): the export keeps what the runtime keeps: the
     probe's reference residual and reuse streak, and one cache for the span of the later
     blocks, held by its last region; the leader and the span's other regions hold nothing,
-    and no region keeps its inputs (issue 13)."""
+    and no region keeps its inputs (issue 13). With probe_forecast the probe also keeps the
+    reference before the last and the steps of the two."""
+    _, _, _, _, forecasting = exports("dit_probe_forecast")
+    assert forecasting.states[:5] == ["adacorr_step", "adacorr_probe_ref_0", "adacorr_probe_prev_0",
+                                      "adacorr_probe_ref_step", "adacorr_probe_prev_step"]
     _, inputs, _, path, result = exports("dit_span")
     assert result.states == ["adacorr_step", "adacorr_probe_ref_0", "adacorr_r1_consecutive",
                              "adacorr_r3_ref_res_0", "adacorr_r3_valid", "adacorr_r3_consecutive", "adacorr_r3_prev_res_0",

@@ -102,6 +102,25 @@ def test_steady_bounds_the_change_per_step_over_all_streams():
     # a non-finite value is never steady; an infinite bound always is (even for an all-zero cache)
     assert not acm.steady([torch.full((2, 3), float("nan"))], [torch.zeros(2, 3)], 1.0, 10.0).item()
     assert acm.steady([torch.zeros(2, 3)], [torch.ones(2, 3)], 1.0, float("inf")).item()
+    # max_change as a 0-d tensor (a compiled kernel's input): the same verdicts, inf included
+    for bound in (0.16, 0.17, float("inf")):
+        assert acm.steady(new, old, 1.0, torch.tensor(bound)).item() == acm.steady(new, old, 1.0, bound).item()
+    assert acm.steady([torch.zeros(2, 3)], [torch.ones(2, 3)], 1.0, torch.tensor(float("inf"))).item()
+
+
+def test_forecast_reference_extrapolates_only_a_steady_usable_change():
+    """acm.forecast_reference (probe_forecast): ``ref + (ref - prev) * k`` where the change from
+    ``prev`` was steady and ``usable``; the reference as it is otherwise."""
+    prev, ref = [torch.ones(2, 3, 4)], [torch.full((2, 3, 4), 1.1)]  # 0.1 / 1.1 = 9.1% of the size per step
+    k, gap = torch.tensor(0.5), torch.tensor(1.0)
+    (fc,) = acm.forecast_reference(ref, prev, k, gap, 0.1)
+    torch.testing.assert_close(fc, torch.full((2, 3, 4), 1.15))
+    (same,) = acm.forecast_reference(ref, prev, k, gap, 0.09)  # not steady: no slope
+    assert torch.equal(same, ref[0])
+    (same,) = acm.forecast_reference(ref, prev, k, gap, 0.1, usable=torch.tensor(False))  # equal steps (ONNX state)
+    assert torch.equal(same, ref[0])
+    (fc2,) = acm.forecast_reference(ref, prev, torch.tensor(2.0), torch.tensor(2.0), torch.tensor(0.05))
+    torch.testing.assert_close(fc2, torch.full((2, 3, 4), 1.3))  # 2 gaps of 2 steps: 4.5% per step, steady at 5%
 
 
 def test_score_dispatch_rejects_unknown():

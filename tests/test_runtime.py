@@ -401,6 +401,37 @@ def test_forecast_max_change_gates_each_slope_by_its_own_change():
     assert max(err2[6:]) < 1e-5  # the slope 2 -> 5 is steady again: exact
 
 
+@pytest.mark.parametrize("lowering", ["eager", "inductor"])
+def test_probe_forecast_scores_the_drift_the_reuse_carries(lowering):
+    """probe_forecast: the probe scores the first block's residual against its forecast from
+    the probe's last two computes, as the reuse extrapolates the caches. On blocks linear in
+    time that forecast is exact: the step scores 0 and reuses up to the cap, and the outputs
+    equal the uncached ones. Scored against the stored reference (probe_forecast=False) the
+    same drift is above a small threshold at every step: nothing is reused."""
+    torch.manual_seed(0)
+    model = _LinearInTime().eval()
+    x = torch.randn(2, 8, 4)
+    base = {"reuse_threshold": 1e-4, "max_consecutive_reuses": 3, "final_steps": 0, "lowering": lowering}
+    for probe_forecast in (True, False):
+        torch._dynamo.reset()
+        fast = torch.compile(model, backend="adacorr", options={**base, "probe_forecast": probe_forecast})
+        err = []
+        with torch.no_grad():
+            for k in range(10):
+                t = torch.full((2,), 900.0 - 20.0 * k)
+                err.append(float((fast(hidden_states=x, timestep=t)[0] - model(hidden_states=x, timestep=t)[0]).abs().max()))
+        s = adacorr_compile.stats(fast)
+        probe = s["regions"][1]
+        if probe_forecast:
+            # warm-up computes 0, 1; then three reuses and a compute (the cap), twice
+            assert probe["reuse_trace"] == [0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0]
+            assert max(err) < 1e-4
+            assert max(v for v in probe["score_trace"][2:] if v == v) < 1e-5  # float32 rounding
+        else:
+            assert probe["reuse_trace"] == [0.0] * 10
+            assert min(v for v in probe["score_trace"][2:] if v == v) > 1e-3
+
+
 def test_linear_forecast_does_not_extrapolate_from_a_nonfinite_compute():
     """A region whose compute gave NaN recomputes at the next step; the reuses after that
     must return the (finite) cache as it is, not an extrapolation through the NaN values."""
@@ -429,12 +460,14 @@ def test_linear_forecast_does_not_extrapolate_from_a_nonfinite_compute():
         assert (outs[k] - want[k]).abs().max() < 1e-4, k
 
 
-@pytest.mark.parametrize("options, held", [({}, 3), ({"forecast": "none"}, 2), ({"scope": "block", "forecast": "none"}, 8)])
+@pytest.mark.parametrize("options, held", [({}, 3), ({"forecast": "none"}, 2), ({"scope": "block", "forecast": "none"}, 8),
+                                           ({"probe_forecast": True}, 4), ({"probe_forecast": True, "forecast": "none"}, 2)])
 def test_cache_bytes_hold_only_what_the_decision_needs(options, held):
     """``stats()["cache_bytes"]``, in block inputs: under scope="step" the leader keeps
-    nothing, the probe its reference residual and the span of the later (chained) blocks
-    one residual (two with the linear forecast); a region that decides for itself keeps
-    the input its OEM compares with and its residual: two per region (issue 13)."""
+    nothing, the probe its reference residual (and the one before it under probe_forecast,
+    which has no effect without the linear forecast) and the span of the later (chained)
+    blocks one residual (two with the linear forecast); a region that decides for itself
+    keeps the input its OEM compares with and its residual: two per region (issue 13)."""
     model, inputs = tiny_dit()
     fast = torch.compile(model, backend="adacorr", options={"lowering": "eager", **options})
     with torch.no_grad():

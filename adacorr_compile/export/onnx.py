@@ -52,7 +52,9 @@ Shared: ``adacorr_step`` (int64, steps done in this generation; 0 means empty ca
 for the ``final_steps`` guard, :data:`~adacorr_compile.policies.STEPS_UNKNOWN` when
 unknown), ``adacorr_fb_ref`` (``first_block`` only: the first
 block's residual at the last step it was not similar), ``adacorr_probe_ref_<j>``
-(``scope="step"`` only: the first block's residuals when the probe last computed). Statistics outputs (one entry per
+(``scope="step"`` only: the first block's residuals when the probe last computed), with
+``probe_forecast`` also ``adacorr_probe_prev_<j>`` (the reference before it) and
+``adacorr_probe_ref_step``, ``adacorr_probe_prev_step`` (int64: their steps). Statistics outputs (one entry per
 region): ``adacorr_reused``, ``adacorr_nonfinite`` (bool), ``adacorr_lambda``,
 ``adacorr_score`` (float, NaN while the cache is empty).
 """
@@ -86,6 +88,7 @@ from ..policies import (
     forecast_keeps_previous,
     guard_checks,
     next_streaks,
+    probe_forecasts,
     relative_change,
     step_role,
 )
@@ -109,6 +112,7 @@ class StateSpec:
     name: str
     kind: str  # step | fb_ref | probe_ref | ref_in | prev_in | ref_res | ref_out | valid | consecutive
     #            | prev_val | prev_valid | ref_step | prev_step (forecast="linear") | mixed (and decision="sample")
+    #            | probe_prev | probe_ref_step | probe_prev_step (probe_forecast)
     dtype: str  # torch dtype name without "torch."
     dims: list[Any]
     region: int | None = None
@@ -250,6 +254,9 @@ class RegionSignals:
     leader_res: list[torch.Tensor] = field(default_factory=list)
     probe_ref: list[torch.Tensor] = field(default_factory=list)
     followers_valid: list[torch.Tensor] = field(default_factory=list)
+    # probe_forecast: the reference before the last, and the steps of the two (0-d int64)
+    probe_prev: list[torch.Tensor] = field(default_factory=list)
+    probe_steps: tuple[torch.Tensor, torch.Tensor] | None = None
     # scope="step", a follower: the probe's verdict (batch: reuse; sample: consulted and the
     # per-sample proposal), its lambda, and for the last region of a span the span's input
     probe_reuse: torch.Tensor | None = None
@@ -481,7 +488,11 @@ class CondRegion(torch.nn.Module):
         if role == "probe":
             n = self.leader_pairs
             signals.leader_res, signals.probe_ref = list(extra[:n]), list(extra[n : 2 * n])
-            signals.followers_valid = list(extra[2 * n :])
+            rest = extra[2 * n :]
+            if probe_forecasts(cfg):
+                signals.probe_prev, signals.probe_steps = list(rest[:n]), (rest[n], rest[n + 1])
+                rest = rest[n + 2 :]
+            signals.followers_valid = list(rest)
         return signals
 
     def forward(self, step: torch.Tensor, steps_left: torch.Tensor, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -531,7 +542,8 @@ class CondRegion(torch.nn.Module):
             blend_lam = torch.where(has_cache, lam, nan_lam)
         else:
             if srole == "probe":  # the OEM on the leader's fresh residual (see runtime/region.py)
-                score = oem.score(cfg.score, named.leader_res, named.probe_ref, cfg.spatial_weight, per_sample)
+                score = oem.score(cfg.score, named.leader_res, self._probe_reference(step, named), cfg.spatial_weight,
+                                  per_sample)
             elif srole == "leader":  # computes at every step, measures nothing
                 score = nan_lam
             else:
@@ -703,15 +715,31 @@ class CondRegion(torch.nn.Module):
             extra_out += [outs[j] - args[i] for i, j in plan.stream_pairs]
         elif srole == "probe":
             current, ref = named.leader_res, named.probe_ref
-            if cfg.drift_reference == "cached":  # the reference moves when the probe computes
-                new_ref = [torch.where(reuse, r, c) for r, c in zip(ref, current)]
-            else:
-                new_ref = [c.clone() for c in current]
+            # the reference moves when the probe computes ("cached"), or at every step ("previous")
+            moves = ~reuse if cfg.drift_reference == "cached" else torch.ones_like(reuse)
+            new_ref = [torch.where(moves, c, r) for r, c in zip(ref, current)]
+            if named.probe_steps is not None:  # probe_forecast: the replaced reference and the steps, as on the host
+                ref_step, prev_step = named.probe_steps
+                new_ref += [torch.where(moves, r, p) for r, p in zip(ref, named.probe_prev)]
+                new_ref += [torch.where(moves, step, ref_step),
+                            torch.where(moves, torch.where(has_cache, ref_step, step), prev_step)]
             if per_sample:  # the followers decide per sample under their own guards and cap (see above)
                 extra_out += [by_policy | reuse_mask.any(), proposed, lam.to(torch.float32), *new_ref]
             else:
                 extra_out += [reuse, blend_lam.to(torch.float32).reshape(()), *new_ref]
         return (*outs, *new_state, *stats, *extra_out)
+
+    def _probe_reference(self, step: torch.Tensor, named: RegionSignals) -> list[torch.Tensor]:
+        """What the probe scores against: its reference, or under ``probe_forecast`` that
+        reference extrapolated to ``step`` (as runtime/region.py's ``_probe_forecast``: from
+        two references of distinct steps, under the ``forecast_max_change`` gate)."""
+        if named.probe_steps is None:
+            return named.probe_ref
+        ref_step, prev_step = named.probe_steps
+        gap = (ref_step - prev_step).clamp(min=1).to(torch.float32)
+        k = (step - ref_step).to(torch.float32) / gap
+        return acm.forecast_reference(named.probe_ref, named.probe_prev, k, gap, self.config.forecast_max_change,
+                                      usable=ref_step > prev_step)
 
 
 # --------------------------------------------------------------------------- step graph
@@ -771,11 +799,17 @@ def _build_step_graph(
         fb_spec = StateSpec("adacorr_fb_ref", "fb_ref", res.dtype, res.dims)
         states.append(fb_spec)
     probe_refs: list[StateSpec] = []
+    probe_hist: list[StateSpec] = []
     if config.scope == "step" and len(plans) >= 2:
         leader = plans[0]
         cached = leader.residuals
         probe_refs = [StateSpec(f"adacorr_probe_ref_{j}", "probe_ref", c.dtype, c.dims) for j, c in enumerate(cached)]
         states.extend(probe_refs)
+        if probe_forecasts(config):  # the reference before the last and the two steps (probe_forecast)
+            probe_hist = [StateSpec(f"adacorr_probe_prev_{j}", "probe_prev", c.dtype, c.dims) for j, c in enumerate(cached)]
+            probe_hist += [StateSpec("adacorr_probe_ref_step", "probe_ref_step", "int64", []),
+                           StateSpec("adacorr_probe_prev_step", "probe_prev_step", "int64", [])]
+            states.extend(probe_hist)
     for plan in plans:
         states.extend(plan.states)
     for s in states[1:]:
@@ -806,7 +840,7 @@ def _build_step_graph(
             if config.policy == "first_block" and srole != "follower":
                 extra = [fb_ref] if k == 0 else [similar]
             if srole == "probe":
-                extra += leader_res + [state_nodes[s.name] for s in probe_refs]
+                extra += leader_res + [state_nodes[s.name] for s in probe_refs + probe_hist]
                 extra += [state_nodes[s.name] for p in plans[2:] for s in p.states if s.kind == "valid"]
             elif srole == "follower":
                 extra = list(probe_out)
@@ -832,7 +866,7 @@ def _build_step_graph(
             elif srole == "probe":  # its verdict for the followers (see CondRegion), then its new references
                 n_verdict = 3 if config.decision == "sample" else 2
                 probe_out = [graph.call_function(operator.getitem, (call, at + m)) for m in range(n_verdict)]
-                for m, spec in enumerate(probe_refs):
+                for m, spec in enumerate(probe_refs + probe_hist):
                     new_state[spec.name] = graph.call_function(operator.getitem, (call, at + n_verdict + m))
             continue
         if any(a in placeholders and a not in env for a in node.all_input_nodes):

@@ -93,6 +93,16 @@ class RegionMath:
         host = torch.cat([lam.reshape(-1).to(torch.float32), flags])
         return score, lam, host
 
+    def _measure_forecast(self, n: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """:meth:`_measure` against the reference's forecast (``probe_forecast``): the inputs
+        are the observed values, the reference, its previous value, the cache-valid flag and
+        the forecast's ``(k, gap, max_change)`` as one float32 vector (values, not constants
+        of the kernel: one kernel serves every step and a swapped ``forecast_max_change``)."""
+        observed, reference, previous = tensors[:n], list(tensors[n:2 * n]), list(tensors[2 * n:3 * n])
+        valid, params = tensors[3 * n], tensors[3 * n + 1]
+        forecast = acm.forecast_reference(reference, previous, params[0], params[1], params[2])
+        return self._measure(n, *observed, *forecast, valid)
+
     @staticmethod
     def _refresh(n: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         residuals, valid = acm.fresh_residuals(list(tensors[:n]), list(tensors[n:]))
@@ -105,6 +115,21 @@ class RegionMath:
         """(score, lambda, host vector ``[lambda..., cache valid, score finite]``)."""
         n = len(observed)
         score, lam, host = self._call("measure", self._measure, n, [*observed, *reference, valid])
+        return score, lam, host
+
+    def measure_forecast(
+        self, observed: Sequence[torch.Tensor], reference: Sequence[torch.Tensor], previous: Sequence[torch.Tensor],
+        valid: torch.Tensor, k: float, gap: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`measure` against ``reference`` extrapolated ``k`` gaps past it from
+        ``previous`` (``gap`` steps before it), where the change was steady
+        (``probe_forecast``, :func:`adacorr_compile.acm.forecast_reference`)."""
+        n = len(observed)
+        # built on the device by a fill, not copied from the host: no synchronisation
+        params = torch.stack([torch.full((), v, dtype=torch.float32, device=valid.device)
+                              for v in (k, gap, self.config.forecast_max_change)])
+        score, lam, host = self._call("measure_forecast", self._measure_forecast, n,
+                                      [*observed, *reference, *previous, valid, params])
         return score, lam, host
 
     def refresh(

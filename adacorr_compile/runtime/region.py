@@ -36,8 +36,8 @@ import torch
 from .. import acm
 from ..config import AdaCorrConfig
 from ..policies import (
-    Guards, cap_streaks, caches_residuals, forecast_keeps_previous, needs_lambda, next_streaks, policy_verdict, read_to_host,
-    relative_change, step_role,
+    Guards, cap_streaks, caches_residuals, forecast_keeps_previous, needs_lambda, next_streaks, policy_verdict,
+    probe_forecasts, read_to_host, relative_change, step_role,
 )
 from .fused import RegionMath
 from .state import GenerationState, StepSignals
@@ -203,7 +203,11 @@ def _decide(
                 valid = cache.valid
                 if shared.followers_valid is not None:
                     valid = valid & shared.followers_valid  # a follower's cache is not finite: compute all
-                score, lam, packed = region.math.measure(current, reference, valid)
+                forecast = _probe_forecast(cfg, shared, active.step)
+                if forecast is None:
+                    score, lam, packed = region.math.measure(current, reference, valid)
+                else:
+                    score, lam, packed = region.math.measure_forecast(current, reference, shared.probe_prev, valid, *forecast)
             elif forced is None:
                 forced = "empty cache"
         if forced is not None:
@@ -258,7 +262,7 @@ def _reuse(
     if role == "probe":  # the leader's residual is read: the next reference ("previous" drift) or dropped
         leader_res, shared.leader_res = shared.leader_res, None
         if cfg.drift_reference == "previous":
-            shared.probe_ref = leader_res
+            _move_probe_ref(cfg, shared, leader_res, active.step)
     stats.reuses += 1
     stats.record(active.step, taken.lam, taken.score, 1.0)
     if not span.last:
@@ -315,7 +319,8 @@ def _compute(
         else:
             _refresh(region.math, cfg, cache, inputs, observed, by_pair, None, active.step, None)
     if role == "probe":
-        shared.probe_ref, shared.leader_res = shared.leader_res, None
+        _move_probe_ref(cfg, shared, shared.leader_res, active.step)
+        shared.leader_res = None
         shared.followers_valid = None  # the followers refresh after the probe in this step
     elif role == "follower" and span.last and cache.valid is not None:
         fv = shared.followers_valid
@@ -409,6 +414,29 @@ def _forecast(cache: Any, values: list[torch.Tensor], step: int) -> tuple[list[t
     if prev is None or cache.ref_step <= cache.prev_step or not _same_shapes(values, prev):
         return None, 0.0
     return prev, (step - cache.ref_step) / (cache.ref_step - cache.prev_step)
+
+
+def _move_probe_ref(cfg: AdaCorrConfig, shared: StepSignals, value: list[torch.Tensor] | None, step: int) -> None:
+    """The probe's reference becomes ``value`` (the leader's residual of ``step``); under
+    ``probe_forecast`` the one it replaces is kept as the earlier point of the probe's forecast
+    (otherwise nothing more is held)."""
+    keep = probe_forecasts(cfg)
+    shared.probe_prev = shared.probe_ref if keep else None
+    shared.probe_prev_step = shared.probe_ref_step if keep else None
+    shared.probe_ref, shared.probe_ref_step = value, None if value is None else step
+
+
+def _probe_forecast(cfg: AdaCorrConfig, shared: StepSignals, step: int) -> tuple[float, float] | None:
+    """``probe_forecast``: ``(k, gap)`` for extrapolating the probe's reference to ``step``
+    from its previous value (:meth:`RegionMath.measure_forecast`), or None where the probe
+    scores against the reference as stored (the option is off, ``scope="block"``,
+    ``forecast="none"``, fewer than two references of these shapes)."""
+    if not probe_forecasts(cfg):
+        return None
+    ref, prev, s1, s0 = shared.probe_ref, shared.probe_prev, shared.probe_ref_step, shared.probe_prev_step
+    if ref is None or prev is None or s1 is None or s0 is None or s1 <= s0 or not _same_shapes(ref, prev):
+        return None
+    return (step - s1) / (s1 - s0), float(s1 - s0)
 
 
 def _first_block_update(cfg: AdaCorrConfig, signals: StepSignals, residual: torch.Tensor) -> None:

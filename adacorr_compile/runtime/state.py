@@ -69,10 +69,15 @@ class StepSignals:
     # full step) and that residual
     similar: bool | None = None
     fb_ref: torch.Tensor | None = None
-    # scope="step": the leader's fresh residuals of this step, the probe's reference residuals,
-    # whether the followers' caches are finite, and the probe's (step, verdict, lambda)
+    # scope="step": the leader's fresh residuals of this step, the probe's reference residuals
+    # (with the step they are of, and the reference before them and its step: the probe's
+    # forecast, probe_forecast), whether the followers' caches are finite, and the probe's
+    # (step, verdict, lambda)
     leader_res: list[torch.Tensor] | None = None
     probe_ref: list[torch.Tensor] | None = None
+    probe_ref_step: int | None = None
+    probe_prev: list[torch.Tensor] | None = None
+    probe_prev_step: int | None = None
     followers_valid: torch.Tensor | None = None
     verdict: tuple[int, Any, torch.Tensor | None] | None = None
 
