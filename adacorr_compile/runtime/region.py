@@ -12,7 +12,8 @@ Per call (one denoising step), with ``h`` the block's observed stream inputs:
 
 With ``scope="step"`` the regions of a graph take one decision per step: the first
 region (leader) always computes, the second (probe) runs step 1 on the leader's fresh
-residual against its value when the probe last computed, and the later regions
+residual against its value when the probe last computed (or, with ``probe_forecast``, that
+value extrapolated from the probe's last two computes), and the later regions
 (followers) take the probe's verdict without measuring; the probe's cache-finiteness
 check covers the followers' caches, so a step costs one host read. The leader keeps no
 cache (its fresh residual is the probe's signal and, after it, the probe's reference), and
