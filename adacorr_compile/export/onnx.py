@@ -430,6 +430,14 @@ def _aliasing_outputs(body: fx.GraphModule) -> set[int]:
     return aliasing
 
 
+def _steps_ahead(step: torch.Tensor, ref_step: torch.Tensor, prev_step: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A first-order forecast's terms from the steps of its two points (int64 state): whether
+    they are distinct (equal until two computes), ``k`` (how many gaps past the last point
+    ``step`` lies) and the gap, as float32: the in-graph twin of the host's ``k``."""
+    gap = (ref_step - prev_step).clamp(min=1).to(torch.float32)
+    return ref_step > prev_step, (step - ref_step).to(torch.float32) / gap, gap
+
+
 class CondRegion(torch.nn.Module):
     """One guarded block as ``torch.cond(reuse, reuse_fn, compute_fn, operands)``.
 
@@ -573,8 +581,8 @@ class CondRegion(torch.nn.Module):
         fc: tuple[torch.Tensor, ...] = ()
         if forecast:  # extrapolate from the last two computes, as runtime/region.py's _forecast
             ref_step, prev_step, prev_valid = by_kind["ref_step"][0], by_kind["prev_step"][0], by_kind["prev_valid"][0]
-            gap = (ref_step - prev_step).clamp(min=1).to(torch.float32)
-            fc = ((ref_step > prev_step) & prev_valid, (step - ref_step).to(torch.float32) / gap)
+            distinct, k, _ = _steps_ahead(step, ref_step, prev_step)
+            fc = (distinct & prev_valid, k)
 
         def reuse_values(
             a: Sequence[torch.Tensor], cache: Sequence[torch.Tensor], prev: Sequence[torch.Tensor], fc_: Sequence[torch.Tensor]
@@ -735,11 +743,9 @@ class CondRegion(torch.nn.Module):
         two references of distinct steps, under the ``forecast_max_change`` gate)."""
         if named.probe_steps is None:
             return named.probe_ref
-        ref_step, prev_step = named.probe_steps
-        gap = (ref_step - prev_step).clamp(min=1).to(torch.float32)
-        k = (step - ref_step).to(torch.float32) / gap
+        distinct, k, gap = _steps_ahead(step, *named.probe_steps)
         return acm.forecast_reference(named.probe_ref, named.probe_prev, k, gap, self.config.forecast_max_change,
-                                      usable=ref_step > prev_step)
+                                      usable=distinct)
 
 
 # --------------------------------------------------------------------------- step graph
