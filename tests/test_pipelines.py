@@ -64,13 +64,16 @@ def _reuse_fraction(pipe):
     return totals["reuses"] / totals["calls"]
 
 
-# the batched-CFG pipelines' caching runs in the slow set; Flux and Wan (two calls per step) in CI
-@pytest.mark.parametrize("name", [n if n in ("flux", "wan") else pytest.param(n, marks=pytest.mark.slow) for n in BUILDERS])
-def test_caching_reuses_counts_pipeline_steps_and_starts_each_call_afresh(name):
+# the batched-CFG pipelines' caching runs in the slow set; Flux and Wan (two calls per step) in CI,
+# and Wan with the probe scoring against its forecast (its history kept per CFG context)
+@pytest.mark.parametrize("name, extra", [(n, {}) if n in ("flux", "wan") else pytest.param(n, {}, marks=pytest.mark.slow)
+                                         for n in BUILDERS] + [("wan", {"probe_forecast": True})],
+                         ids=[*BUILDERS, "wan-probe-forecast"])
+def test_caching_reuses_counts_pipeline_steps_and_starts_each_call_afresh(name, extra):
     torch._dynamo.reset()
     tp = BUILDERS[name]()
     uncached = _images(tp.pipe, tp.kwargs(steps=STEPS))
-    tp.pipe.transformer = torch.compile(tp.pipe.transformer, backend="adacorr", options=CACHING)
+    tp.pipe.transformer = torch.compile(tp.pipe.transformer, backend="adacorr", options={**CACHING, **extra})
     first = _images(tp.pipe, tp.kwargs(steps=STEPS))
     s = adacorr_compile.stats(tp.pipe.transformer)
     assert s["steps"] == STEPS
