@@ -80,7 +80,8 @@ RULES = ("mean", "worst")
 # to chain regions; score, spatial_weight and gamma are baked into the fused OEM kernels; lowering,
 # inductor_mode, timestep_arg, min_blocks are compile-time) and need a compile of their own.
 RUNTIME_FIELDS = frozenset({
-    "reuse_threshold", "warmup_steps", "max_consecutive_reuses", "final_steps", "forecast", "forecast_max_change",
+    "reuse_threshold", "warmup_steps", "max_consecutive_reuses", "late_phase", "late_threshold_factor",
+    "late_extra_reuses", "final_steps", "forecast", "forecast_max_change",
     "probe_forecast", "interval", "first_block_threshold",
 })
 # options kept when the result falls back to caching off (how to compile, not what to decide)

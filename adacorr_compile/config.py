@@ -72,6 +72,18 @@ class AdaCorrConfig:
     first_block_threshold: relative residual change threshold of ``first_block``.
     warmup_steps: the first steps of a generation always compute.
     max_consecutive_reuses: a region recomputes after this many reuses in a row.
+    late_phase: ``(start, end)``, shares of the generation (``step / (steps - 1)``): from
+        ``start`` the threshold rises linearly to ``reuse_threshold *
+        late_threshold_factor``, reached at ``end``; from ``end`` on the reuse cap is
+        ``max_consecutive_reuses + late_extra_reuses``. The late steps of a sampler move
+        along a smoother path, where a reuse's forecast errs less for the same measured
+        drift. Where the generation's length is not known (no step count, no timestep
+        to extrapolate it from) every step counts as early. None: one threshold and one
+        cap throughout. The default ``(0.2, 0.5)`` with factor 2 and one extra reuse is
+        measured (benchmarks/results/README.md, "Late phase").
+    late_threshold_factor: the threshold from ``late_phase[1]`` on, as a multiple of
+        ``reuse_threshold`` (so a calibrated threshold carries it along).
+    late_extra_reuses: reuses in a row added to the cap from ``late_phase[1]`` on.
     final_steps: the last steps of a generation always compute (needs the step
         count: ``generation(model, num_steps=N)``, ``reset(model, num_steps=N)``, or
         the length of the previous generation).
@@ -143,6 +155,9 @@ class AdaCorrConfig:
     first_block_threshold: float = 0.08
     warmup_steps: int = 2
     max_consecutive_reuses: int = 3
+    late_phase: tuple[float, float] | None = (0.2, 0.5)
+    late_threshold_factor: float = 2.0
+    late_extra_reuses: int = 1
     final_steps: int = 1
     decision: str = "batch"
     scope: str = "step"
@@ -158,6 +173,8 @@ class AdaCorrConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             _check_field(f.name, getattr(self, f.name))
+        if self.late_phase is not None:  # a list (from JSON) as a tuple of floats: the config stays hashable
+            object.__setattr__(self, "late_phase", tuple(float(x) for x in self.late_phase))
         if self.policy == "paper" and not self.blend:
             raise ValueError(
                 "adacorr option 'policy'='paper' computes every block and blends its output by lambda: it needs "
@@ -220,7 +237,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # a compute blends as above
     "paper-skip": {"score": "paper", "drift_reference": "previous", "gamma": 1.0, "spatial_weight": 1.0,
                    "policy": "adacorr", "blend": True, "correction": False, "scope": "block", "forecast": "none",
-                   "decision": "batch"},
+                   "decision": "batch", "late_phase": None},
 }
 
 
@@ -246,6 +263,11 @@ _ALLOWED: dict[str, tuple[Any, str]] = {
     "first_block_threshold": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
     "warmup_steps": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
     "max_consecutive_reuses": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+    "late_phase": (lambda v: v is None or (isinstance(v, (tuple, list)) and len(v) == 2 and all(map(_is_number, v))
+                                           and 0 <= v[0] <= v[1] <= 1),
+                   "None or (start, end) with 0 <= start <= end <= 1 (shares of the generation)"),
+    "late_threshold_factor": (lambda v: _is_number(v) and 0 < v < float("inf"), "a finite number > 0"),
+    "late_extra_reuses": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
     "final_steps": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
     "decision": (lambda v: v in DECISIONS, " | ".join(DECISIONS)),
     "scope": (lambda v: v in SCOPES, " | ".join(SCOPES)),

@@ -52,10 +52,58 @@ def guard_checks(
         ("no generation signal", _not(generation_known)),
         ("warm-up", step < config.warmup_steps),
         ("final steps", steps_left < config.final_steps),
-        ("max consecutive reuses", consecutive >= config.max_consecutive_reuses),
+        ("max consecutive reuses", consecutive >= reuse_cap(config, step, steps_left)),
         ("first block", config.policy == "first_block" and is_first_region),
         ("step leader", config.scope == "step" and is_first_region),
     )
+
+
+def progress(step: Any, steps_left: Any) -> Any:
+    """How far the generation is, ``step / (steps - 1)`` in [0, 1]: host numbers or 0-d
+    tensors. ``steps_left`` None (host) or :data:`STEPS_UNKNOWN` (tensor): about 0, every step
+    counts as early."""
+    if isinstance(step, torch.Tensor) or isinstance(steps_left, torch.Tensor):
+        step = torch.as_tensor(step).to(torch.float32)
+        total = step + torch.as_tensor(steps_left).to(torch.float32)
+        return torch.clamp(step / torch.clamp(total, min=1.0), 0.0, 1.0)
+    if steps_left is None or steps_left >= STEPS_UNKNOWN:
+        return 0.0
+    return min(max(step / max(step + steps_left, 1), 0.0), 1.0)
+
+
+def _late(config: AdaCorrConfig, step: Any, steps_left: Any) -> tuple[Any, Any] | None:
+    """``late_phase``: the share of the threshold's rise done at this step (0 before
+    ``start``, 1 from ``end``) and whether the late cap holds; None where it is off."""
+    if config.late_phase is None:
+        return None
+    start, end = config.late_phase
+    p = progress(step, steps_left)
+    if isinstance(p, torch.Tensor):
+        rise = torch.clamp((p - start) / (end - start), 0.0, 1.0) if end > start else (p >= end).to(torch.float32)
+        return rise, p >= end
+    rise = min(max((p - start) / (end - start), 0.0), 1.0) if end > start else float(p >= end)
+    return rise, p >= end
+
+
+def reuse_threshold_at(config: AdaCorrConfig, step: Any, steps_left: Any) -> Any:
+    """The lambda threshold at this step: ``reuse_threshold``, rising under ``late_phase`` to
+    ``reuse_threshold * late_threshold_factor``. The one definition, for host numbers and
+    0-d tensors (:func:`decide_tensor`)."""
+    late = _late(config, step, steps_left)
+    if late is None:
+        return config.reuse_threshold
+    return config.reuse_threshold * (1.0 + (config.late_threshold_factor - 1.0) * late[0])
+
+
+def reuse_cap(config: AdaCorrConfig, step: Any, steps_left: Any) -> Any:
+    """Reuses in a row allowed at this step: ``max_consecutive_reuses``, plus
+    ``late_extra_reuses`` from the end of ``late_phase`` on (host int or 0-d int64 tensor)."""
+    late = _late(config, step, steps_left)
+    if late is None:
+        return config.max_consecutive_reuses
+    if isinstance(late[1], torch.Tensor):
+        return config.max_consecutive_reuses + config.late_extra_reuses * late[1].to(torch.int64)
+    return config.max_consecutive_reuses + (config.late_extra_reuses if late[1] else 0)
 
 
 def scheduled(config: AdaCorrConfig, step: Any, first_block_similar: Any) -> Any:
@@ -162,12 +210,12 @@ def decide(
     forced = guards.forced(config)
     if forced is not None:
         return forced
-    return policy_verdict(config, guards.step, lam, first_block_similar, valid, score_finite)
+    return policy_verdict(config, guards.step, guards.steps_left, lam, first_block_similar, valid, score_finite)
 
 
 def policy_verdict(
-    config: AdaCorrConfig, step: int, lam: Sequence[float] | None, first_block_similar: bool | None, valid: bool = True,
-    score_finite: bool = True,
+    config: AdaCorrConfig, step: int, steps_left: int | None, lam: Sequence[float] | None,
+    first_block_similar: bool | None, valid: bool = True, score_finite: bool = True,
 ) -> list[bool] | str:
     """:func:`decide` once no guard forced a compute (a caller that has evaluated the guards
     already calls this, not :func:`decide`, so they are evaluated once)."""
@@ -180,18 +228,20 @@ def policy_verdict(
     if lambda_gates(config):
         if lam is None:
             raise ValueError(f"policy {config.policy!r} with correction={config.correction} needs lambda")
-        return [x <= config.reuse_threshold for x in lam]
+        threshold = reuse_threshold_at(config, step, steps_left)
+        return [x <= threshold for x in lam]
     return [True] * (len(lam) if lam is not None else 1)
 
 
-def cap_streaks(config: AdaCorrConfig, reuse: Any, streaks: Any) -> Any:
-    """``decision="sample"``: a sample that has reused ``max_consecutive_reuses`` times in a
-    row computes, whatever its flag says (the others may still reuse; the guard forces a
-    compute of all only when all are at the cap). ``reuse`` and ``streaks`` are host lists
-    or ``[B]`` tensors: the one definition of the per-sample cap."""
+def cap_streaks(config: AdaCorrConfig, reuse: Any, streaks: Any, step: Any, steps_left: Any) -> Any:
+    """``decision="sample"``: a sample that has reused :func:`reuse_cap` times in a row
+    computes, whatever its flag says (the others may still reuse; the guard forces a compute
+    of all only when all are at the cap). ``reuse`` and ``streaks`` are host lists or ``[B]``
+    tensors: the one definition of the per-sample cap."""
+    cap = reuse_cap(config, step, steps_left)
     if isinstance(reuse, torch.Tensor):
-        return reuse & (streaks < config.max_consecutive_reuses)
-    return [m and k < config.max_consecutive_reuses for m, k in zip(reuse, streaks)]
+        return reuse & (streaks < cap)
+    return [m and k < cap for m, k in zip(reuse, streaks)]
 
 
 def next_streaks(reused: Any, streaks: Any) -> Any:
@@ -267,10 +317,10 @@ def decide_tensor(
     if lambda_gates(config):
         if lam is None:
             raise ValueError(f"policy {config.policy!r} with correction={config.correction} needs lambda")
-        proposed = proposed & (lam <= config.reuse_threshold)
+        proposed = proposed & (lam <= reuse_threshold_at(config, step, steps_left))
     consulted = ~forced & finite
     if not per_sample:
         return TensorVerdict(consulted & proposed, nonfinite, consulted & ~proposed, consulted & proposed)
     proposed = proposed & torch.ones_like(consecutive, dtype=torch.bool)  # one flag per sample
-    mask = cap_streaks(config, proposed, consecutive)
+    mask = cap_streaks(config, proposed, consecutive, step, steps_left)
     return TensorVerdict(consulted & mask, nonfinite, consulted & ~mask.all(), consulted & proposed)

@@ -96,7 +96,8 @@ def methods(group: str) -> list[bench.Method]:
 
     m = [bench.inductor_baseline()]
     if group != "compiled":
-        m += [bench.ours("ours default", {}), bench.ours("ours thr=0.1", {"reuse_threshold": 0.1}, 0.1),
+        m += [bench.ours("ours default", {}), bench.ours("ours late_phase=None", {"late_phase": None}),
+              bench.ours("ours thr=0.1", {"reuse_threshold": 0.1}, 0.1),
               bench.ours("ours thr=0.12", {"reuse_threshold": 0.12}, 0.12),
               bench.ours("ours probe_forecast thr=0.06 cap=4",
                          {"probe_forecast": True, "reuse_threshold": 0.06, "max_consecutive_reuses": 4}, 0.06)]

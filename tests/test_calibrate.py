@@ -156,7 +156,7 @@ def test_swapped_probe_forecast_decides_as_a_fresh_compile():
     threshold where the stored reference never does; with forecast_max_change=0 no forecast
     applies and the probe decides as without it."""
     model, _ = tiny_plain(4)
-    options = {"reuse_threshold": 0.05}
+    options = {"reuse_threshold": 0.05, "late_phase": None}  # one threshold: the stored reference never reuses
     fresh = torch.compile(model, backend="adacorr", options={**options, "probe_forecast": True})
     expected = sample(fresh, 0)
     forecast_trace = adacorr_compile.stats(fresh)["regions"][1]["reuse_trace"]
@@ -173,6 +173,25 @@ def test_swapped_probe_forecast_decides_as_a_fresh_compile():
         adacorr_compile.reset(swapped)
         assert torch.equal(sample(swapped, 0), expected)
         assert adacorr_compile.stats(swapped)["regions"][1]["reuse_trace"] == forecast_trace
+
+
+def test_swapped_late_phase_decides_as_a_fresh_compile():
+    """late_phase, its factor and its extra reuses are read at run time (Inductor lowering):
+    a calibrate variant of them needs no recompile, and decides as a compile with them."""
+    model, _ = tiny_plain(4)
+    late = {"late_phase": (0.0, 0.3), "late_threshold_factor": 3.0, "late_extra_reuses": 2}
+    fresh = torch.compile(model, backend="adacorr", options={"reuse_threshold": 0.05, **late})
+    expected = sample(fresh, 0)
+    late_trace = adacorr_compile.stats(fresh)["regions"][1]["reuse_trace"]
+    torch._dynamo.reset()
+    swapped = torch.compile(model, backend="adacorr", options={"reuse_threshold": 0.05, "late_phase": None})
+    sample(swapped, 0)
+    flat_trace = adacorr_compile.stats(swapped)["regions"][1]["reuse_trace"]
+    assert sum(late_trace) > sum(flat_trace)  # the variant changes the decisions
+    with torch.compiler.set_stance("fail_on_recompile"), swapped_config(swapped, late):
+        adacorr_compile.reset(swapped)
+        assert torch.equal(sample(swapped, 0), expected)
+        assert adacorr_compile.stats(swapped)["regions"][1]["reuse_trace"] == late_trace
 
 
 def test_infinite_option_round_trips_through_the_calibration_file(tmp_path):

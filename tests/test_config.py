@@ -38,6 +38,12 @@ def test_from_options_sets_fields():
         ("forecast_max_change", -0.1),
         ("forecast_max_change", float("nan")),
         ("probe_forecast", 1),
+        ("late_phase", (0.5, 0.2)),
+        ("late_phase", (0.2, 1.5)),
+        ("late_phase", 0.5),
+        ("late_threshold_factor", 0),
+        ("late_threshold_factor", float("inf")),
+        ("late_extra_reuses", -1),
         ("lowering", "xla"),
         ("inductor_mode", "turbo"),
         ("timestep_arg", "not an identifier"),
@@ -49,6 +55,15 @@ def test_bad_value_names_the_option(key, value):
         AdaCorrConfig.from_options({key: value})
     msg = str(err.value)
     assert repr(key) in msg and repr(value) in msg and "expected" in msg
+
+
+def test_late_phase_from_json_is_a_tuple_and_presets_turn_it_off():
+    """A late_phase given as a list (load_options reads JSON) is kept as a tuple of floats, so
+    the config stays hashable; the paper's skip preset has one threshold throughout."""
+    cfg = AdaCorrConfig.from_options({"late_phase": [0, 1]})
+    assert cfg.late_phase == (0.0, 1.0) and hash(cfg)
+    assert AdaCorrConfig().late_phase == (0.2, 0.5)
+    assert AdaCorrConfig.from_options({"preset": "paper-skip"}).late_phase is None
 
 
 def test_unknown_option_lists_allowed():

@@ -151,7 +151,7 @@ def test_decide_tensor_per_sample_matches_host_decide():
         if isinstance(verdict, str):
             want, by_policy = [False, False], verdict == "policy"
         else:
-            want = cap_streaks(cfg, verdict * (2 // len(verdict)), list(streaks))
+            want = cap_streaks(cfg, verdict * (2 // len(verdict)), list(streaks), guards.step, guards.steps_left)
             by_policy = not all(want)
         got = decide_tensor(cfg, torch.tensor(step), torch.tensor(STEPS_UNKNOWN if left is None else left),
                             torch.tensor(streaks), torch.tensor(step > 0), torch.tensor(True), False, torch.tensor(lams), None)

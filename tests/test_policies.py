@@ -1,3 +1,5 @@
+import pytest
+
 from adacorr_compile import AdaCorrConfig
 from adacorr_compile.policies import Guards, decide, step_role
 
@@ -75,3 +77,41 @@ def test_host_and_graph_decisions_are_one_definition():
                               torch.tensor(consecutive), torch.tensor(has_cache), first, torch.tensor(known))
         held = [reason for reason, holds in tensor if bool(holds)]
         assert (held[0] if held else None) == host
+
+
+def test_late_phase_threshold_and_cap_on_host_and_tensors():
+    """late_phase: the threshold rises linearly from reuse_threshold at the phase's start to
+    reuse_threshold * late_threshold_factor at its end, where the cap gains late_extra_reuses;
+    the host and the tensor form (the ONNX step graph's) agree; an unknown length is early."""
+    import torch
+
+    from adacorr_compile.policies import STEPS_UNKNOWN, progress, reuse_cap, reuse_threshold_at
+
+    cfg = AdaCorrConfig(reuse_threshold=0.08, max_consecutive_reuses=3, late_phase=(0.2, 0.5), late_threshold_factor=2.0,
+                        late_extra_reuses=1)
+    # 51 steps: step s is s/50 of the way
+    for step, want_thr, want_cap in [(0, 0.08, 3), (10, 0.08, 3), (15, 0.08 * (1 + 1 / 3), 3), (20, 0.08 * (1 + 2 / 3), 3),
+                                     (25, 0.16, 4), (50, 0.16, 4)]:
+        left = 50 - step
+        assert progress(step, left) == pytest.approx(step / 50)
+        assert reuse_threshold_at(cfg, step, left) == pytest.approx(want_thr)
+        assert reuse_cap(cfg, step, left) == want_cap
+        t_step, t_left = torch.tensor(step), torch.tensor(left)
+        assert float(reuse_threshold_at(cfg, t_step, t_left)) == pytest.approx(want_thr, rel=1e-6)
+        assert int(reuse_cap(cfg, t_step, t_left)) == want_cap
+    for step in (0, 30, 10_000):  # the length is not known: every step is early
+        assert progress(step, None) == 0.0 and reuse_threshold_at(cfg, step, None) == 0.08 and reuse_cap(cfg, step, None) == 3
+        assert float(reuse_threshold_at(cfg, torch.tensor(step), torch.tensor(STEPS_UNKNOWN))) == pytest.approx(0.08)
+        assert int(reuse_cap(cfg, torch.tensor(step), torch.tensor(STEPS_UNKNOWN))) == 3
+    assert progress(60, -10) == 1.0  # past a predicted end: late, not beyond
+    off = cfg.replace(late_phase=None)
+    assert reuse_threshold_at(off, 50, 0) == 0.08 and reuse_cap(off, 50, 0) == 3
+    step_at = cfg.replace(late_phase=(0.5, 0.5))  # start == end: a step at the end
+    assert reuse_threshold_at(step_at, 24, 26) == 0.08 and reuse_threshold_at(step_at, 25, 25) == pytest.approx(0.16)
+    # the guard and the lambda gate use them: a streak of 3 is capped early, not late
+    early = Guards(step=10, steps_left=40, consecutive_reuses=3, has_cache=True, is_first_region=False)
+    late = Guards(step=25, steps_left=25, consecutive_reuses=3, has_cache=True, is_first_region=False)
+    assert decide(cfg, early, [0.1], None) == "max consecutive reuses"
+    assert decide(cfg, late, [0.1], None) == [True]
+    assert decide(cfg, late.__class__(**{**late.__dict__, "consecutive_reuses": 0}), [0.17], None) == [False]
+    assert decide(cfg, early.__class__(**{**early.__dict__, "consecutive_reuses": 0}), [0.1], None) == [False]

@@ -232,7 +232,9 @@ def test_step_scope_one_decision_per_step(family, threshold, monkeypatch):
     first block's residual) and decides, the others follow it without measuring: one OEM
     measurement (one host read) per step."""
     model, inputs = FAMILIES[family][0]()
-    options = {"policy": "adacorr", "correction": True, "scope": "step", "reuse_threshold": threshold, "lowering": "eager"}
+    # one threshold and cap throughout (late_phase=None): the loop below re-derives each verdict
+    options = {"policy": "adacorr", "correction": True, "scope": "step", "reuse_threshold": threshold, "lowering": "eager",
+               "late_phase": None}
     fast = torch.compile(model, backend="adacorr", options=options)
     measures = _count_measures(monkeypatch)
     steps = 12
@@ -479,3 +481,59 @@ def test_cache_bytes_hold_only_what_the_decision_needs(options, held):
     block_input = 2 * 16 * 16 * 4  # [B=2, 16 tokens, 16 channels] float32: the tiny DiT stream
     want = held * block_input
     assert want <= s["cache_bytes"] < want + 64  # plus a few 0-d scalars (the step's lambda, flags)
+
+
+def _reuse_trace(options, steps, num_steps=None, spacing=20.0):
+    """The probe's per-step reuse flags over one generation of the linear-in-time model."""
+    torch.manual_seed(0)
+    model = _LinearInTime().eval()
+    x = torch.randn(2, 8, 4)
+    torch._dynamo.reset()
+    fast = torch.compile(model, backend="adacorr", options={"final_steps": 0, "lowering": "eager", **options})
+    with torch.no_grad():
+        fast(hidden_states=x, timestep=torch.full((2,), 900.0))  # compile and find the regions
+        adacorr_compile.reset(fast, num_steps=num_steps)
+        for k in range(steps):
+            fast(hidden_states=x, timestep=torch.full((2,), 900.0 - spacing * k))
+    probe = adacorr_compile.stats(fast)["regions"][1]
+    return [int(v) for v in probe["reuse_trace"]], probe
+
+
+def test_late_phase_adds_a_reuse_to_the_cap_from_its_end():
+    """late_phase: from its end (a share of the generation's steps) a region may reuse
+    ``late_extra_reuses`` more times in a row; before it, ``max_consecutive_reuses``. The
+    generation's length comes from num_steps; where it comes from the timestep's fall, a run
+    the timesteps say is ~45 steps long is still early after 12."""
+    always = {"reuse_threshold": 1.0, "max_consecutive_reuses": 2, "forecast": "none"}
+    late = {**always, "late_phase": (0.0, 0.5), "late_extra_reuses": 1}
+    # 12 steps: step 6 is the first at or past half way (6/11); the streak may then reach 3
+    assert _reuse_trace(late, 12, num_steps=12)[0] == [0, 0, 1, 1, 0, 1, 1, 1, 0, 1, 1, 1]
+    assert _reuse_trace({**late, "late_phase": None}, 12, num_steps=12)[0] == [0, 0, 1, 1, 0, 1, 1, 0, 1, 1, 0, 1]
+    assert _reuse_trace({**late, "late_extra_reuses": 0}, 12, num_steps=12)[0] == [0, 0, 1, 1, 0, 1, 1, 0, 1, 1, 0, 1]
+    # no num_steps: 900 falling by 20 per step has ~45 steps; the first 12 are before its middle
+    assert _reuse_trace(late, 12)[0] == [0, 0, 1, 1, 0, 1, 1, 0, 1, 1, 0, 1]
+    # falling by 100 per step from 900 it ends after 9 (at t=100): half way at step 4 (4/8)
+    assert _reuse_trace(late, 9, spacing=100.0)[0] == [0, 0, 1, 1, 1, 0, 1, 1, 1]
+
+
+def test_late_phase_raises_the_threshold_along_the_generation():
+    """On the linear-in-time model each step drifts by the same amount, so the probe's lambda
+    after one step is the same at every step. With the threshold just under it nothing is
+    reused early; from where the threshold has risen past it (late_phase, factor 2) the
+    step reuses. A factor below 1 makes the late steps stricter."""
+    options = {"max_consecutive_reuses": 1, "late_phase": None, "reuse_threshold": 0.0}
+    trace, probe = _reuse_trace(options, 12, num_steps=12)
+    lams = probe["lambda_trace"][2:]
+    lam = max(lams)
+    assert trace == [0] * 12 and lam > 0 and min(lams) > 0.9 * lam  # every step computes; lambda steady
+    early = {**options, "reuse_threshold": lam / 1.5}
+    assert _reuse_trace(early, 12, num_steps=12)[0] == [0] * 12
+    ramp = {**early, "late_phase": (0.2, 0.5), "late_threshold_factor": 2.0}
+    trace = _reuse_trace(ramp, 12, num_steps=12)[0]
+    # the threshold passes lam/1.5 * (1 + share) >= lam at share 0.5: at 35% of the way (step 4 of 0..11)
+    assert trace[:4] == [0, 0, 0, 0] and 1 in trace[4:6]
+    assert trace[6:] == [1, 0, 1, 0, 1, 0]  # from the end of the phase every other step (cap 1)
+    # a factor below 1 lowers it late: nothing reused even at a threshold that reuses early
+    lower = {**options, "reuse_threshold": lam * 1.2, "late_phase": (0.2, 0.5), "late_threshold_factor": 0.5}
+    trace = _reuse_trace(lower, 12, num_steps=12)[0]
+    assert 1 in trace[2:4] and trace[6:] == [0] * 6

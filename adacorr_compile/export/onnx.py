@@ -537,7 +537,7 @@ class CondRegion(torch.nn.Module):
             for _, holds in guard_checks(cfg, step, steps_left, consecutive.amin(0), has_cache, False):
                 forced = forced | holds
             follows = named.probe_consulted & ~forced
-            reuse = cap_streaks(cfg, named.probe_proposed, consecutive) & follows
+            reuse = cap_streaks(cfg, named.probe_proposed, consecutive, step, steps_left) & follows
             by_policy = follows & ~reuse.all()
             nonfinite = torch.zeros_like(has_cache)
             blend_lam = torch.where(by_policy, lam, nan_lam)

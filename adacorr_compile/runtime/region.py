@@ -216,7 +216,7 @@ def _decide(
         else:
             # one read: lambda, the cache is finite, the score is finite
             host = packed.tolist()
-            verdict = policy_verdict(cfg, active.step, host[:-2] if needs_lambda(cfg) else None, shared.similar,
+            verdict = policy_verdict(cfg, active.step, guards.steps_left, host[:-2] if needs_lambda(cfg) else None, shared.similar,
                                      valid=host[-2] >= 0.5, score_finite=host[-1] >= 0.5)
             if verdict in ("non-finite cache", "non-finite input"):
                 state.region_stats(spec.path).nonfinite += 1
@@ -228,7 +228,7 @@ def _decide(
     batch = observed[0].shape[0] if observed else 1
     mask = None if isinstance(verdict, str) else (verdict * batch if len(verdict) == 1 else verdict)
     if mask is not None and streaks is not None and len(streaks) == len(mask):
-        mask = cap_streaks(cfg, mask, streaks)
+        mask = cap_streaks(cfg, mask, streaks, active.step, guards.steps_left)
     # the policy itself chose to compute (some samples): only then does blend=True blend; a
     # compute forced by a guard (warm-up, final steps, reuse cap, policy "never", a cache or
     # input that is not finite, an empty cache) returns the fresh block alone
