@@ -48,6 +48,7 @@ import copy
 import json
 import logging
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -231,13 +232,13 @@ def main() -> int:
                      "seconds": times[name], "recompiles_timed": recompiles[name]})
     device = f"CPU ({platform.machine()}), {torch.get_num_threads()} threads"
     result = {"model": args.model, "images": args.images, "steps": args.steps, "rounds": args.rounds, "seeds": seeds, "device": device,
-              "torch": torch.__version__, "command": " ".join(sys.argv), "rows": rows, "could_not_run": failed}
+              "torch": torch.__version__, "command": shlex.join(sys.argv), "rows": rows, "could_not_run": failed}
     args.out.mkdir(parents=True, exist_ok=True)
     tag = "" if args.only is None else "_" + "_".join("".join(c if c.isalnum() else "-" for c in w) for w in args.only)
     stem = args.out / f"peers_{args.model}_{args.group}{tag}"
     Path(f"{stem}.json").write_text(json.dumps(result, indent=1))
     lines = [f"### Ours and the peers, reference {args.model}, {args.images} images x {args.steps} steps, {device}", "",
-             f"Command: `python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}`. Methods timed round-robin in one "
+             f"Command: `python benchmarks/{Path(__file__).name} {shlex.join(sys.argv[1:])}`. Methods timed round-robin in one "
              f"process, {args.rounds} rounds; speed = plain Inductor's time / the method's, per round (median, min-max); "
              f"PSNR against plain Inductor's images of the same seed, over {len(seeds)} seeds ({len(seeds) * args.images} "
              "images): mean and worst image, and the per-seed means (min-max). Compiled methods use cache-dit's "
