@@ -79,8 +79,8 @@ class AdaCorrConfig:
         along a smoother path, where a reuse's forecast errs less for the same measured
         drift. Where the generation's length is not known (no step count, no timestep
         to extrapolate it from) every step counts as early; extrapolated from a shifted
-        flow-matching schedule it is overestimated, and the phase comes a few steps late. None: one threshold and one
-        cap throughout. The default ``(0.2, 0.5)`` with factor 2 and one extra reuse is
+        flow-matching schedule it is overestimated, and the phase comes a few steps late.
+        None: one threshold and one cap throughout. The default ``(0.2, 0.5)`` with factor 2 and one extra reuse is
         measured (benchmarks/results/README.md, "Late phase").
     late_threshold_factor: the threshold from ``late_phase[1]`` on, as a multiple of
         ``reuse_threshold`` (so a calibrated threshold carries it along).

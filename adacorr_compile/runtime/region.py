@@ -216,8 +216,8 @@ def _decide(
         else:
             # one read: lambda, the cache is finite, the score is finite
             host = packed.tolist()
-            verdict = policy_verdict(cfg, active.step, guards.steps_left, host[:-2] if needs_lambda(cfg) else None, shared.similar,
-                                     valid=host[-2] >= 0.5, score_finite=host[-1] >= 0.5)
+            verdict = policy_verdict(cfg, active.step, guards.steps_left, host[:-2] if needs_lambda(cfg) else None,
+                                     shared.similar, valid=host[-2] >= 0.5, score_finite=host[-1] >= 0.5)
             if verdict in ("non-finite cache", "non-finite input"):
                 state.region_stats(spec.path).nonfinite += 1
         if role == "probe":
