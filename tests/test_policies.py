@@ -1,3 +1,4 @@
+import math
 import pytest
 
 from adacorr_compile import AdaCorrConfig
@@ -115,3 +116,52 @@ def test_late_phase_threshold_and_cap_on_host_and_tensors():
     assert decide(cfg, late, [0.1], None) == [True]
     assert decide(cfg, late.__class__(**{**late.__dict__, "consecutive_reuses": 0}), [0.17], None) == [False]
     assert decide(cfg, early.__class__(**{**early.__dict__, "consecutive_reuses": 0}), [0.1], None) == [False]
+
+
+def _flow_schedule(n, shift):
+    """diffusers' flow-matching timesteps: linspace(1, 1/n, n), shifted (SD3: shift 3; Flux: e^mu)."""
+    sigmas = [1.0 - k * (1.0 - 1.0 / n) / (n - 1) for k in range(n)]
+    return [shift * s / (1.0 + (shift - 1.0) * s) for s in sigmas]
+
+
+@pytest.mark.parametrize("name, schedule", [
+    *[(f"flow n={n} shift={shift:g}", _flow_schedule(n, shift)) for n in (10, 20, 28, 50) for shift in (1.0, 3.0, 3.16)],
+    ("flow x1000 (SD3's timesteps)", [1000.0 * t for t in _flow_schedule(28, 3.0)]),
+    ("DDIM 50", [981.0 - 20.0 * k for k in range(50)]),
+])
+def test_steps_left_from_a_shifted_schedule(name, schedule):
+    """Without a step count, the steps left come from the timesteps: from the third step on they
+    are exact on evenly spaced and shifted schedules (diffusers' SD3 and Flux pipelines pass no
+    step count), so final_steps and late_phase know where a generation ends."""
+    from adacorr_compile.runtime.state import GenerationState
+
+    state, key, n = GenerationState(), ("owner", 0), len(schedule)
+    for k, t in enumerate(schedule):
+        assert state.begin_step(key, ("sig",), t) == k
+        state.steps[key] += 1  # what the graph runtime does after the call
+        if k >= 2:
+            assert state.steps_left(key, k) == n - 1 - k, (name, k)
+
+
+def test_steps_left_falls_back_where_no_shift_fits():
+    """A schedule that is not evenly spaced under any shift of this form (Karras-like sigmas) is
+    extrapolated from its last spacing, as before; a repeated timestep (a second-order solver's
+    second call) neither breaks the fit nor the run."""
+    from adacorr_compile.runtime.state import GenerationState, fit_shift
+
+    assert fit_shift([1.0, 0.9]) is None and fit_shift([1.0, 1.0, 0.5]) is None
+    shift, h = fit_shift(_flow_schedule(20, 3.0)[:3])
+    assert shift == pytest.approx(3.0, rel=1e-6) and h == pytest.approx(1.0 / 20, rel=1e-6)
+    karras = [(14.6 ** (1 / 7) + k / 19 * (0.03 ** (1 / 7) - 14.6 ** (1 / 7))) ** 7 for k in range(20)]
+    state, key = GenerationState(), ("owner", 0)
+    for t in karras[:12]:
+        state.begin_step(key, ("sig",), t)
+        state.steps[key] += 1
+    spacing = karras[10] - karras[11]
+    assert state.steps_left(key, 11) == math.ceil(karras[11] / spacing - 1e-3) - 1
+    heun = GenerationState()
+    for t in _flow_schedule(10, 3.0):
+        heun.begin_step(key, ("sig",), t)
+        heun.begin_step(key, ("sig",), t)  # the same timestep again
+        heun.steps[key] += 1
+    assert heun.generations == 0 and heun.steps_left(key, 9) == 0

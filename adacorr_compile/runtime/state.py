@@ -189,6 +189,40 @@ def storage_bytes(*values: Any) -> int:
     return sum(seen.values())
 
 
+def unshift(u: float, shift: float) -> float:
+    """The evenly spaced time ``sigma`` behind a shifted one ``u = shift * sigma / (1 + (shift -
+    1) * sigma)`` (SD3's and Wan's ``shift``; Flux's exponential time shift with ``shift =
+    e^mu``); ``shift=1`` is the identity."""
+    return u / (shift - (shift - 1.0) * u)
+
+
+def fit_shift(first: list[float]) -> tuple[float, float] | None:
+    """``(shift, h)``: the shift under which a falling schedule's first three timesteps, as shares
+    of the first, are evenly spaced (by ``h``) in unshifted time, or None (fewer than three, not
+    falling, no shift in [e^-6, e^6] fits). An evenly spaced schedule (DDIM, an unshifted
+    flow) fits with shift 1."""
+    if len(first) < 3 or not first[0] > first[1] > first[2] > 0:
+        return None
+    u1, u2 = first[1] / first[0], first[2] / first[0]
+
+    def gap(log_shift: float) -> float:
+        shift = math.exp(log_shift)
+        return 2.0 * (1.0 - unshift(u1, shift)) - (1.0 - unshift(u2, shift))
+
+    lo, hi = -6.0, 6.0
+    if gap(lo) * gap(hi) > 0:
+        return None
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if gap(lo) * gap(mid) <= 0:
+            hi = mid
+        else:
+            lo = mid
+    shift = math.exp(0.5 * (lo + hi))
+    h = 1.0 - unshift(u1, shift)
+    return (shift, h) if h > 0 else None
+
+
 GraphKey = Any  # (owner token, graph id): one module instance running one compiled graph
 
 
@@ -203,6 +237,7 @@ class GenerationState:
         self.last_t: dict[GraphKey, float] = {}
         self.t_spacing: dict[GraphKey, float] = {}  # last timestep change (absolute)
         self.t_direction: dict[GraphKey, int] = {}  # +1 rising, -1 falling, within this generation
+        self.t_first: dict[GraphKey, list[float]] = {}  # the generation's first three distinct timesteps
         self.signature: dict[GraphKey, tuple] = {}
         self.index: dict[GraphKey, int] = {}  # the pipeline's step index of the last call (cache_context)
         self.total: dict[GraphKey, int] = {}  # the pipeline's number of steps (cache_context)
@@ -274,6 +309,9 @@ class GenerationState:
                 else:
                     self.t_direction[key] = direction
                     self.t_spacing[key] = abs(delta)
+            first = self.t_first.setdefault(key, [])
+            if len(first) < 3 and (not first or abs(delta) > 1e-6 * max(1.0, abs(last))):
+                first.append(timestep)
             self.last_t[key] = timestep
         self.signature[key] = signature
         count = self.steps.setdefault(key, 0)
@@ -285,10 +323,13 @@ class GenerationState:
 
     def steps_left(self, key: GraphKey, step: int) -> int | None:
         """Steps after ``step`` in this generation: from ``num_steps`` if the user gave it;
-        else extrapolated from a falling timestep (it falls by about the same amount each
-        step and the last call is at most one spacing above 0: ``ceil(t / spacing) - 1``
-        steps remain; DDIM's last call is at t=1 with spacing 20, a flow-matching Euler
-        sampler's at t=1/N with spacing 1/N), or from a rising one in [0, 1] (it ends
+        else extrapolated from a falling timestep: where the generation's first three
+        timesteps are evenly spaced under a shift (:func:`fit_shift`: DDIM, unshifted and
+        shifted flow matching, SD3's and Flux's schedules) and this step's still fits, the
+        steps left in that unshifted time (the last step is one spacing above 0); else as if
+        it falls by about the same amount each step (``ceil(t / spacing) - 1`` steps remain;
+        DDIM's last call is at t=1 with spacing 20, a flow-matching Euler sampler's at t=1/N
+        with spacing 1/N), or from a rising one in [0, 1] (it ends
         below 1); else from the length of the previous generation; else unknown. A
         pipeline's step count (``cache_context(num_inference_steps=...)``) comes first."""
         total = self.total.get(key)
@@ -297,6 +338,12 @@ class GenerationState:
         if self.num_steps is not None:
             return self.num_steps - 1 - step
         t, dt, direction = self.last_t.get(key), self.t_spacing.get(key), self.t_direction.get(key)
+        fit = fit_shift(self.t_first.get(key, [])) if direction == -1 and t is not None and t >= 0 else None
+        if fit is not None:
+            shift, h = fit
+            sigma = unshift(t / self.t_first[key][0], shift)
+            if abs(sigma - (1.0 - step * h)) <= 0.3 * h:  # the fit holds at this step: the schedule is of this form
+                return math.ceil(sigma / h - 1e-3) - 1
         if t is not None and dt is not None and dt > 0:
             remaining = t if direction == -1 else (1.0 - t if 0.0 <= t <= 1.0 else None)
             if remaining is not None and remaining >= 0 and remaining / dt < 1e6:
@@ -320,6 +367,7 @@ class GenerationState:
         self.last_t.clear()
         self.t_spacing.clear()
         self.t_direction.clear()
+        self.t_first.clear()
         self.signature.clear()
         self.index.clear()
         self.total.clear()
