@@ -78,16 +78,16 @@ class AdaCorrConfig:
         ``max_consecutive_reuses + late_extra_reuses``. The late steps of a sampler move
         along a smoother path, where a reuse's forecast errs less for the same measured
         drift. Where the generation's length is not known (no step count, no timestep
-        to extrapolate it from) every step counts as early; extrapolated from a shifted
-        flow-matching schedule it is overestimated, and the phase comes a few steps late.
+        to extrapolate it from) every step counts as early.
         None: one threshold and one cap throughout. The default ``(0.2, 0.5)`` with factor 2 and one extra reuse is
         measured (benchmarks/results/README.md, "Late phase").
     late_threshold_factor: the threshold from ``late_phase[1]`` on, as a multiple of
         ``reuse_threshold`` (so a calibrated threshold carries it along).
     late_extra_reuses: reuses in a row added to the cap from ``late_phase[1]`` on.
     final_steps: the last steps of a generation always compute (needs the step
-        count: ``generation(model, num_steps=N)``, ``reset(model, num_steps=N)``, or
-        the length of the previous generation).
+        count: ``generation(model, num_steps=N)``, ``reset(model, num_steps=N)``, a
+        pipeline's cache context, the timesteps (evenly spaced or shifted), or the length
+        of the previous generation).
     decision: ``"batch"``: one decision per region for the whole batch (a
         classifier-free-guidance pair shares it); ``"sample"``: one per sample, as a
         mask over the batch (the block still runs on the whole batch when any sample
