@@ -238,6 +238,7 @@ class GenerationState:
         self.t_spacing: dict[GraphKey, float] = {}  # last timestep change (absolute)
         self.t_direction: dict[GraphKey, int] = {}  # +1 rising, -1 falling, within this generation
         self.t_first: dict[GraphKey, list[float]] = {}  # the generation's first three distinct timesteps
+        self.t_fit: dict[GraphKey, tuple[float, float] | None] = {}  # fit_shift of those three, once they are in
         self.signature: dict[GraphKey, tuple] = {}
         self.index: dict[GraphKey, int] = {}  # the pipeline's step index of the last call (cache_context)
         self.total: dict[GraphKey, int] = {}  # the pipeline's number of steps (cache_context)
@@ -312,6 +313,8 @@ class GenerationState:
             first = self.t_first.setdefault(key, [])
             if len(first) < 3 and (not first or abs(delta) > 1e-6 * max(1.0, abs(last))):
                 first.append(timestep)
+                if len(first) == 3:  # fitted once per generation, not at every region's guard
+                    self.t_fit[key] = fit_shift(first)
             self.last_t[key] = timestep
         self.signature[key] = signature
         count = self.steps.setdefault(key, 0)
@@ -338,7 +341,7 @@ class GenerationState:
         if self.num_steps is not None:
             return self.num_steps - 1 - step
         t, dt, direction = self.last_t.get(key), self.t_spacing.get(key), self.t_direction.get(key)
-        fit = fit_shift(self.t_first.get(key, [])) if direction == -1 and t is not None and t >= 0 else None
+        fit = self.t_fit.get(key) if direction == -1 and t is not None and t >= 0 else None
         if fit is not None:
             shift, h = fit
             sigma = unshift(t / self.t_first[key][0], shift)
@@ -368,6 +371,7 @@ class GenerationState:
         self.t_spacing.clear()
         self.t_direction.clear()
         self.t_first.clear()
+        self.t_fit.clear()
         self.signature.clear()
         self.index.clear()
         self.total.clear()
