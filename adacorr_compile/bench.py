@@ -78,6 +78,31 @@ class Run:
         return (min(self.ratios), max(self.ratios)) if self.ratios else None
 
 
+def _fresh_function(f: Any) -> Any:
+    """A copy of ``f`` with new code objects, and of the function it wraps (``__wrapped__``, held
+    in a closure cell of the decorator's wrapper)."""
+    inner = getattr(f, "__wrapped__", None)
+    new_inner = _fresh_function(inner) if inner is not None else None
+    closure = None
+    if f.__closure__:
+        closure = tuple(types.CellType(new_inner) if inner is not None and c.cell_contents is inner else c
+                        for c in f.__closure__)
+    g = types.FunctionType(f.__code__.replace(co_name=f.__code__.co_name), f.__globals__, f.__name__, f.__defaults__,
+                           closure)
+    g.__kwdefaults__, g.__qualname__ = f.__kwdefaults__, f.__qualname__
+    g.__dict__.update(f.__dict__)
+    if new_inner is not None:
+        g.__wrapped__ = new_inner
+    return g
+
+
+def own_forward(module: torch.nn.Module) -> None:
+    """Give ``module`` a forward with code objects of its own. Dynamo keeps its compiled code per
+    code object, so two ``torch.compile`` of copies of one model class in one process can share
+    (or spoil) each other's graphs; a forward of its own gives each copy its own compile."""
+    module.forward = types.MethodType(_fresh_function(type(module).forward), module)
+
+
 def transformer_of(model: Any) -> torch.nn.Module:
     """The diffusers transformer inside a reference model (itself for DiT)."""
     return getattr(model, "transformer", model)

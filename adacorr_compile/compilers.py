@@ -56,8 +56,11 @@ class CompiledPart(torch.nn.Module):
         if self.activations is None:
             self.activations = [i for i, a in enumerate(args)
                                 if isinstance(a, torch.Tensor) and not isinstance(a, torch.nn.Parameter)]
-        if any(not args[i].is_contiguous() for i in self.activations):
-            args = tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
+        strided = [i for i in self.activations if not args[i].is_contiguous()]
+        if strided:  # those alone: a call per parameter is measurable on a per-step path
+            args = list(args)
+            for i in strided:
+                args[i] = args[i].contiguous()
         return self.fn(list(args)) if self.boxed else self.fn(*args)
 
     def extra_repr(self) -> str:

@@ -23,11 +23,20 @@ Second table, the cost of a reuse step: the default options with every step afte
 reused (threshold 1, no reuse cap), each model call timed, with the span cache (chained
 blocks share one residual: one add per stream on a reuse) and with one cache per block (the
 layout before the span cache: one add and one extrapolation per block), interleaved.
+
+Third table (``--span-call``), what one call per span saves on a reuse step: a DiT of tiny width
+(diffusers' ``DiTTransformer2DModel``, 16 channels, so the blocks cost little and the runtime's
+own Python shows) at 8 and at 28 blocks (DiT-XL's depth), every step after warm-up reused, with
+the span's regions called as one ``SpanCall`` and with one call per region (``fuse_spans`` off),
+interleaved in one process: the median time of a reuse step, and the runtime's own time in it
+(the graph runtime's, less its compiled parts). Its slope from 8 to 28 blocks is the cost per
+skipped block.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import json
 import logging
@@ -40,6 +49,7 @@ from pathlib import Path
 import torch
 
 from adacorr_compile import bench
+from adacorr_compile.api import _model_state
 from adacorr_compile.reference import load_reference
 from adacorr_compile.sampling import reference_sampler
 
@@ -78,11 +88,15 @@ def reuse_step_rows(model, sampler, labels, steps: int, reps: int) -> list[dict]
     for name, spans in (("span cache", True), ("one cache per block", False)):
         # "one cache per block" is the runtime before the span cache: spans switched off at compile time
         chain.spans_apply = spans_apply if spans else (lambda config: False)
+        own = copy.deepcopy(model)
+        bench.own_forward(bench.transformer_of(own))  # a compile of its own, not the other variant's cached one
         try:
-            fn = bench.ours(name, ALWAYS_REUSE).build(model)
+            fn = bench.ours(name, ALWAYS_REUSE).build(own)
             sampler(fn, labels, num_steps=2)
         finally:
             chain.spans_apply = spans_apply
+        sizes = {r.span.size for g in _model_state(bench.transformer_of(fn)).graphs for r in g.regions}
+        assert (max(sizes) > 1) == spans, (name, sizes)
         runs[name] = fn
     per_step: dict[str, dict[str, list[float]]] = {n: {"compute": [], "reuse": []} for n in runs}
     with torch.compiler.set_stance("fail_on_recompile"):
@@ -101,6 +115,79 @@ def reuse_step_rows(model, sampler, labels, steps: int, reps: int) -> list[dict]
     return rows
 
 
+def span_call_rows(reps: int, steps: int = 30) -> list[dict]:
+    """Reuse step time and the runtime's own time per reuse step, one call per span vs one per
+    region, at 8 and 28 blocks of a tiny-width DiT (see the module docstring)."""
+    from adacorr_compile import compilers, tiny
+    from adacorr_compile.runtime import graph as graph_runtime
+    from adacorr_compile.runtime.region import SpanCall
+
+    lower = importlib.import_module("adacorr_compile.passes.lower")
+    fuse_spans = lower.fuse_spans
+    compiled_s, runtime_s = [0.0], [0.0]
+    part_forward, runtime_call = compilers.CompiledPart.forward, graph_runtime.GraphRuntime.__call__
+
+    def timed_part(self, *args):
+        t0 = time.perf_counter()
+        try:
+            return part_forward(self, *args)
+        finally:
+            compiled_s[0] += time.perf_counter() - t0
+
+    def timed_runtime(self, *args):
+        t0 = time.perf_counter()
+        try:
+            return runtime_call(self, *args)
+        finally:
+            runtime_s[0] += time.perf_counter() - t0
+
+    runs = {}
+    for depth in (8, 28):
+        model, inputs = tiny.tiny_dit(depth)
+        calls = [inputs(k, 1000.0 - k * 1000.0 / steps) for k in range(steps)]
+        for name, fused in (("one call per span", True), ("one call per region", False)):
+            lower.fuse_spans = fuse_spans if fused else (lambda split: 0)
+            own = copy.deepcopy(model)
+            bench.own_forward(own)  # a compile of its own, not the other variant's cached one
+            try:
+                fn = torch.compile(own, backend="adacorr", options=ALWAYS_REUSE)
+                with torch.no_grad():
+                    for kw in calls:
+                        fn(**kw)
+            finally:
+                lower.fuse_spans = fuse_spans
+            spans = [m for g in _model_state(fn).graphs for m in g.runner.children() if isinstance(m, SpanCall)]
+            assert bool(spans) == fused, (name, spans)  # each variant is what it says (its own compile)
+            runs[(depth, name)] = (fn, calls)
+    per: dict[tuple[int, str], dict[str, list[float]]] = {k: {"step": [], "runtime": []} for k in runs}
+    compilers.CompiledPart.forward, graph_runtime.GraphRuntime.__call__ = timed_part, timed_runtime
+    try:
+        with torch.no_grad(), torch.compiler.set_stance("fail_on_recompile"):
+            for _ in range(reps):
+                for key, (fn, calls) in runs.items():
+                    times = []
+                    for kw in calls:
+                        compiled_s[0] = runtime_s[0] = 0.0
+                        t0 = time.perf_counter()
+                        fn(**kw)
+                        times.append((time.perf_counter() - t0, runtime_s[0] - compiled_s[0]))
+                    trace = bench._stats_of(fn)["regions"][1]["reuse_trace"][-len(calls):]  # this generation's
+                    for (step_s, own_s), reused in zip(times, trace):
+                        if reused == 1.0:
+                            per[key]["step"].append(step_s)
+                            per[key]["runtime"].append(own_s)
+    finally:
+        compilers.CompiledPart.forward, graph_runtime.GraphRuntime.__call__ = part_forward, runtime_call
+    rows = []
+    for (depth, name), t in per.items():
+        rows.append({"blocks": depth, "variant": name, "reuse_step_ms": 1e3 * statistics.median(t["step"]),
+                     "runtime_ms": 1e3 * statistics.median(t["runtime"]), "reuse_steps": len(t["step"])})
+    for name in ("one call per span", "one call per region"):
+        a, b = (next(r for r in rows if r["blocks"] == d and r["variant"] == name) for d in (8, 28))
+        b["runtime_us_per_skipped_block"] = 1e3 * (b["runtime_ms"] - a["runtime_ms"]) / 20
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["dit", "flux", "sd3"], default="dit")
@@ -108,10 +195,14 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--span-call", action="store_true",
+                        help="only the third table (one call per span), written to region_overhead_span_call.{json,md}")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.span_call:
+        return span_call_main(args)
     model = load_reference(args.model)
     sampler = reference_sampler(args.model)
     labels = [i % 10 for i in range(args.images)]
@@ -176,6 +267,26 @@ def main() -> int:
     lines += ["", "torch.profiler, one `adacorr block` generation (self CPU time):", "", "```", table, "```", ""]
     (RESULTS / f"{stem}.md").write_text("\n".join(lines))
     print("\n".join(lines[:6 + len(rows)] + reuse_lines))
+    return 0
+
+
+def span_call_main(args: argparse.Namespace) -> int:
+    rows = span_call_rows(args.reps)
+    device = f"CPU ({platform.machine()}), {torch.get_num_threads()} threads"
+    result = {"device": device, "torch": torch.__version__, "reps": args.reps, "command": " ".join(sys.argv), "rows": rows}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "region_overhead_span_call.json").write_text(json.dumps(result, indent=2))
+    lines = [f"### One call per span: a reuse step of a tiny-width DiT, {device}, {args.reps} interleaved reps", "",
+             f"Command: `{result['command']}`. Every step after warm-up reused; medians over the reuse steps. "
+             "Runtime: the graph runtime's time less its compiled parts (Python, eager adds, the host read).", "",
+             "| blocks | variant | reuse step ms | runtime ms | runtime per skipped block (8 to 28 blocks) |",
+             "| ---: | --- | ---: | ---: | ---: |"]
+    for r in rows:
+        per_block = r.get("runtime_us_per_skipped_block")
+        lines.append(f"| {r['blocks']} | {r['variant']} | {r['reuse_step_ms']:.2f} | {r['runtime_ms']:.2f} | "
+                     + (f"{per_block:.1f} us |" if per_block is not None else " |"))
+    (RESULTS / "region_overhead_span_call.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
     return 0
 
 

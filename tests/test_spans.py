@@ -202,3 +202,45 @@ def test_other_families_never_equals_and_caching_runs(family):
     fast, outs, _ = _sample(model, inputs, {"reuse_threshold": 1.0}, steps=6)
     assert adacorr_compile.stats(fast)["totals"]["reuses"] > 0
     assert all(torch.isfinite(o).all() for o in outs)
+
+
+lower = importlib.import_module("adacorr_compile.passes.lower")
+
+
+def _span_calls(fast):
+    from adacorr_compile.api import _model_state
+    from adacorr_compile.runtime.region import SpanCall
+
+    runners = [g.runner for g in _model_state(fast).graphs]
+    return [m for r in runners for m in r.children() if isinstance(m, SpanCall)]
+
+
+@pytest.mark.parametrize("family, options", [
+    ("dit", {}), ("flux", {}), ("flux", {"reuse_threshold": 1.0, "max_consecutive_reuses": 100, "final_steps": 0}),
+    pytest.param("sd3", {}, marks=SLOW), pytest.param("wan", {}, marks=SLOW)])
+def test_span_runs_as_one_call_and_decides_as_per_block_calls(family, options, monkeypatch):
+    """A span's regions run as one SpanCall (the regions between its first and last cost no
+    module call of their own on a reuse step), with the same outputs, bit for bit, and the
+    same per-region statistics as one call per region (``fuse_spans`` patched off)."""
+    torch.manual_seed(0)
+    model, inputs = FAMILIES[family](6)
+    options = {"reuse_threshold": 0.5, **options}
+    fast, fused, _ = _sample(model, inputs, options, steps=16)
+    calls = _span_calls(fast)
+    regions = adacorr_compile.regions(fast)
+    assert len(calls) == 1 and list(calls[0].regions) == regions[1:]
+    assert calls[0].skip_plan is not None
+    s_fused = adacorr_compile.stats(fast)
+    with monkeypatch.context() as m:
+        m.setattr(lower, "fuse_spans", lambda split: 0)
+        fast_pr, per_region, _ = _sample(model, inputs, options, steps=16)
+    assert _span_calls(fast_pr) == []
+    s_pr = adacorr_compile.stats(fast_pr)
+    assert s_fused["totals"]["reuses"] > 0 and s_fused["totals"] == s_pr["totals"]
+    for a, b in zip(s_fused["regions"], s_pr["regions"]):
+        for key in ("path", "calls", "reuses", "computes", "reuse_trace"):
+            assert a[key] == b[key], (a["path"], key)
+        torch.testing.assert_close(torch.tensor(a["lambda_trace"]), torch.tensor(b["lambda_trace"]), rtol=0, atol=0,
+                                   equal_nan=True)
+    for k, (a, b) in enumerate(zip(fused, per_region)):
+        assert torch.equal(a, b), f"step {k}"

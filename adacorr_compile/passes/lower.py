@@ -4,7 +4,9 @@ Matches: the graph after ``guard_blocks`` (region calls between glue code).
 Emits: a split GraphModule whose children are, in order, glue pieces (compiled
 by Inductor, or left as FX graphs for ``lowering="eager"``) and region pieces (a
 region call and the ``getitem`` of its outputs, run by Python so that the region
-can decide per step). Each region's ``body_fn`` is its lowered body; bodies with
+can decide per step). The pieces of the regions of one span (``chain_regions``) then
+become one :class:`~adacorr_compile.runtime.region.SpanCall` (:func:`fuse_spans`), so
+that a step that reuses the span costs one module call, not one per block. Each region's ``body_fn`` is its lowered body; bodies with
 equal structural keys share one compiled function (parameters are inputs). The
 regions share one :class:`RegionMath`, which compiles their per-step score and
 refresh math on first use, once per input signature.
@@ -31,7 +33,7 @@ from torch.fx.passes.split_module import split_module
 from ..compilers import CompiledPart, compile_graph, cuda_graphed, inductor_patches  # noqa: F401 - re-exported: lower.compile_graph, lower.inductor_patches
 from ..config import AdaCorrConfig
 from ..runtime.fused import RegionMath
-from ..runtime.region import GuardedRegion
+from ..runtime.region import ARG, CONSTANT, PREVIOUS, GuardedRegion, SpanCall
 from .common import analysis, example_value
 
 logger = logging.getLogger("adacorr_compile")
@@ -233,7 +235,162 @@ def lower(gm: fx.GraphModule, config: AdaCorrConfig) -> fx.GraphModule:
     split = split_module(gm, gm, lambda n: part[n], keep_original_order=True)
     # one RegionMath for the graph: regions of equal shapes share its compiled kernels
     bodies = _compile_pieces(split, config, RegionMath(config))
+    fuse_spans(split)
     info.bodies_compiled = len(bodies)
     split.meta["adacorr"] = info
     split.recompile()
     return split
+
+
+# ------------------------------------------------------------------ one call per span
+def _piece_region(split: fx.GraphModule, node: fx.Node) -> tuple[GuardedRegion, fx.Node] | None:
+    """The region of a region piece (a call of one region and the ``getitem`` of its
+    outputs) and its call node in the piece's graph; None for any other node."""
+    if node.op != "call_module":
+        return None
+    sub = split.get_submodule(str(node.target))
+    if not isinstance(sub, fx.GraphModule):
+        return None
+    calls = [n for n in sub.graph.nodes if _is_region(n)]
+    if len(calls) != 1:
+        return None
+    region = sub.get_submodule(str(calls[0].target))
+    return (region, calls[0]) if isinstance(region, GuardedRegion) else None
+
+
+def _piece_outputs(piece: fx.GraphModule, call: fx.Node) -> int | tuple[int, ...] | None | str:
+    """What a piece returns, as region output indices: None the region's whole tuple, an
+    int one output, a tuple of ints several; ``"?"`` for anything else."""
+
+    def index(value: Any) -> int | None | str:
+        if value is call:
+            return None
+        if isinstance(value, fx.Node) and _getitem_of(value, call):
+            return value.args[1]
+        return "?"
+
+    out = next(n for n in piece.graph.nodes if n.op == "output").args[0]
+    if isinstance(out, (tuple, list)):
+        indices = [index(v) for v in out]
+        return tuple(indices) if all(isinstance(i, int) for i in indices) else "?"  # type: ignore[return-value]
+    return index(out)
+
+
+def _getitem_of(node: fx.Node, source: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target is operator.getitem and node.args[0] is source
+            and isinstance(node.args[1], int))
+
+
+def _span_groups(split: fx.GraphModule) -> list[list[tuple[fx.Node, GuardedRegion, fx.Node]]]:
+    """Consecutive region pieces that hold one span each, in order (spans of two or more)."""
+    found = []
+    for node in split.graph.nodes:
+        hit = _piece_region(split, node)
+        if hit is not None:
+            found.append((node, *hit))
+    groups = []
+    i = 0
+    while i < len(found):
+        span = found[i][1].span
+        group = found[i:i + span.size]
+        if (span.size > 1 and span.position == 0 and len(group) == span.size
+                and all(r.span.key == span.key and r.span.position == k for k, (_, r, _) in enumerate(group))):
+            groups.append(group)
+            i += span.size
+        else:
+            i += 1
+    return groups
+
+
+def _fuse_group(split: fx.GraphModule, group: list[tuple[fx.Node, GuardedRegion, fx.Node]]) -> str | None:
+    """Replace one span's pieces in ``split``'s graph by a :class:`SpanCall`; returns why not
+    (the graph unchanged) or None when done."""
+    graph = split.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    start = order[group[0][0]]
+    flat: list[fx.Node] = []
+    plans: list[list[tuple[int, Any]]] = []
+    outputs: list[Any] = []
+    consumed: set[fx.Node] = set()  # the pieces and the getitems between them: replaced
+    for k, (node, region, call) in enumerate(group):
+        piece = split.get_submodule(str(node.target))
+        placeholders = [n for n in piece.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != len(node.args) or node.kwargs or call.kwargs:
+            return f"{region.spec.path}: its piece is not called by position"
+        outs = _piece_outputs(piece, call)
+        if outs == "?":
+            return f"{region.spec.path}: its piece returns more than the region's outputs"
+        outputs.append(outs)
+        plan: list[tuple[int, Any]] = []
+        for a in call.args:
+            if not isinstance(a, fx.Node):
+                plan.append((CONSTANT, a))
+                continue
+            if a.op != "placeholder":
+                return f"{region.spec.path}: its region takes a value computed in its piece"
+            v = node.args[placeholders.index(a)]
+            before = group[k - 1][0] if k else None
+            if before is not None and isinstance(v, fx.Node) and (v is before or _getitem_of(v, before)):
+                # an output of the previous piece: which output of the previous region it is
+                prev = outputs[k - 1]
+                if v is before:  # the piece's whole return: one output of its region
+                    picked = prev if isinstance(prev, int) else None
+                else:
+                    i = v.args[1]
+                    picked = prev[i] if isinstance(prev, tuple) else i if prev is None else None
+                if not isinstance(picked, int):
+                    return f"{region.spec.path}: an input is not one output of the previous block"
+                plan.append((PREVIOUS, picked))
+                consumed.add(v)
+            elif isinstance(v, fx.Node):
+                if order[v] >= start:
+                    return f"{region.spec.path}: an input is computed inside the span"
+                if v not in flat:
+                    flat.append(v)
+                plan.append((ARG, flat.index(v)))
+            else:
+                plan.append((CONSTANT, v))
+        plans.append(plan)
+        consumed.add(node)
+        if k < len(group) - 1:
+            # nothing but the next piece reads this one's outputs, and nothing runs between them
+            nxt = group[k + 1][0]
+            for user in node.users:
+                if user is nxt:
+                    continue
+                if not (user.op == "call_function" and user.target is operator.getitem and set(user.users) <= {nxt}):
+                    return f"{region.spec.path}: its outputs are read outside the span"
+            between = [n for n in graph.nodes if order[node] < order[n] < order[nxt]]
+            if any(not _getitem_of(n, node) for n in between):
+                return f"{region.spec.path}: the graph computes something between two blocks of the span"
+            consumed.update(u for u in node.users if u is not nxt)
+    regions = [r for _, r, _ in group]
+    last_node = group[-1][0]
+    name = f"adacorr_span_{regions[0].spec.order}"
+    split.add_submodule(name, SpanCall(regions, plans, outputs[-1]))
+    with graph.inserting_before(group[0][0]):
+        fused = graph.call_module(name, tuple(flat))
+    fused.meta = dict(last_node.meta)
+    last_node.replace_all_uses_with(fused)
+    for n in sorted(consumed, key=order.__getitem__, reverse=True):
+        graph.erase_node(n)
+    for node, _, _ in group:
+        split.delete_submodule(str(node.target))
+    return None
+
+
+def fuse_spans(split: fx.GraphModule) -> int:
+    """Call the regions of each span as one :class:`SpanCall` (see module docstring); a span
+    whose pieces do not chain plainly keeps one call per region (logged). Returns the number
+    of spans fused."""
+    fused = 0
+    for group in _span_groups(split):
+        why = _fuse_group(split, group)
+        if why is None:
+            fused += 1
+        else:
+            logger.info("adacorr: span %s keeps a call per block (%s)", group[0][1].span.key, why)
+    if fused:
+        split.graph.lint()
+        split.recompile()
+    return fused

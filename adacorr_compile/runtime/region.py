@@ -158,7 +158,11 @@ def _decide(
     has_cache = (cache.ref_res if caches_residuals(cfg) else cache.ref_out) is not None
     per_sample = cfg.decision == "sample"
     streaks = cache.streaks if per_sample and cache.streaks is not None else None
-    guards = Guards(
+    lam = score = None
+    verdict: list[bool] | str
+    # a later region of a span decides nothing itself: no guards (the hot path of a reuse
+    # step, once per skipped block), unless per-sample streaks need the steps left
+    guards = None if span.position > 0 and streaks is None else Guards(
         step=active.step,
         steps_left=state.steps_left(active.graph_id, active.step),
         # per-sample decisions: the cap forces a compute of all samples only when all are
@@ -168,9 +172,7 @@ def _decide(
         is_first_region=spec.order == 0,
         generation_known=active.generation_known,
     )
-    forced = guards.forced(cfg)
-    lam = score = None
-    verdict: list[bool] | str
+    forced = None if guards is None else guards.forced(cfg)
     if span.position > 0:
         # a later region of a span does what its first region did in this step (they share
         # the cache: its input is the span's input on a reuse, whatever the guards say now)
@@ -227,7 +229,7 @@ def _decide(
 
     batch = observed[0].shape[0] if observed else 1
     mask = None if isinstance(verdict, str) else (verdict * batch if len(verdict) == 1 else verdict)
-    if mask is not None and streaks is not None and len(streaks) == len(mask):
+    if mask is not None and streaks is not None and len(streaks) == len(mask) and guards is not None:
         mask = cap_streaks(cfg, mask, streaks, active.step, guards.steps_left)
     # the policy itself chose to compute (some samples): only then does blend=True blend; a
     # compute forced by a guard (warm-up, final steps, reuse cap, policy "never", a cache or
@@ -450,3 +452,89 @@ def _first_block_update(cfg: AdaCorrConfig, signals: StepSignals, residual: torc
         signals.similar = change < cfg.first_block_threshold
     if not signals.similar:
         signals.fb_ref = residual
+
+
+# ------------------------------------------------------------------ a span as one call
+ARG, PREVIOUS, CONSTANT = 0, 1, 2  # where a region's argument comes from in a SpanCall
+
+
+class SpanCall(torch.nn.Module):
+    """The regions of one span called as one module (``passes/lower.py`` builds it from
+    their pieces of the split graph): each region's arguments are, per position, one of the
+    call's own arguments (``ARG``), an output of the previous region (``PREVIOUS``) or a
+    constant. Called as its regions would be one after the other, except where the first
+    one has reused for the whole span in this step: then the regions between it and the last
+    do what a reuse makes them do (pass their stream inputs on, count the reuse, add to
+    the trace) without a module call or a decision each, and the last adds the span's
+    residual. On a reuse step that is most of the runtime's own cost per skipped block
+    (benchmarks/region_overhead.py, third table).
+
+    ``result`` gives what the call returns from the last region's outputs: ``None`` all of
+    them (a tuple), an int one of them, a tuple of ints those."""
+
+    def __init__(self, regions: Sequence[GuardedRegion], plans: Sequence[Sequence[tuple[int, Any]]],
+                 result: int | tuple[int, ...] | None) -> None:
+        super().__init__()
+        self.regions = torch.nn.ModuleList(regions)
+        self._regions = tuple(regions)  # iterated per call: a tuple, not the ModuleList's indexing
+        self.plans = tuple(tuple(p) for p in plans)
+        self.result = result
+        # the fast path covers regions that take the step's verdict as it is: followers of a
+        # span decided for the whole batch (chain_regions joins only those)
+        self.skips = (len(regions) > 2 and regions[0].config.decision == "batch"
+                      and all(step_role(r.config, r.spec.order) == "follower" for r in regions[1:]))
+        self.skip_plan = _skip_plan(self._regions, self.plans) if self.skips else None
+
+    def extra_repr(self) -> str:
+        return f"span={self.regions[0].span.key!r}, regions={len(self.regions)}"
+
+    def forward(self, *flat: Any) -> Any:
+        regions, plans = self._regions, self.plans
+        outs = regions[0](*_span_args(plans[0], flat, None))
+        last = len(regions) - 1
+        first = 1
+        active = ACTIVE.get()
+        if self.skip_plan is not None and active is not None:
+            pending = active.state.cache((active.graph_id[0], regions[0].span.key)).pending
+            if pending is not None and pending[0] == active.step and not isinstance(pending[1], str) and all(pending[1]):
+                # the span reuses: the regions between pass their stream inputs on (what
+                # _reuse returns for them), so the last one's inputs are known from here
+                lam = pending[2]
+                for region in regions[1:last]:
+                    stats = active.state.region_stats(region.spec.path)
+                    stats.reuses += 1
+                    stats.record(active.step, lam, None, 1.0)
+                outs = regions[last](*_span_args(self.skip_plan, flat, outs))
+                first = last + 1
+        for k in range(first, last + 1):
+            outs = regions[k](*_span_args(plans[k], flat, outs))
+        result = self.result
+        if result is None:
+            return outs
+        if isinstance(result, int):
+            return outs[result]
+        return tuple(outs[j] for j in result)
+
+
+def _skip_plan(regions: Sequence[GuardedRegion], plans: Sequence[Sequence[tuple[int, Any]]]) -> tuple[tuple[int, Any], ...] | None:
+    """The last region's arguments when the regions between the first and the last pass
+    their stream inputs on (a reuse of the span): each ``PREVIOUS`` argument followed back
+    through them to a call argument, a constant or an output of the first region. None where
+    an output of a region between is not one of its stream outputs (no fast path then)."""
+    last = len(regions) - 1
+    plan = []
+    for kind, v in plans[last]:
+        k = last - 1
+        while kind == PREVIOUS and k > 0:
+            # output v of region k is, on a reuse, its input i of the stream pair (i, v)
+            i = next((i for i, j in regions[k].spec.stream_pairs if j == v), None)
+            if i is None:
+                return None
+            kind, v = plans[k][i]
+            k -= 1
+        plan.append((kind, v))
+    return tuple(plan)
+
+
+def _span_args(plan: Sequence[tuple[int, Any]], flat: Sequence[Any], previous: Sequence[Any] | None) -> list[Any]:
+    return [flat[v] if kind == ARG else previous[v] if kind == PREVIOUS else v for kind, v in plan]  # type: ignore[index]
