@@ -5,10 +5,13 @@
     python benchmarks/peers.py --model sd3 --threads 2   # the held-out reference
 
 Every method gets its own copy of the reference model and is compiled (and warmed up) before
-any timing; then the methods are timed round-robin in one process (A, B, C, A, B, C, ...,
-``--rounds`` rounds), so load that comes and goes on the machine hits every method. Speed is
-the ratio of plain Inductor's time to the method's within each round: the table gives the
-median over the rounds and its min-max. PSNR (mean over the images, and the worst image) is
+any timing; then the methods are timed round-robin in one process (A, B, C, C, B, A, ...,
+``--rounds`` rounds, every other one reversed), so load that comes and goes on the machine hits
+every method and a rise or fall of it within a round favours none. Speed is the ratio of plain
+Inductor's time to the method's within each round: the table gives the median over the rounds
+and its min-max. ``--versus NAME`` adds a head-to-head column: each method's speed against the
+named one, as the ratio of their timings in the same round (two ratios to a noisy baseline
+carry the baseline's noise twice; this one does not carry it at all). PSNR (mean over the images, and the worst image) is
 against plain Inductor's images of the same seed, over ``--quality-seeds`` seeds (the timed rounds'
 seed, then one untimed generation per method and further seed): one seed's images share most of
 their cache decisions, so the per-seed means (their min-max is in the table) show how much of a
@@ -34,11 +37,11 @@ Compiling a peer's cached Flux transformer makes Dynamo give up on the code obje
 compiled earlier (ours, plain Inductor) then recompiles block by block (ours falls back to plain
 compilation, logged "no repeated sibling modules"). A user runs one of these tools per process;
 here the copies of plain Inductor and ours get a forward with code objects of their own
-(``_own_forward``), so that all methods share one process and are timed round-robin.
+(``bench.own_forward``), so that all methods share one process and are timed round-robin.
 ``--group eager|compiled`` runs a part of the table.
 
 Skipped blocks of a compiled peer are those of its eager twin (same decisions; the block hooks
-that count them are not traced). Writes benchmarks/results/peers_<model>.{json,md}.
+that count them are not traced). Writes benchmarks/results/peers_<model>_<group>[_<--only words>][_versus].{json,md}.
 """
 
 from __future__ import annotations
@@ -52,7 +55,6 @@ import shlex
 import statistics
 import sys
 import time
-import types
 from functools import partial
 from pathlib import Path
 
@@ -65,29 +67,6 @@ from adacorr_compile.sampling import reference_sampler
 RESULTS = Path(__file__).resolve().parent / "results"
 logger = logging.getLogger("adacorr_compile.bench")
 F1B0 = {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "max_warmup_steps": 2}
-
-
-def _fresh_function(f):
-    """A copy of ``f`` with new code objects, and of the function it wraps (``__wrapped__``, held
-    in a closure cell of the decorator's wrapper)."""
-    inner = getattr(f, "__wrapped__", None)
-    new_inner = _fresh_function(inner) if inner is not None else None
-    closure = None
-    if f.__closure__:
-        closure = tuple(types.CellType(new_inner) if inner is not None and c.cell_contents is inner else c
-                        for c in f.__closure__)
-    g = types.FunctionType(f.__code__.replace(co_name=f.__code__.co_name), f.__globals__, f.__name__, f.__defaults__,
-                           closure)
-    g.__kwdefaults__, g.__qualname__ = f.__kwdefaults__, f.__qualname__
-    g.__dict__.update(f.__dict__)
-    if new_inner is not None:
-        g.__wrapped__ = new_inner
-    return g
-
-
-def _own_forward(module: torch.nn.Module) -> None:
-    """Give ``module`` a forward with code objects of its own (see the module docstring)."""
-    module.forward = types.MethodType(_fresh_function(type(module).forward), module)
 
 
 def methods(group: str) -> list[bench.Method]:
@@ -134,6 +113,9 @@ def main() -> int:
                         help="seeds (from --seed on) whose images score PSNR: the first is the timed rounds' own, each "
                              "further one is one more untimed generation per method (default 5)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--versus", default=None,
+                        help="a method (the first whose name contains this): every row also gets its speed against that "
+                             "method's, as the per-round ratio of their two adjacent timings (median, min-max)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -161,7 +143,7 @@ def main() -> int:
             continue
         own = copy.deepcopy(model)
         if method.kind in ("baseline", "ours"):
-            _own_forward(bench.transformer_of(own))  # see the module docstring
+            bench.own_forward(bench.transformer_of(own))  # see the module docstring
         try:
             fn = method.build(own)
             # compile / warm up with a whole generation: compiled peers whose hooks keep Python
@@ -183,8 +165,11 @@ def main() -> int:
     recompiles = {name: 0 for name in built}
     # graphs compiled during the timed rounds are counted per method (a column), not forbidden:
     # a compiled peer that recompiles as its hooks' state changes is what its users get
+    order = list(built.items())
     for r in range(args.rounds):
-        for name, (method, fn) in built.items():
+        # every other round runs the methods in reverse (A, B, C, C, B, A, ...): load that rises or
+        # falls over a round then favours no method
+        for name, (method, fn) in (order if r % 2 == 0 else order[::-1]):
             if method.kind == "ours":
                 bench._reset(fn)
             if name in counters:
@@ -216,6 +201,9 @@ def main() -> int:
                 bench._reset(fn)
             by_seed[name].append(sampler(fn, labels, num_steps=args.steps, seed=seed).detach().float().cpu())
         logger.info("quality seed %d done", seed)
+    versus = None if args.versus is None else next((n for n in built if args.versus in n), None)
+    if args.versus is not None and versus is None:
+        logger.info("--versus %r: no method of this run has it in its name; no head-to-head column", args.versus)
     rows = []
     for name in built:
         psnr, ssim, seed_means = [], [], []
@@ -230,30 +218,34 @@ def main() -> int:
                      "psnr_worst": min(psnr), "psnr_seed_means": seed_means, "ssim": statistics.mean(ssim),
                      "speedup": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
                      "seconds": times[name], "recompiles_timed": recompiles[name]})
+        if versus is not None:
+            head = [v / t for v, t in zip(times[versus], times[name])]
+            rows[-1].update(versus=versus, speed_vs=statistics.median(head), speed_vs_min=min(head), speed_vs_max=max(head))
     device = f"CPU ({platform.machine()}), {torch.get_num_threads()} threads"
     result = {"model": args.model, "images": args.images, "steps": args.steps, "rounds": args.rounds, "seeds": seeds, "device": device,
               "torch": torch.__version__, "command": shlex.join(sys.argv), "rows": rows, "could_not_run": failed}
     args.out.mkdir(parents=True, exist_ok=True)
     tag = "" if args.only is None else "_" + "_".join("".join(c if c.isalnum() else "-" for c in w) for w in args.only)
-    stem = args.out / f"peers_{args.model}_{args.group}{tag}"
+    stem = args.out / f"peers_{args.model}_{args.group}{tag}{'_versus' if versus else ''}"
     Path(f"{stem}.json").write_text(json.dumps(result, indent=1))
     lines = [f"### Ours and the peers, reference {args.model}, {args.images} images x {args.steps} steps, {device}", "",
              f"Command: `python benchmarks/{Path(__file__).name} {shlex.join(sys.argv[1:])}`. Methods timed round-robin in one "
-             f"process, {args.rounds} rounds; speed = plain Inductor's time / the method's, per round (median, min-max); "
+             f"process, {args.rounds} rounds, every other one in reverse order; speed = plain Inductor's time / the method's, per round (median, min-max); "
              f"PSNR against plain Inductor's images of the same seed, over {len(seeds)} seeds ({len(seeds) * args.images} "
              "images): mean and worst image, and the per-seed means (min-max). Compiled methods use cache-dit's "
              "`set_compile_configs()` (all of them).", "",
              "| method | skipped | PSNR mean / worst (dB) | per-seed mean PSNR (min-max) | SSIM | speed vs plain Inductor (min-max) "
-             "| graphs compiled while timed |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| graphs compiled while timed |" + (f" speed vs {versus} (min-max) |" if versus else ""),
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if versus else "")]
     for row in rows:
         sk = "-" if row["skipped"] is None else f"{row['skipped']:.1%}"
         sm = row["psnr_seed_means"]
         lines.append(f"| {row['method']} | {sk} | {row['psnr_mean']:.1f} / {row['psnr_worst']:.1f} | {min(sm):.1f}-{max(sm):.1f} | "
                      f"{row['ssim']:.3f} | {row['speedup']:.2f}x ({row['speedup_min']:.2f}-{row['speedup_max']:.2f}) | "
-                     f"{row['recompiles_timed']} |")
+                     f"{row['recompiles_timed']} |" + (f" {row['speed_vs']:.2f}x ({row['speed_vs_min']:.2f}-{row['speed_vs_max']:.2f}) |"
+                                                       if versus else ""))
     for name, reason in failed.items():
-        lines.append(f"| {name} | could not run: {reason} | | | | | |")
+        lines.append(f"| {name} | could not run: {reason} | | | | | |" + (" |" if versus else ""))
     Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
