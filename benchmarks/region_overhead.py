@@ -127,19 +127,16 @@ def span_call_rows(reps: int, steps: int = 30) -> list[dict]:
     compiled_s, runtime_s = [0.0], [0.0]
     part_forward, runtime_call = compilers.CompiledPart.forward, graph_runtime.GraphRuntime.__call__
 
-    def timed_part(self, *args):
-        t0 = time.perf_counter()
-        try:
-            return part_forward(self, *args)
-        finally:
-            compiled_s[0] += time.perf_counter() - t0
+    def adding_time(fn, total):
+        def timed(self, *args):
+            t0 = time.perf_counter()
+            try:
+                return fn(self, *args)
+            finally:
+                total[0] += time.perf_counter() - t0
+        return timed
 
-    def timed_runtime(self, *args):
-        t0 = time.perf_counter()
-        try:
-            return runtime_call(self, *args)
-        finally:
-            runtime_s[0] += time.perf_counter() - t0
+    timed_part, timed_runtime = adding_time(part_forward, compiled_s), adding_time(runtime_call, runtime_s)
 
     runs = {}
     for depth in (8, 28):
