@@ -266,8 +266,7 @@ def _reuse(
         leader_res, shared.leader_res = shared.leader_res, None
         if cfg.drift_reference == "previous":
             _move_probe_ref(cfg, shared, leader_res, active.step)
-    stats.reuses += 1
-    stats.record(active.step, taken.lam, taken.score, 1.0)
+    stats.count_reuse(active.step, taken.lam, taken.score)
     if not span.last:
         return tuple(_order_outputs(spec, [args[i] for i, _ in spec.stream_pairs]))
     outs = _order_outputs(spec, _reuse_values(region, args, cache, active.step))
@@ -481,9 +480,9 @@ class SpanCall(torch.nn.Module):
         self.result = result
         # the fast path covers regions that take the step's verdict as it is: followers of a
         # span decided for the whole batch (chain_regions joins only those)
-        self.skips = (len(regions) > 2 and regions[0].config.decision == "batch"
-                      and all(step_role(r.config, r.spec.order) == "follower" for r in regions[1:]))
-        self.skip_plan = _skip_plan(self._regions, self.plans) if self.skips else None
+        skips = (len(regions) > 2 and regions[0].config.decision == "batch"
+                 and all(step_role(r.config, r.spec.order) == "follower" for r in regions[1:]))
+        self.skip_plan = _skip_plan(self._regions, self.plans) if skips else None
 
     def extra_repr(self) -> str:
         return f"span={self.regions[0].span.key!r}, regions={len(self.regions)}"
@@ -499,11 +498,8 @@ class SpanCall(torch.nn.Module):
             if pending is not None and pending[0] == active.step and not isinstance(pending[1], str) and all(pending[1]):
                 # the span reuses: the regions between pass their stream inputs on (what
                 # _reuse returns for them), so the last one's inputs are known from here
-                lam = pending[2]
                 for region in regions[1:last]:
-                    stats = active.state.region_stats(region.spec.path)
-                    stats.reuses += 1
-                    stats.record(active.step, lam, None, 1.0)
+                    active.state.region_stats(region.spec.path).count_reuse(active.step, pending[2], None)
                 outs = regions[last](*_span_args(self.skip_plan, flat, outs))
                 first = last + 1
         for k in range(first, last + 1):

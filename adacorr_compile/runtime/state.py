@@ -117,6 +117,11 @@ class RegionStats:
             self.lam_trace.append(_NAN)
             self.score_trace.append(_NAN)
 
+    def count_reuse(self, step: int, lam: torch.Tensor | None, score: torch.Tensor | None) -> None:
+        """A call that reused for all its samples: counted and traced."""
+        self.reuses += 1
+        self.record(step, lam, score, 1.0)
+
     def _measured(self) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
         """(sum of lambda means, sum of score means, count) over the current trace."""
         idx = [i for i, v in enumerate(self.lam_trace) if v is not _NAN]
