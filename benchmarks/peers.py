@@ -69,6 +69,12 @@ logger = logging.getLogger("adacorr_compile.bench")
 F1B0 = {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "max_warmup_steps": 2}
 
 
+def _per_round(reference: list[float], own: list[float]) -> tuple[float, float, float]:
+    """Median, min and max over the rounds of ``reference``'s time / ``own``'s in the same round."""
+    ratios = [r / t for r, t in zip(reference, own)]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
 def methods(group: str) -> list[bench.Method]:
     """``group="eager"``: plain Inductor, ours and the peers eager; ``"compiled"``: plain Inductor
     and the peers under ``torch.compile`` (a process of its own, see the module docstring)."""
@@ -212,15 +218,15 @@ def main() -> int:
             psnr, ssim = psnr + p, ssim + s_
             finite_seed = [x for x in p if x != float("inf")]
             seed_means.append(statistics.mean(finite_seed) if finite_seed else float("inf"))
-        ratios = [b / t for b, t in zip(times[base_name], times[name])]
+        speedup = _per_round(times[base_name], times[name])
         finite = [p for p in psnr if p != float("inf")]
         rows.append({"method": name, "skipped": skipped.get(name), "psnr_mean": statistics.mean(finite) if finite else float("inf"),
                      "psnr_worst": min(psnr), "psnr_seed_means": seed_means, "ssim": statistics.mean(ssim),
-                     "speedup": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
+                     **dict(zip(("speedup", "speedup_min", "speedup_max"), speedup)),
                      "seconds": times[name], "recompiles_timed": recompiles[name]})
         if versus is not None:
-            head = [v / t for v, t in zip(times[versus], times[name])]
-            rows[-1].update(versus=versus, speed_vs=statistics.median(head), speed_vs_min=min(head), speed_vs_max=max(head))
+            rows[-1].update(versus=versus, **dict(zip(("speed_vs", "speed_vs_min", "speed_vs_max"),
+                                                      _per_round(times[versus], times[name]))))
     device = f"CPU ({platform.machine()}), {torch.get_num_threads()} threads"
     result = {"model": args.model, "images": args.images, "steps": args.steps, "rounds": args.rounds, "seeds": seeds, "device": device,
               "torch": torch.__version__, "command": shlex.join(sys.argv), "rows": rows, "could_not_run": failed}
