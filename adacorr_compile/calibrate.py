@@ -44,17 +44,19 @@ What it does, in one process:
 A *workload* is ``(run, model, value_range)``: ``run(compiled_model, seed) -> tensor`` runs one
 whole generation with the compiled model it is given (images or latents out), ``model`` is the
 module to compile (a pipeline's transformer), ``value_range`` the outputs' nominal range for
-PSNR (None: each seed's uncached output's min..max). :func:`pipeline_workload`,
-:func:`reference_workload` and :func:`factory_workload` build one.
+PSNR (None: each seed's uncached output's min..max). :func:`pipeline_workload` and
+:func:`factory_workload` build one; the reference models' workloads are the lab's
+(:func:`adacorr_compile.lab.workloads.reference_workload`).
+
+Imports need torch alone; scoring (PSNR / SSIM with scikit-image, :mod:`adacorr_compile.lab.metrics`)
+and the plot (:mod:`adacorr_compile.lab.plots`) need the ``lab`` extra, checked before any work.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import importlib.util
 import logging
 import math
-import platform
 import statistics
 import sys
 import time
@@ -63,14 +65,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
-import numpy as np
 import torch
 
+from .api import reset as reset_model, stats as model_stats
+from .calibration_file import FORMAT, load_options, write
 from .config import AdaCorrConfig
+from .extras import require_lab
 
 logger = logging.getLogger("adacorr_compile")
 
-FORMAT = "adacorr-calibration/1"
 DEFAULT_THRESHOLDS = (0.04, 0.06, 0.08, 0.1, 0.12, 0.15, 0.2, 0.3)
 RULES = ("mean", "worst")
 
@@ -110,9 +113,12 @@ def _as_float_tensor(out: Any) -> torch.Tensor:
     else:
         if isinstance(out, (tuple, list)) and out and not hasattr(out[0], "getpixel"):
             out = out[0]
-    if isinstance(out, list) and out and hasattr(out[0], "getpixel"):  # PIL images
+    np = sys.modules.get("numpy")  # outputs can be numpy arrays only where numpy is installed (and imported)
+    if isinstance(out, list) and out and hasattr(out[0], "getpixel"):  # PIL images (PIL needs numpy)
+        import numpy as np
+
         out = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in out])
-    if isinstance(out, np.ndarray):
+    if np is not None and isinstance(out, np.ndarray):
         t = torch.from_numpy(np.ascontiguousarray(out)).float()
         if t.dim() == 4 and t.shape[-1] in (1, 3, 4) and t.shape[1] not in (1, 3, 4):
             t = t.permute(0, 3, 1, 2)
@@ -122,6 +128,15 @@ def _as_float_tensor(out: Any) -> torch.Tensor:
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"calibrate: the generation returned {type(out).__name__}; expected a tensor, numpy array or images")
     return out.detach().float().cpu()
+
+
+def _output_tensor(out: Any) -> torch.Tensor:
+    """A model call's output as a tensor: ``.sample``, else the first element, else itself."""
+    if hasattr(out, "sample"):
+        return out.sample
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out
 
 
 def pipeline_workload(pipe: Any, output_type: str = "latent", generator_device: str = "cpu", **call_kwargs: Any) -> Workload:
@@ -149,37 +164,6 @@ def pipeline_workload(pipe: Any, output_type: str = "latent", generator_device: 
     return Workload(run, model, value_range)
 
 
-REFERENCE_MODELS = ("reference-dit", "reference-flux", "reference-sd3")
-
-
-def reference_workload(name: str, steps: int = 50, images: int = 10, guidance: float | None = None) -> Workload:
-    """A built-in reference model sampled as the benchmark samples it
-    (``benchmarks/run_benchmark.py``): ``images`` class-conditional images with classes
-    ``0, 1, ..., 9, 0, ...``, ``steps`` steps, the sampler's default guidance (DiT: DDIM, CFG
-    1.5; Flux and the held-out SD3: Euler, CFG 4.0), CFG batched into one call per step; the seed
-    draws the initial noise. Outputs are images in [-1, 1]. The compiled module is the diffusers
-    transformer (the DiT itself; the ``transformer`` inside the Flux or SD3 wrapper)."""
-    from functools import partial
-
-    from . import bench
-    from .reference import load_reference
-    from .sampling import reference_sampler
-
-    if name not in REFERENCE_MODELS:
-        raise ValueError(f"unknown reference model {name!r}; expected one of {', '.join(REFERENCE_MODELS)}")
-    kind = name.split("-", 1)[1]
-    wrapper = load_reference(kind)
-    sampler = reference_sampler(kind)
-    if guidance is not None:
-        sampler = partial(sampler, guidance_scale=guidance)
-    labels = [i % 10 for i in range(images)]
-
-    def run(compiled: Any, seed: int) -> torch.Tensor:
-        return sampler(bench.with_transformer(wrapper, compiled), labels, num_steps=steps, seed=int(seed))
-
-    return Workload(run, bench.transformer_of(wrapper), (-1.0, 1.0))
-
-
 def factory_workload(model: torch.nn.Module, inputs: Callable[..., dict[str, Any]], steps: int = 20,
                      t_max: float = 1000.0) -> Workload:
     """A ``(model, inputs)`` factory (``adacorr inspect --model package.module:factory``) as a
@@ -191,8 +175,6 @@ def factory_workload(model: torch.nn.Module, inputs: Callable[..., dict[str, Any
     batch axis (``[steps * B, ...]``): each step's outputs count as images. A real sampling loop
     (:func:`pipeline_workload`, or your own ``run``) measures what you will see; this one shows
     how the model's lambda behaves on the given inputs."""
-    from .sampling import _output_tensor
-
     @torch.no_grad()
     def run(compiled: Any, seed: int) -> torch.Tensor:
         torch.manual_seed(int(seed))
@@ -257,34 +239,6 @@ def swapped_config(compiled: Any, changes: Mapping[str, Any]) -> Iterator[None]:
         _restore_config(saved)
 
 
-# --------------------------------------------------------------------------- metrics
-def _metrics(output: torch.Tensor, reference: torch.Tensor, value_range: tuple[float, float] | None) -> dict[str, float]:
-    """Per-image PSNR and SSIM (:func:`adacorr_compile.bench.psnr_ssim`) of one seed's output:
-    mean over its images (identical images, infinite PSNR, left out of the mean as the benchmark
-    does) and the worst image. SSIM is NaN where the images are too small for its 7x7 window."""
-    from .bench import psnr_ssim
-
-    if output.shape != reference.shape:
-        raise ValueError(f"calibrate: a cached generation returned shape {tuple(output.shape)}, the uncached one "
-                         f"{tuple(reference.shape)}")
-    if value_range is None:
-        lo, hi = float(reference.min()), float(reference.max())
-        if hi <= lo:
-            hi = lo + 1.0
-    else:
-        lo, hi = map(float, value_range)
-    if output.dim() < 2:
-        output, reference = output[None], reference[None]
-    psnr, ssim = psnr_ssim(output, reference, value_range=(lo, hi))
-    finite = [p for p in psnr if math.isfinite(p)]
-    good_ssim = [s for s in ssim if math.isfinite(s)]
-    return {
-        "psnr": float(np.mean(finite)) if finite else math.inf,
-        "psnr_worst_image": float(min(psnr)),
-        "ssim": float(np.mean(good_ssim)) if good_ssim else math.nan,
-    }
-
-
 # ----------------------------------------------------------------------------- result
 @dataclass
 class CalibrationResult:
@@ -336,24 +290,6 @@ def _db(x: float) -> str:
     return "exact" if x == math.inf else f"{x:.2f}"
 
 
-def _options_json(options: Mapping[str, Any]) -> dict[str, Any]:
-    """Options as JSON keeps them: an infinite number (``forecast_max_change=inf``) as the string
-    ``"inf"`` (JSON has no infinity; :func:`load_options` reads it back as ``float("inf")``)."""
-    return {k: ("inf" if v == math.inf else "-inf" if v == -math.inf else v) if isinstance(v, float) else v
-            for k, v in options.items()}
-
-
-def _json_safe(value: Any) -> Any:
-    """Non-finite floats as null (JSON has no Infinity): an infinite PSNR means identical outputs."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 # -------------------------------------------------------------------------- settings
 @dataclass(frozen=True)
 class _Setting:
@@ -400,6 +336,8 @@ def _unique_graphs() -> int:
 
 
 def _mean_lambda(stats: Mapping[str, Any]) -> float | None:
+    import numpy as np
+
     values = [r["mean_lambda"] for r in stats["regions"] if r.get("mean_lambda") is not None]
     return float(np.mean(values)) if values else None
 
@@ -437,6 +375,35 @@ def calibrate(
     ``out``: JSON path (the plot goes beside it, ``.png``), None writes nothing.
     ``command``: recorded in the JSON (default: ``sys.argv``).
     """
+    seeds = _checked_seeds(target_psnr, rule, seeds, reps)
+    base = dict(options or {})
+    AdaCorrConfig.from_options(base)
+    settings = _settings(base, thresholds, variants)
+    if not settings:
+        raise ValueError("calibrate: nothing to sweep (no thresholds)")
+    require_lab("calibrate (it scores the outputs: PSNR and SSIM with scikit-image)", ("numpy", "skimage"))
+    if out is not None and plot:
+        require_lab("calibrate's plot (plot=False writes the JSON alone)", ("matplotlib",))
+    t_start = time.perf_counter()
+
+    uncached, uncached_name = _uncached_model(model, base)
+    logger.info("calibrate: %d settings x %d seeds; uncached reference: %s", len(settings), len(seeds), uncached_name)
+    reference = _reference_outputs(run, uncached, seeds)
+    rows, compiles = _sweep(run, model, uncached, base, settings, seeds, reps, reference, value_range, progress)
+    table = [rows[s.label] for s in settings]
+    chosen, chosen_options = _choice(table, base, target_psnr, rule)
+    result = CalibrationResult(
+        options=chosen_options, table=table, chosen=chosen, target_psnr=float(target_psnr), rule=rule,
+        met=chosen is not None, seeds=seeds, uncached=uncached_name, base_options=base, compiles_in_sweep=compiles,
+        seconds=time.perf_counter() - t_start,
+    )
+    if out is not None:
+        write(result, out, command=command, plot=plot)
+    return result
+
+
+def _checked_seeds(target_psnr: float, rule: str, seeds: Sequence[int], reps: int) -> list[int]:
+    """The seeds as distinct ints; a bad rule, target, seed list or ``reps`` is a ``ValueError``."""
     if rule not in RULES:
         raise ValueError(f"calibrate: rule got {rule!r}; expected one of {', '.join(RULES)}")
     if not (isinstance(target_psnr, (int, float)) and math.isfinite(target_psnr)):
@@ -446,22 +413,26 @@ def calibrate(
         raise ValueError(f"calibrate: seeds got {seeds!r}; expected distinct ints")
     if reps < 1:
         raise ValueError(f"calibrate: reps got {reps!r}; expected an int >= 1")
-    base = dict(options or {})
-    AdaCorrConfig.from_options(base)
-    settings = _settings(base, thresholds, variants)
-    if not settings:
-        raise ValueError("calibrate: nothing to sweep (no thresholds)")
-    t_start = time.perf_counter()
+    return seeds
 
-    uncached, uncached_name = _uncached_model(model, base)
-    logger.info("calibrate: %d settings x %d seeds; uncached reference: %s", len(settings), len(seeds), uncached_name)
+
+def _reference_outputs(run: Run, uncached: Any, seeds: Sequence[int]) -> dict[int, torch.Tensor]:
+    """One generation per seed with the uncached model (the first call compiles it), as float on the CPU."""
     with torch.no_grad():
-        reference = {seed: run(uncached, seed) for seed in seeds}  # the first call compiles
+        reference = {seed: run(uncached, seed) for seed in seeds}
     for seed, ref in reference.items():
         if not isinstance(ref, torch.Tensor):
             raise TypeError(f"calibrate: run(model, {seed}) returned {type(ref).__name__}; expected a tensor")
         reference[seed] = ref.detach().float().cpu()
+    return reference
 
+
+def _sweep(run: Run, model: torch.nn.Module, uncached: Any, base: Mapping[str, Any], settings: Sequence[_Setting],
+           seeds: Sequence[int], reps: int, reference: Mapping[int, torch.Tensor],
+           value_range: tuple[float, float] | None, progress: bool) -> tuple[dict[str, dict[str, Any]], int]:
+    """Measure every setting: one compile per distinct set of graph-shaping options, the settings
+    of a compile swapped in at run time (no recompile). Returns the rows by setting label and the
+    graphs Dynamo compiled during the sweep."""
     groups: dict[tuple[tuple[str, Any], ...], list[_Setting]] = {}
     for s in settings:
         groups.setdefault(s.structural, []).append(s)
@@ -482,27 +453,25 @@ def calibrate(
             compiles += _unique_graphs() - before
     finally:
         bar.close()
+    return rows, compiles
 
-    table = [rows[s.label] for s in settings]
+
+def _choice(table: Sequence[dict[str, Any]], base: Mapping[str, Any], target_psnr: float,
+            rule: str) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """(the chosen row or None, the options to compile with): the base options plus the chosen
+    setting, or caching off (``policy="never"``, the base's compile options kept) with a warning."""
     chosen = choose(table, target_psnr, rule)
     if chosen is not None:
         chosen_options = {**base, **chosen["options"]}
         logger.info("calibrate: chose %s: %.1f%% skipped, PSNR %s (%s)", chosen["setting"], 100 * chosen["skipped"],
-                    _db(_score(chosen, rule)), rule)
+                    _db(psnr_by_rule(chosen, rule)), rule)
     else:
         chosen_options = {**{k: v for k, v in base.items() if k in _COMPILE_FIELDS}, "policy": "never"}
         logger.warning("calibrate: no setting reached PSNR %s >= %g dB (best: %s dB); the result is caching off "
                        "(policy='never'): try lower thresholds or another variant", rule, target_psnr,
-                       _db(max(_score(r, rule) for r in table)))
+                       _db(max(psnr_by_rule(r, rule) for r in table)))
     AdaCorrConfig.from_options(chosen_options)
-    result = CalibrationResult(
-        options=chosen_options, table=table, chosen=chosen, target_psnr=float(target_psnr), rule=rule,
-        met=chosen is not None, seeds=seeds, uncached=uncached_name, base_options=base, compiles_in_sweep=compiles,
-        seconds=time.perf_counter() - t_start,
-    )
-    if out is not None:
-        write(result, out, command=command, plot=plot)
-    return result
+    return chosen, chosen_options
 
 
 def choose(table: Sequence[dict[str, Any]], target_psnr: float, rule: str = "mean") -> dict[str, Any] | None:
@@ -511,18 +480,32 @@ def choose(table: Sequence[dict[str, Any]], target_psnr: float, rule: str = "mea
     if rule not in RULES:
         raise ValueError(f"calibrate: rule got {rule!r}; expected one of {', '.join(RULES)}")
     for row in table:
-        row["meets"] = _score(row, rule) >= target_psnr
+        row["meets"] = psnr_by_rule(row, rule) >= target_psnr
     meeting = [r for r in table if r["meets"]]
-    return max(meeting, key=lambda r: (r["skipped"], _score(r, rule))) if meeting else None
+    return max(meeting, key=lambda r: (r["skipped"], psnr_by_rule(r, rule))) if meeting else None
+
+
+class _NoBar:
+    """The progress bar where none is shown (``progress=False``, or tqdm not installed)."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _progress_bar(total: int, enabled: bool) -> Any:
+    """tqdm's bar (the lab extra) where it is wanted and installed, else one that shows nothing."""
+    if not enabled or importlib.util.find_spec("tqdm") is None:
+        return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="calibrate", unit="gen", disable=not enabled, leave=False)
+    return tqdm(total=total, desc="calibrate", unit="gen", leave=False)
 
 
-def _score(row: Mapping[str, Any], rule: str) -> float:
+def psnr_by_rule(row: Mapping[str, Any], rule: str) -> float:
+    """A table row's PSNR by ``rule``: the mean over seeds (``"mean"``) or the worst seed's."""
     return row["psnr_mean"] if rule == "mean" else row["psnr_worst_seed"]
 
 
@@ -530,16 +513,14 @@ def _warm_up(run: Run, compiled: Any, members: Sequence[_Setting], seed: int, op
     """One untimed generation that compiles the model (Dynamo, and the regions' fused kernels of
     both the compute and the reuse path: at the group's largest threshold), then checks that
     the backend guarded the blocks."""
-    import adacorr_compile
-
     permissive = max(members, key=lambda s: dict(s.runtime)["reuse_threshold"])
     t0 = time.perf_counter()
     with torch.no_grad():
         run(compiled, seed)  # compiles: the config the regions get is the compile's
         with swapped_config(compiled, dict(permissive.runtime)):
-            adacorr_compile.reset(compiled)
+            reset_model(compiled)
             run(compiled, seed)
-    stats = adacorr_compile.stats(compiled)
+    stats = model_stats(compiled)
     if not stats["totals"]["regions"]:
         raise RuntimeError(f"calibrate: the model compiled with options {dict(options)} has no guarded regions: "
                            f"nothing to calibrate ({'; '.join(stats['fallbacks']) or 'no repeated blocks found'})")
@@ -553,7 +534,9 @@ def _measure(run: Run, uncached: Any, compiled: Any, setting: _Setting, seeds: S
              reference: Mapping[int, torch.Tensor], value_range: tuple[float, float] | None, bar: Any) -> dict[str, Any]:
     """One setting: per seed, ``reps`` timed pairs (uncached, then cached with a reset before);
     the first cached generation of each seed gives its outputs and counts."""
-    import adacorr_compile
+    import numpy as np
+
+    from .lab.metrics import seed_scores
 
     per_seed = []
     ratios, t_cached, t_uncached = [], [], []
@@ -564,7 +547,7 @@ def _measure(run: Run, uncached: Any, compiled: Any, setting: _Setting, seeds: S
                 t0 = time.perf_counter()
                 run(uncached, seed)
                 t1 = time.perf_counter()
-                adacorr_compile.reset(compiled)
+                reset_model(compiled)
                 t2 = time.perf_counter()
                 output = run(compiled, seed)
                 t3 = time.perf_counter()
@@ -572,11 +555,11 @@ def _measure(run: Run, uncached: Any, compiled: Any, setting: _Setting, seeds: S
             t_cached.append(t3 - t2)
             ratios.append((t1 - t0) / (t3 - t2))
             if rep == 0:
-                stats = adacorr_compile.stats(compiled)
+                stats = model_stats(compiled)
                 totals = stats["totals"]
                 entry["skipped"] = totals["reuses"] / totals["calls"] if totals["calls"] else 0.0
                 entry["mean_lambda"] = _mean_lambda(stats)
-                entry.update(_metrics(output.detach().float().cpu(), reference[seed], value_range))
+                entry.update(seed_scores(output.detach().float().cpu(), reference[seed], value_range))
         per_seed.append(entry)
         bar.update(1)
     lambdas = [e["mean_lambda"] for e in per_seed if e["mean_lambda"] is not None]
@@ -606,121 +589,7 @@ def _measure(run: Run, uncached: Any, compiled: Any, setting: _Setting, seeds: S
     return row
 
 
-# ------------------------------------------------------------------------------ files
-def _environment() -> dict[str, Any]:
-    from . import __version__
-
-    return {
-        "adacorr_compile": __version__, "torch": torch.__version__, "python": platform.python_version(),
-        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-    }
-
-
-def write(result: CalibrationResult, path: str | Path, command: str | None = None, plot: bool = True) -> Path:
-    """Write ``result`` as JSON to ``path`` and, with ``plot``, the Pareto plot beside it
-    (same name, ``.png``); returns the JSON path. :func:`load_options` reads the JSON back."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {
-        "format": FORMAT,
-        "options": _options_json(result.options),
-        "target_psnr": result.target_psnr,
-        "rule": result.rule,
-        "met": result.met,
-        "chosen": result.chosen["setting"] if result.chosen is not None else None,
-        "seeds": result.seeds,
-        "uncached": result.uncached,
-        "base_options": _options_json(result.base_options),
-        "compiles_in_sweep": result.compiles_in_sweep,
-        "seconds": result.seconds,
-        "table": [{**row, "options": _options_json(row["options"])} if "options" in row else row for row in result.table],
-        "command": command if command is not None else " ".join(sys.argv),
-        "environment": _environment(),
-        "notes": ("psnr_* in dB against the uncached outputs of the same seeds (null: identical); speedup: median "
-                  "of per-pair ratios uncached/cached, timed interleaved in one process"),
-    }
-    path.write_text(json.dumps(_json_safe(doc), indent=2))
-    result.paths["json"] = str(path)
-    if plot:
-        png = path.with_suffix(".png")
-        pareto_plot(result, png)
-        result.paths["plot"] = str(png)
-    logger.info("calibrate: wrote %s", ", ".join(result.paths.values()))
-    return path
-
-
-def pareto_plot(result: CalibrationResult, path: str | Path) -> None:
-    """Two panels against PSNR (by the result's rule, capped at 60 dB): fraction of blocks
-    skipped, and speedup (median, bars: min-max of the pairs); the target as a line, the
-    chosen setting as a star."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def x_of(row: Mapping[str, Any]) -> float:
-        return min(_score(row, result.rule), 60.0)
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5), constrained_layout=True)
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for row in result.table:
-        rest = {k: v for k, v in row["options"].items() if k != "reuse_threshold"}
-        groups.setdefault(", ".join(f"{k}={v}" for k, v in sorted(rest.items())) or "thresholds", []).append(row)
-    for ax, key, label in ((axes[0], "skipped", "fraction of block evaluations skipped"),
-                           (axes[1], "speedup", "speedup vs uncached (median of interleaved pairs)")):
-        for name, rows in groups.items():
-            rows = sorted(rows, key=lambda r: r["reuse_threshold"])  # the curve in sweep order
-            xs, ys = [x_of(r) for r in rows], [r[key] for r in rows]
-            if key == "speedup":
-                err = [[r["speedup"] - r["speedup_min"] for r in rows], [r["speedup_max"] - r["speedup"] for r in rows]]
-                ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name)
-            else:
-                ax.plot(xs, ys, marker="o", label=name)
-            for r, x, y in zip(rows, xs, ys):
-                ax.annotate(f"{r['reuse_threshold']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        if result.chosen is not None:
-            ax.plot([x_of(result.chosen)], [result.chosen[key]], marker="*", markersize=18, color="red",
-                    linestyle="none", label=f"chosen: {result.chosen['setting']}")
-        ax.axvline(result.target_psnr, color="grey", linestyle="--", label=f"target {result.target_psnr:g} dB")
-        ax.set_xlabel(f"PSNR vs uncached ({result.rule} over seeds, dB, capped at 60)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"adacorr calibration: seeds {result.seeds}; numbers: reuse_threshold")
-    fig.savefig(str(path), dpi=100)
-    plt.close(fig)
-
-
-def load_options(path: str | Path) -> dict[str, Any]:
-    """The backend options in a calibration file (``adacorr calibrate --out``; a JSON object
-    whose ``"options"`` holds them, or a plain JSON object of options), validated with
-    :meth:`AdaCorrConfig.from_options`; a missing file, bad JSON or a bad option is a
-    ``ValueError`` naming the file."""
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except OSError as exc:
-        raise ValueError(f"adacorr options file {str(path)!r}: cannot read it ({exc.strerror or exc})") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"adacorr options file {str(path)!r}: not JSON ({exc})") from None
-    if isinstance(doc, dict) and "format" in doc:
-        options = doc.get("options")
-    else:
-        options = doc
-    if not isinstance(options, dict):
-        raise ValueError(f"adacorr options file {str(path)!r}: expected a JSON object of options (or a calibration "
-                         f"file with an 'options' object), got {type(options).__name__}")
-    numeric = {f.name for f in dataclasses.fields(AdaCorrConfig) if isinstance(f.default, float)}
-    options = {k: float(v) if k in numeric and v in ("inf", "-inf") else v for k, v in options.items()}  # _options_json
-    try:
-        AdaCorrConfig.from_options(options)
-    except ValueError as exc:
-        raise ValueError(f"adacorr options file {str(path)!r}: {exc}") from None
-    return options
-
-
 __all__ = [
-    "DEFAULT_THRESHOLDS", "RUNTIME_FIELDS", "CalibrationResult", "Workload", "calibrate", "choose", "factory_workload",
-    "load_options", "pareto_plot", "pipeline_workload", "reference_workload", "swapped_config", "write",
+    "DEFAULT_THRESHOLDS", "FORMAT", "RUNTIME_FIELDS", "CalibrationResult", "Workload", "calibrate", "choose",
+    "factory_workload", "load_options", "pipeline_workload", "psnr_by_rule", "swapped_config", "write",
 ]

@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 
 from .cli_common import CliError, load_factory, parse_option
+from .extras import LabMissing
 
 logger = logging.getLogger("adacorr_compile")
 
@@ -42,15 +43,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--option", action="append", default=[], type=parse_option, metavar="KEY=VALUE",
                    help="a backend option, repeatable (e.g. --option scope=step shows each region's part in the decision)")
     p.set_defaults(func=cmd_inspect)
-    for extra in ("demo", "export", "calibrate"):
-        importlib.import_module(f".cli_{extra}", __package__).add_parser(sub)
-    args = parser.parse_args(argv)
+    # the subcommands' modules, imported here (not at the top): demo is the lab's (adacorr_compile.lab),
+    # whose packages are checked when it runs, so that `adacorr --help` works with the core alone
+    for module in (".lab.demo", ".cli_export", ".cli_calibrate"):
+        importlib.import_module(module, __package__).add_parser(sub)
+    try:
+        args = parser.parse_args(argv)
+    except LabMissing as exc:  # an argument whose check needs the lab (demo --guidance)
+        parser.error(str(exc))
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the command as given, for the files it writes
     logging.basicConfig(level=logging.INFO if (args.verbose or getattr(args, "dump_graphs", False)) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, CliError) as exc:  # a bad option, input or --model: the message names it
+    except (ValueError, CliError, LabMissing) as exc:  # a bad option, input or --model, or the lab extra missing
         parser.error(str(exc))
 
 

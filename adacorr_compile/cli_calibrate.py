@@ -11,7 +11,9 @@ the benchmark samples them: ``--images`` images of classes 0..9, ``--steps`` ste
 sampler's guidance), a tiny family (``dit``, ``flux``, ...; random weights) or
 ``package.module:factory`` returning ``(model, inputs)`` with ``inputs(step, t)`` giving one
 step's forward keyword arguments: each generation is then a plain loop of ``--steps`` calls
-with a timestep falling from 1000 (:func:`adacorr_compile.calibrate.factory_workload`).
+with a timestep falling from 1000 (:func:`adacorr_compile.calibrate.factory_workload`). The reference
+models, the tiny families, the scoring and the plot need the ``lab`` extra
+(``pip install "adacorr_compile[lab]"``); without it the command says so and exits (code 2).
 Prints the table and the chosen options; writes the JSON and a Pareto plot beside it
 (``calib.png``). Exit code 0 when a setting met the target, 1 when none did (the file then
 holds caching off, ``policy="never"``).
@@ -41,7 +43,8 @@ def _positive_int(text: str) -> int:
 
 
 def add_parser(sub: Any) -> None:
-    from .calibrate import DEFAULT_THRESHOLDS, REFERENCE_MODELS, RULES
+    from .calibrate import DEFAULT_THRESHOLDS, RULES
+    from .lab.workloads import REFERENCE_MODELS  # the names only (torch): the lab's packages load when it runs
 
     p = sub.add_parser("calibrate", help="sweep thresholds on a model, pick the setting that skips most at a PSNR target, "
                                          "write it as JSON (load with adacorr_compile.load_options)")
@@ -76,8 +79,10 @@ def add_parser(sub: Any) -> None:
 def run_calibrate(args: argparse.Namespace) -> int:
     import torch
 
-    from .calibrate import REFERENCE_MODELS, calibrate, factory_workload, reference_workload
+    from .calibrate import calibrate, factory_workload
     from .config import AdaCorrConfig
+    from .extras import require_lab
+    from .lab.workloads import REFERENCE_MODELS, reference_workload
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,6 +90,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     AdaCorrConfig.from_options(options)  # a bad option fails here, named
     variants = [{}] + [{key: value} for key, value in args.variant]
     if args.model in REFERENCE_MODELS:
+        require_lab(f"adacorr calibrate --model {args.model}")
         steps = args.steps or 50
         work = reference_workload(args.model, steps=steps, images=args.images)
         what = f"{args.model}: {args.images} images x {steps} steps per generation"

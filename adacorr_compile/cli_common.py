@@ -3,7 +3,7 @@
 :class:`CliError` (a one-line error: usage, exit code 2), :func:`load_factory` (the
 ``--model`` factory) and :func:`parse_option` (``--option KEY=VALUE``). The command
 itself (:mod:`adacorr_compile.cli`) and its ``demo`` and ``export`` subcommands
-(:mod:`adacorr_compile.cli_demo`, :mod:`adacorr_compile.cli_export`) import them from
+(:mod:`adacorr_compile.lab.demo`, :mod:`adacorr_compile.cli_export`) import them from
 here, so that ``cli`` and its subcommand modules do not import each other.
 """
 
@@ -16,6 +16,8 @@ import importlib
 from typing import Any, Callable
 
 import torch
+
+from .extras import LAB_PACKAGES, require_lab
 
 
 class CliError(Exception):
@@ -56,6 +58,22 @@ def load_factory(spec: str) -> Callable[[], tuple[torch.nn.Module, Callable[...,
             raise CliError(f"--model {spec!r}: the factory returned {got}; expected (model, inputs): an nn.Module and a "
                            "callable inputs(step, t) -> forward kwargs")
         return made
+
+    return checked
+
+
+def _lab_family(spec: str, make: Callable[[], Any]) -> Callable[[], Any]:
+    """A tiny family's factory whose missing lab package (diffusers) is a :class:`LabMissing`
+    naming the family and the ``lab`` extra, not a traceback."""
+
+    def checked() -> Any:
+        try:
+            return make()
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").partition(".")[0] not in LAB_PACKAGES:
+                raise
+            require_lab(f"--model {spec}", [exc.name.partition(".")[0]])
+            raise
 
     return checked
 

@@ -1,6 +1,6 @@
 """onnxruntime: per-step time of the uncached vs the cached (AdaCorrection) ONNX export.
 
-    python benchmarks/bench_onnx.py                         # tiny DiT (adacorr_compile.tiny)
+    python benchmarks/bench_onnx.py                         # tiny DiT (adacorr_compile.lab.tiny)
     python benchmarks/bench_onnx.py --layers 12 --heads 6 --head-dim 64 --sample-size 32
 
 Exports a DiT both ways (``to_onnx(..., cache=False)`` and ``to_onnx(..., config)``),

@@ -2,7 +2,7 @@
 
     python benchmarks/cache_memory.py            # tiny DiT, SD3, Flux, Wan at 4 and 16 blocks
 
-For each tiny family (``adacorr_compile.tiny``), depth and option set, samples a 20-step
+For each tiny family (``adacorr_compile.lab.tiny``), depth and option set, samples a 20-step
 generation (eager bodies: the memory does not depend on the lowering) and reads
 ``stats(fast)["cache_bytes"]`` at its end, as a multiple of one block input (the bytes of
 the stream inputs of one guarded block, the largest over the blocks) and of the parameter
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import adacorr_compile
-from adacorr_compile import tiny
+from adacorr_compile.lab import tiny
 from adacorr_compile.runtime.state import storage_bytes
 
 logger = logging.getLogger("adacorr_compile.bench")

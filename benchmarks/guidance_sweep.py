@@ -1,7 +1,7 @@
 """Classifier-free guidance scale vs sample quality and trajectory stability of the reference models.
 
 Chooses the samplers' default guidance (``DIT_GUIDANCE_SCALE`` / ``FLUX_GUIDANCE_SCALE``
-in ``adacorr_compile.sampling``). For each model and scale, uncached eager sampling
+in ``adacorr_compile.lab.sampling``). For each model and scale, uncached eager sampling
 (50 steps by default):
 
 * quality: class accuracy of 10 samples per class under the project's classifier and
@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from adacorr_compile.bench import psnr_ssim
-from adacorr_compile.reference import HELDOUT_SEED, load_reference_classifier, load_reference_dit, load_reference_flux, make_dataset
-from adacorr_compile.reference.classifier import class_accuracy, fid_proxy
-from adacorr_compile.sampling import DEFAULT_GUIDANCE, sample_dit, sample_flux
+from adacorr_compile.lab.metrics import psnr_ssim
+from adacorr_compile.lab.reference import HELDOUT_SEED, load_reference_classifier, load_reference_dit, load_reference_flux, make_dataset
+from adacorr_compile.lab.reference.classifier import class_accuracy, fid_proxy
+from adacorr_compile.lab.sampling import DEFAULT_GUIDANCE, sample_dit, sample_flux
 
 logger = logging.getLogger("guidance_sweep")
 RESULTS = Path(__file__).resolve().parent / "results"

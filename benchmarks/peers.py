@@ -25,19 +25,19 @@ PSNR gap between two methods is the seed's. Peers:
   plain Inductor included) compiles under them: the table says so.
 * diffusers' FirstBlockCache and TaylorSeer hooks, eager and compiled (``enable_cache`` then
   ``torch.compile``; the DiT and SD3 have no ``enable_cache``: the same hooks applied directly, see
-  ``bench.enable_diffusers_cache``), where the model supports them (a row that cannot run says why:
+  ``peer_caches.enable_diffusers_cache``), where the model supports them (a row that cannot run says why:
   FirstBlockCache on SD3, whose last joint block returns no text stream).
 
 On SD3, cache-dit runs its registered SD3 layout (the joint blocks as Pattern_1) and its TaylorSeer
 calibrator without the encoder (text-stream) calibrator, which has nothing to calibrate there
-(``bench.cache_dit_cache``).
+(``peer_caches.cache_dit_cache``).
 
 Compiling a peer's cached Flux transformer makes Dynamo give up on the code object of
 ``FluxTransformer2DModel.forward`` for every instance of the class in the process: a model
 compiled earlier (ours, plain Inductor) then recompiles block by block (ours falls back to plain
 compilation, logged "no repeated sibling modules"). A user runs one of these tools per process;
 here the copies of plain Inductor and ours get a forward with code objects of their own
-(``bench.own_forward``), so that all methods share one process and are timed round-robin.
+(``adacorr_compile.lab.methods.own_forward``), so that all methods share one process and are timed round-robin.
 ``--group eager|compiled`` runs a part of the table.
 
 Skipped blocks of a compiled peer are those of its eager twin (same decisions; the block hooks
@@ -60,9 +60,10 @@ from pathlib import Path
 
 import torch
 
-from adacorr_compile import bench
-from adacorr_compile.reference import load_reference
-from adacorr_compile.sampling import reference_sampler
+from adacorr_compile.lab import bench, metrics, peer_caches
+from adacorr_compile.lab import methods as lab_methods
+from adacorr_compile.lab.reference import load_reference
+from adacorr_compile.lab.sampling import reference_sampler
 
 RESULTS = Path(__file__).resolve().parent / "results"
 logger = logging.getLogger("adacorr_compile.bench")
@@ -75,29 +76,29 @@ def _per_round(reference: list[float], own: list[float]) -> tuple[float, float, 
     return statistics.median(ratios), min(ratios), max(ratios)
 
 
-def methods(group: str) -> list[bench.Method]:
+def methods(group: str) -> list[lab_methods.Method]:
     """``group="eager"``: plain Inductor, ours and the peers eager; ``"compiled"``: plain Inductor
     and the peers under ``torch.compile`` (a process of its own, see the module docstring)."""
     from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
 
-    m = [bench.inductor_baseline()]
+    m = [lab_methods.inductor_baseline()]
     if group != "compiled":
-        m += [bench.ours("ours default", {}), bench.ours("ours late_phase=None", {"late_phase": None}),
-              bench.ours("ours thr=0.1", {"reuse_threshold": 0.1}, 0.1),
-              bench.ours("ours thr=0.12", {"reuse_threshold": 0.12}, 0.12),
-              bench.ours("ours probe_forecast thr=0.06 cap=4",
+        m += [lab_methods.ours("ours default", {}), lab_methods.ours("ours late_phase=None", {"late_phase": None}),
+              lab_methods.ours("ours thr=0.1", {"reuse_threshold": 0.1}, 0.1),
+              lab_methods.ours("ours thr=0.12", {"reuse_threshold": 0.12}, 0.12),
+              lab_methods.ours("ours probe_forecast thr=0.06 cap=4",
                          {"probe_forecast": True, "reuse_threshold": 0.06, "max_consecutive_reuses": 4}, 0.06)]
     for compiled in {"eager": (False,), "compiled": (True,), "all": (False, True)}[group]:
         how = "compiled" if compiled else "eager"
-        m.append(bench.cache_dit_cache(f"cache-dit F1B0 thr=0.12, {how}", {**F1B0, "residual_diff_threshold": 0.12}, 0.12,
+        m.append(peer_caches.cache_dit_cache(f"cache-dit F1B0 thr=0.12, {how}", {**F1B0, "residual_diff_threshold": 0.12}, 0.12,
                                        compiled=compiled))
         for order in ((1, 2) if compiled else (1,)):
-            m.append(bench.cache_dit_cache(f"cache-dit F1B0 thr=0.12 + TaylorSeer O{order}, {how}",
+            m.append(peer_caches.cache_dit_cache(f"cache-dit F1B0 thr=0.12 + TaylorSeer O{order}, {how}",
                                            {**F1B0, "residual_diff_threshold": 0.12}, 0.12,
                                            taylorseer={"taylorseer_order": order}, compiled=compiled))
-        m.append(bench.diffusers_cache(f"diffusers FirstBlockCache thr=0.1, {how}", partial(FirstBlockCacheConfig, threshold=0.1),
+        m.append(peer_caches.diffusers_cache(f"diffusers FirstBlockCache thr=0.1, {how}", partial(FirstBlockCacheConfig, threshold=0.1),
                                        0.1, compiled=compiled))
-        m.append(bench.diffusers_cache(f"diffusers TaylorSeer interval=3, {how}",
+        m.append(peer_caches.diffusers_cache(f"diffusers TaylorSeer interval=3, {how}",
                                        partial(TaylorSeerCacheConfig, cache_interval=3, disable_cache_before_step=2), 3,
                                        compiled=compiled))
     return m
@@ -136,7 +137,7 @@ def main() -> int:
     model = load_reference(args.model)
     sampler = reference_sampler(args.model)
     labels = [i % 10 for i in range(args.images)]
-    blocks = len(bench.block_modules(bench.transformer_of(model)))
+    blocks = len(lab_methods.block_modules(lab_methods.transformer_of(model)))
     built, failed, counters = {}, {}, {}
     failed_tools: dict[str, str] = {}
     chosen = [m for m in methods(args.group)
@@ -149,7 +150,7 @@ def main() -> int:
             continue
         own = copy.deepcopy(model)
         if method.kind in ("baseline", "ours"):
-            bench.own_forward(bench.transformer_of(own))  # see the module docstring
+            lab_methods.own_forward(lab_methods.transformer_of(own))  # see the module docstring
         try:
             fn = method.build(own)
             # compile / warm up with a whole generation: compiled peers whose hooks keep Python
@@ -157,13 +158,13 @@ def main() -> int:
             sampler(fn, labels, num_steps=args.steps, seed=args.seed)
         except Exception as exc:  # noqa: BLE001 - a peer that cannot run this model: say why
             failed[method.name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-            if not isinstance(exc, bench.PeerUnsupported):  # refused before anything ran: the tool's other rows may run
+            if not isinstance(exc, peer_caches.PeerUnsupported):  # refused before anything ran: the tool's other rows may run
                 failed_tools.setdefault(method.policy, failed[method.name])
             logger.info("%s: cannot run: %s", method.name, failed[method.name])
             continue
         built[method.name] = (method, fn)
         if method.kind == "peer" and method.lowering == "eager":
-            counters[method.name] = bench.BlockCounter(bench.transformer_of(own))
+            counters[method.name] = lab_methods.BlockCounter(lab_methods.transformer_of(own))
         logger.info("ready: %s", method.name)
     times: dict[str, list[float]] = {name: [] for name in built}
     images, skipped = {}, {}
@@ -198,7 +199,7 @@ def main() -> int:
                 else:
                     skipped[name] = 0.0
         logger.info("round %d of %d done", r + 1, args.rounds)
-    base_name = bench.inductor_baseline().name
+    base_name = lab_methods.inductor_baseline().name
     seeds = [args.seed + i for i in range(max(1, args.quality_seeds))]
     by_seed = {name: [images[name]] for name in built}
     for seed in seeds[1:]:  # quality only, untimed: the PSNR's spread over seeds
@@ -214,7 +215,7 @@ def main() -> int:
     for name in built:
         psnr, ssim, seed_means = [], [], []
         for got, reference in zip(by_seed[name], by_seed[base_name]):
-            p, s_ = bench.psnr_ssim(got, reference)
+            p, s_ = metrics.psnr_ssim(got, reference)
             psnr, ssim = psnr + p, ssim + s_
             finite_seed = [x for x in p if x != float("inf")]
             seed_means.append(statistics.mean(finite_seed) if finite_seed else float("inf"))

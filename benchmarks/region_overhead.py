@@ -48,10 +48,10 @@ from pathlib import Path
 
 import torch
 
-from adacorr_compile import bench
+from adacorr_compile.lab import bench, methods
 from adacorr_compile.api import _model_state
-from adacorr_compile.reference import load_reference
-from adacorr_compile.sampling import reference_sampler
+from adacorr_compile.lab.reference import load_reference
+from adacorr_compile.lab.sampling import reference_sampler
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NO_REUSE = {"policy": "adacorr", "correction": True, "reuse_threshold": 0.0, "warmup_steps": 0, "final_steps": 0,
@@ -89,13 +89,13 @@ def reuse_step_rows(model, sampler, labels, steps: int, reps: int) -> list[dict]
         # "one cache per block" is the runtime before the span cache: spans switched off at compile time
         chain.spans_apply = spans_apply if spans else (lambda config: False)
         own = copy.deepcopy(model)
-        bench.own_forward(bench.transformer_of(own))  # a compile of its own, not the other variant's cached one
+        methods.own_forward(methods.transformer_of(own))  # a compile of its own, not the other variant's cached one
         try:
-            fn = bench.ours(name, ALWAYS_REUSE).build(own)
+            fn = methods.ours(name, ALWAYS_REUSE).build(own)
             sampler(fn, labels, num_steps=2)
         finally:
             chain.spans_apply = spans_apply
-        sizes = {r.span.size for g in _model_state(bench.transformer_of(fn)).graphs for r in g.regions}
+        sizes = {r.span.size for g in _model_state(methods.transformer_of(fn)).graphs for r in g.regions}
         assert (max(sizes) > 1) == spans, (name, sizes)
         runs[name] = fn
     per_step: dict[str, dict[str, list[float]]] = {n: {"compute": [], "reuse": []} for n in runs}
@@ -145,7 +145,7 @@ def span_call_rows(reps: int, steps: int = 30) -> list[dict]:
         for name, fused in (("one call per span", True), ("one call per region", False)):
             lower.fuse_spans = fuse_spans if fused else (lambda split: 0)
             own = copy.deepcopy(model)
-            bench.own_forward(own)  # a compile of its own, not the other variant's cached one
+            methods.own_forward(own)  # a compile of its own, not the other variant's cached one
             try:
                 fn = torch.compile(own, backend="adacorr", options=ALWAYS_REUSE)
                 with torch.no_grad():
@@ -205,7 +205,7 @@ def main() -> int:
     labels = [i % 10 for i in range(args.images)]
     runs = {}
     for name, options in VARIANTS.items():
-        method = bench.inductor_baseline() if options is None else bench.ours(name, options)
+        method = methods.inductor_baseline() if options is None else methods.ours(name, options)
         fn = method.build(model)
         sampler(fn, labels, num_steps=2)  # compile
         runs[name] = fn
@@ -225,7 +225,7 @@ def main() -> int:
             totals = bench._stats_of(fn)["totals"]
             assert totals["regions"] and totals["reuses"] == 0, (name, totals)
     base = statistics.median(times["plain inductor"])
-    blocks = len(bench.block_modules(bench.transformer_of(model)))
+    blocks = len(methods.block_modules(methods.transformer_of(model)))
     rows = []
     for name, t in times.items():
         med = statistics.median(t)

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from adacorr_compile import bench
-from adacorr_compile.reference import HELDOUT_SEED, load_reference, load_reference_classifier, make_dataset
-from adacorr_compile.reference.classifier import extract_features
-from adacorr_compile.sampling import DEFAULT_GUIDANCE, reference_sampler
+from adacorr_compile.lab import bench, methods, metrics, peer_caches, plots
+from adacorr_compile.lab.reference import HELDOUT_SEED, load_reference, load_reference_classifier, make_dataset
+from adacorr_compile.lab.reference.classifier import extract_features
+from adacorr_compile.lab.sampling import DEFAULT_GUIDANCE, reference_sampler
 
 RESULTS = Path(__file__).resolve().parent / "results"
 logger = logging.getLogger("adacorr_compile.bench")
@@ -48,13 +48,13 @@ BLOCK = {"scope": "block", "forecast": "none"}
 ADACORR = {"policy": "adacorr", "correction": True, **BLOCK}
 
 
-def methods_for(model_name: str, quick: bool, lowering: str, workdir: str) -> list[bench.Method]:
+def methods_for(model_name: str, quick: bool, lowering: str, workdir: str) -> list[methods.Method]:
     """Every method on the same model. Our policies are lowered with ``lowering`` (default
     Inductor, so their speedup is against uncached ``torch.compile``); with ``--lowering
     eager`` the sweep is cheaper to run and its speed reference is the uncached eager model.
     diffusers' hooks run eagerly (speed reference: uncached eager)."""
-    ours = partial(bench.ours, lowering=lowering)
-    m: list[bench.Method] = [bench.eager_baseline(), bench.inductor_baseline(), ours("ours caching off", {"policy": "never"}),
+    ours = partial(methods.ours, lowering=lowering)
+    m: list[methods.Method] = [methods.eager_baseline(), methods.inductor_baseline(), ours("ours caching off", {"policy": "never"}),
                              ours("default", {})]  # the backend's defaults (config.py)
     # CFG as two calls per step, cond and uncond in diffusers' cache_context (Wan, Flux true CFG):
     # the same images as batched CFG with caching off, and each branch keeps its own cache
@@ -114,30 +114,30 @@ def methods_for(model_name: str, quick: bool, lowering: str, workdir: str) -> li
     if model_name != "dit":  # the ONNX rows export the DiT
         m += peer_methods(quick)
     else:
-        m.append(bench.onnx_dit("onnxruntime uncached", None, workdir))
-        m.append(bench.onnx_dit("onnxruntime adacorr thr=0.05", {**ADACORR, "reuse_threshold": 0.05}, workdir, 0.05))
-        m.append(bench.onnx_dit("onnxruntime interval N=2", {**BLOCK, "policy": "interval", "interval": 2, "correction": False},
+        m.append(methods.onnx_dit("onnxruntime uncached", None, workdir))
+        m.append(methods.onnx_dit("onnxruntime adacorr thr=0.05", {**ADACORR, "reuse_threshold": 0.05}, workdir, 0.05))
+        m.append(methods.onnx_dit("onnxruntime interval N=2", {**BLOCK, "policy": "interval", "interval": 2, "correction": False},
                                 workdir, 2))
-        m.append(bench.onnx_dit("onnxruntime default", {}, workdir))
+        m.append(methods.onnx_dit("onnxruntime default", {}, workdir))
     return m
 
 
-def peer_methods(quick: bool) -> list[bench.Method]:
+def peer_methods(quick: bool) -> list[methods.Method]:
     """diffusers' own cache hooks and cache-dit's DBCache, on the same Flux or SD3 transformer (eager;
     diffusers' FirstBlockCache cannot run SD3: its rows are reported as failed)."""
-    out: list[bench.Method] = []
+    out: list[methods.Method] = []
     try:
         from diffusers import FirstBlockCacheConfig
 
         for thr in ([0.1, 0.3] if quick else [0.1, 0.2, 0.3]):
-            out.append(bench.diffusers_cache(f"diffusers FirstBlockCache thr={thr}", partial(FirstBlockCacheConfig, threshold=thr), thr))
+            out.append(peer_caches.diffusers_cache(f"diffusers FirstBlockCache thr={thr}", partial(FirstBlockCacheConfig, threshold=thr), thr))
     except ImportError as exc:  # pragma: no cover - depends on the installed diffusers
         logger.warning("diffusers FirstBlockCacheConfig unavailable: %s", exc)
     try:
         from diffusers import TaylorSeerCacheConfig
 
         for interval in ([3] if quick else [2, 4]):
-            out.append(bench.diffusers_cache(
+            out.append(peer_caches.diffusers_cache(
                 f"diffusers TaylorSeer interval={interval}",
                 partial(TaylorSeerCacheConfig, cache_interval=interval, disable_cache_before_step=2), interval))
     except (ImportError, TypeError) as exc:  # pragma: no cover
@@ -147,10 +147,10 @@ def peer_methods(quick: bool) -> list[bench.Method]:
     # cache-dit's defaults (no cap on cached steps)
     try:
         for thr in ([0.12] if quick else [0.08, 0.12, 0.2]):
-            out.append(bench.cache_dit_cache(
+            out.append(peer_caches.cache_dit_cache(
                 f"cache-dit DBCache F1B0 W2 thr={thr}",
                 {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "max_warmup_steps": 2, "residual_diff_threshold": thr}, thr))
-        out.append(bench.cache_dit_cache(
+        out.append(peer_caches.cache_dit_cache(
             "cache-dit DBCache F1B0 W2 + TaylorSeer O1 thr=0.12",
             {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "max_warmup_steps": 2, "residual_diff_threshold": 0.12}, 0.12,
             taylorseer={"taylorseer_order": 1}))
@@ -193,7 +193,7 @@ def run(model_name: str, args: argparse.Namespace) -> dict:
     base_time = {r.method.lowering: r.median_seconds for r in runs if r.method.kind == "baseline"}
     rows = []
     for r in runs:
-        q = bench.quality(r.images, reference, labels, classifier, feats)
+        q = metrics.quality(r.images, reference, labels, classifier, feats)
         rows.append({
             "method": r.method.name, "kind": r.method.kind, "policy": r.method.policy, "correction": r.method.correction,
             "setting": r.method.setting, "lowering": r.method.lowering, "options": r.method.options,
@@ -210,7 +210,7 @@ def run(model_name: str, args: argparse.Namespace) -> dict:
         })
     heat = next((r for r in runs if r.method.name == args.heatmap_method), None)
     if heat is not None and heat.stats is not None:
-        bench.lambda_heatmap(heat.stats, str(args.out / f"lambda_heatmap_{model_name}.png"),
+        plots.lambda_heatmap(heat.stats, str(args.out / f"lambda_heatmap_{model_name}.png"),
                              f"reference {model_name}: {heat.method.name}, {args.steps} steps")
     return {
         "model": model_name, "steps": args.steps, "images": len(labels), "labels": labels, "seed": args.seed,

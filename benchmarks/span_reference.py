@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from adacorr_compile import bench
-from adacorr_compile.reference import load_reference_dit, load_reference_flux
-from adacorr_compile.sampling import sample_dit, sample_flux
+from adacorr_compile.lab import bench, methods
+from adacorr_compile.lab.reference import load_reference_dit, load_reference_flux
+from adacorr_compile.lab.sampling import sample_dit, sample_flux
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -46,7 +46,7 @@ def main() -> int:
             chain.spans_apply = spans_apply if spans else (lambda config: False)
             try:
                 torch._dynamo.reset()
-                fn = bench.ours("default", {}).build(model)
+                fn = methods.ours("default", {}).build(model)
                 images = sampler(fn, labels, num_steps=50)
             finally:
                 chain.spans_apply = spans_apply

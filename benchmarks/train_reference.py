@@ -1,6 +1,6 @@
-"""Train the reference checkpoints of adacorr_compile.reference from scratch.
+"""Train the reference checkpoints of adacorr_compile.lab.reference from scratch.
 
-    python benchmarks/train_reference.py --out adacorr_compile/reference/weights [--minutes N]
+    python benchmarks/train_reference.py --out adacorr_compile/lab/reference/weights [--minutes N]
 
 Trains, with fixed seeds, on the synthetic glyph data:
   1. the glyph classifier (used for sample-quality metrics),
@@ -41,10 +41,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from adacorr_compile.reference import classifier as clf_mod  # noqa: E402
-from adacorr_compile.reference import data as data_mod  # noqa: E402
-from adacorr_compile.reference import models as models_mod  # noqa: E402
-from adacorr_compile.sampling import DEFAULT_GUIDANCE, make_dit_scheduler, reference_sampler, save_grid  # noqa: E402
+from adacorr_compile.lab.reference import classifier as clf_mod  # noqa: E402
+from adacorr_compile.lab.reference import data as data_mod  # noqa: E402
+from adacorr_compile.lab.reference import models as models_mod  # noqa: E402
+from adacorr_compile.lab.sampling import DEFAULT_GUIDANCE, make_dit_scheduler, reference_sampler, save_grid  # noqa: E402
 
 logger = logging.getLogger("train_reference")
 
@@ -534,7 +534,7 @@ args_ns = None
 def main(argv=None) -> None:
     global args_ns
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=REPO / "adacorr_compile/reference/weights")
+    p.add_argument("--out", type=Path, default=REPO / "adacorr_compile/lab/reference/weights")
     p.add_argument("--results", type=Path, default=REPO / "benchmarks/results")
     p.add_argument("--minutes", type=float, default=40.0,
                    help="wall-clock budget for diffusion training: each model's budget when they train in "

@@ -1,14 +1,14 @@
 """Tiny real diffusers pipelines, built offline, for differential tests of whole generations.
 
 The model-level tests drive a transformer with hand-made per-step inputs
-(``adacorr_compile.tiny``); these builders wrap such tiny random-weight transformers in the real
+(``adacorr_compile.lab.tiny``); these builders wrap such tiny random-weight transformers in the real
 diffusers pipelines (DiT, PixArt-Sigma, SD3, Flux, Wan) with tiny random VAEs and real schedulers,
 so a test can run a complete denoising loop eagerly and then compiled and compare the outputs
 exactly: the pipeline decides the timesteps, the CFG batching or the separate cond/uncond calls
 in ``cache_context``, the padding masks and the number of images. Nothing is downloaded: there
 are no text encoders or tokenizers (each pipeline accepts ``None`` for them when it is given
 precomputed ``prompt_embeds``), and every weight and embedding is drawn from a seeded generator.
-The transformers come from ``adacorr_compile.tiny`` where its configs fit the pipeline (those
+The transformers come from ``adacorr_compile.lab.tiny`` where its configs fit the pipeline (those
 factories seed their own weights with 0, so ``seed`` then varies only the VAE and the embeds);
 DiT's is configured here (DiTPipeline needs 1000 classes).
 
@@ -40,7 +40,7 @@ from diffusers import (
     WanPipeline,
 )
 
-from adacorr_compile.tiny import tiny_flux, tiny_pixart, tiny_sd3, tiny_wan
+from adacorr_compile.lab.tiny import tiny_flux, tiny_pixart, tiny_sd3, tiny_wan
 
 Size = tuple[int, int]
 
@@ -151,7 +151,7 @@ def build_dit(seed: int = 0) -> TinyPipeline:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         # DiTPipeline uses class 1000 as the null class: the label table needs 1000 classes (+1 for CFG);
-        # adacorr_compile.tiny.tiny_dit has 10, so the transformer is configured here
+        # adacorr_compile.lab.tiny.tiny_dit has 10, so the transformer is configured here
         transformer = DiTTransformer2DModel(
             num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=3, sample_size=8,
             patch_size=2, num_embeds_ada_norm=1000,

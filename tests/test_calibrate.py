@@ -16,7 +16,7 @@ import torch
 import adacorr_compile
 from adacorr_compile.calibrate import RUNTIME_FIELDS, _swap_config, choose, swapped_config
 from adacorr_compile.cli import main
-from adacorr_compile.tiny import PlainDiT, tiny_plain
+from adacorr_compile.lab.tiny import PlainDiT, tiny_plain
 
 STEPS = 10
 THRESHOLDS = [0.0, 0.1, 1.0]
@@ -197,7 +197,7 @@ def test_swapped_late_phase_decides_as_a_fresh_compile():
 def test_infinite_option_round_trips_through_the_calibration_file(tmp_path):
     """JSON has no infinity: forecast_max_change=inf is written as "inf" and read back as a float
     (a string option that happens to read "inf" stays a string)."""
-    from adacorr_compile.calibrate import _options_json
+    from adacorr_compile.calibration_file import _options_json
 
     doc = {"format": "adacorr-calibration/1",
            "options": _options_json({"forecast_max_change": float("inf"), "timestep_arg": "inf", "reuse_threshold": 0.1})}
@@ -336,7 +336,7 @@ def test_calibrate_on_a_diffusers_pipeline():
 
 FACTORY = '''
 import torch
-from adacorr_compile.tiny import PlainDiT
+from adacorr_compile.lab.tiny import PlainDiT
 
 
 def make():

@@ -139,7 +139,7 @@ def no_inputs():
     [
         ("dti", "expected one of dit, "),
         ("adacorr_no_such_module:make", "cannot import module 'adacorr_no_such_module'"),
-        ("adacorr_compile.tiny:tiny_nope", "module 'adacorr_compile.tiny' has no attribute 'tiny_nope'"),
+        ("adacorr_compile.lab.tiny:tiny_nope", "module 'adacorr_compile.lab.tiny' has no attribute 'tiny_nope'"),
         ("adacorr_factories:NOT_CALLABLE", "'NOT_CALLABLE' is a int, not a callable factory"),
         ("adacorr_factories:boom", "the factory raised RuntimeError: kaput"),
         ("adacorr_factories:not_a_pair", "the factory returned Linear; expected (model, inputs)"),

@@ -12,7 +12,7 @@ from diffusers.models.cache_utils import CacheMixin
 
 import adacorr_compile
 from adacorr_compile.runtime import contexts
-from adacorr_compile.tiny import PlainDiT, _plain_inputs
+from adacorr_compile.lab.tiny import PlainDiT, _plain_inputs
 
 REUSE = {"lowering": "eager", "reuse_threshold": 1.0}  # reuse wherever the guards allow
 STEPS = 8
@@ -233,7 +233,7 @@ def test_diffusers_cache_hooks_are_reported_and_left_alone(caplog):
     conflict, ``stats()["fallbacks"]`` says why, and the output is diffusers' own."""
     from diffusers import FirstBlockCacheConfig
 
-    from adacorr_compile.tiny import tiny_flux
+    from adacorr_compile.lab.tiny import tiny_flux
 
     model, inputs = tiny_flux()
     model.enable_cache(FirstBlockCacheConfig(threshold=0.2))
@@ -286,7 +286,7 @@ def test_context_set_on_an_inner_model_reaches_the_compiled_wrapper():
 def test_backend_cache_context_for_a_plain_module():
     """``adacorr_compile.cache_context`` gives a model without diffusers' CacheMixin the
     same per-name state; bad arguments are named."""
-    from adacorr_compile.tiny import tiny_plain
+    from adacorr_compile.lab.tiny import tiny_plain
 
     model, _ = tiny_plain()
     fast = torch.compile(model, backend="adacorr", options=REUSE)

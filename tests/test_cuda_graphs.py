@@ -20,7 +20,7 @@ import torch
 
 import adacorr_compile
 from adacorr_compile import compilers
-from adacorr_compile.tiny import tiny_dit
+from adacorr_compile.lab.tiny import tiny_dit
 
 lower_mod = importlib.import_module("adacorr_compile.passes.lower")
 STEPS = 8

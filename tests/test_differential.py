@@ -3,7 +3,7 @@ and with ``policy="never"`` gives its output (float32 round-off); with caching o
 first two steps of every generation equal eager and generations never share a cache
 (issue 11).
 
-Every family of :mod:`adacorr_compile.tiny` runs every scenario. The CI set is the
+Every family of :mod:`adacorr_compile.lab.tiny` runs every scenario. The CI set is the
 reference families' fast cases; the rest is marked ``slow`` and runs in
 ``benchmarks/validate_trust.py`` (``ADACORR_SLOW=1 python -m pytest -m slow tests``).
 """
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import adacorr_compile
-from adacorr_compile.tiny import ALL_FAMILIES, TRUST_FAMILIES
+from adacorr_compile.lab.tiny import ALL_FAMILIES, TRUST_FAMILIES
 from threads import run_together
 
 FAMILIES = {**ALL_FAMILIES, **TRUST_FAMILIES}

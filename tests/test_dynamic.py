@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 import adacorr_compile
-from adacorr_compile import tiny
+from adacorr_compile.lab import tiny
 from adacorr_compile import backend
 from adacorr_compile.passes import PASSES
 

@@ -43,7 +43,7 @@ from adacorr_compile.policies import (  # noqa: E402
     first_region_computes_always,
     needs_lambda,
 )
-from adacorr_compile.tiny import tiny_dit, tiny_flux, tiny_pixart, tiny_plain, tiny_sd3  # noqa: E402
+from adacorr_compile.lab.tiny import tiny_dit, tiny_flux, tiny_pixart, tiny_plain, tiny_sd3  # noqa: E402
 
 STEPS = 8
 
@@ -518,7 +518,7 @@ def test_cli_export_uncached_and_bench(tmp_path, exports, capsys):
     assert exc.value.code == 2 and "reuse_threshold" in capsys.readouterr().err.splitlines()[-1]
     plain = tmp_path / "dit_plain.onnx"
     # the factory route (package.module:factory), uncached: the baseline of the benchmark
-    assert main(["export", "onnx", "--model", "adacorr_compile.tiny:tiny_dit", "--out", str(plain), "--no-cache"]) == 0
+    assert main(["export", "onnx", "--model", "adacorr_compile.lab.tiny:tiny_dit", "--out", str(plain), "--no-cache"]) == 0
     assert '"if_nodes": 0' in capsys.readouterr().out
     model, inputs, _, cached, _ = exports("dit")
     with torch.no_grad():
@@ -549,7 +549,7 @@ def test_cli_export_of_families_that_failed_inside_torch(family, tmp_path, capsy
     the backend's) or is refused up front with one line and exit code 2 (HunyuanDiT: a
     tuple input)."""
     from adacorr_compile.cli import main
-    from adacorr_compile.tiny import ALL_FAMILIES
+    from adacorr_compile.lab.tiny import ALL_FAMILIES
 
     out = tmp_path / f"{family}.onnx"
     if family == "hunyuan_dit":
@@ -610,13 +610,13 @@ def test_tensorrt_engine_builds_from_step_graph(exports, tmp_path):
 def test_reference_dit_onnxruntime_sampling_matches_compiled_model(tmp_path):
     """The trained reference DiT: a 12-step DDIM loop through the ONNX export run by
     onnxruntime gives the compiled model's images with the same decision per region and step."""
-    from adacorr_compile import bench
-    from adacorr_compile.reference import load_reference_dit
-    from adacorr_compile.sampling import sample_dit
+    from adacorr_compile.lab import methods
+    from adacorr_compile.lab.reference import load_reference_dit
+    from adacorr_compile.lab.sampling import sample_dit
 
     options = {"reuse_threshold": 0.3, "warmup_steps": 1}  # the defaults (step scope, forecast), reusing more often
     model = load_reference_dit()
-    onnx_model = bench.onnx_dit("ref", options, str(tmp_path)).build(model)
+    onnx_model = methods.onnx_dit("ref", options, str(tmp_path)).build(model)
     compiled = torch.compile(model, backend="adacorr", options={**options, "lowering": "eager"})
     labels = [3, 7]
     with torch.no_grad():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import adacorr_compile
-from adacorr_compile.tiny import ALL_FAMILIES, EXTRA_FAMILIES, FAMILIES
+from adacorr_compile.lab.tiny import ALL_FAMILIES, EXTRA_FAMILIES, FAMILIES
 
 
 def loop(compiled, inputs, steps, start=900.0, batch=2, offset=0.0):

@@ -18,7 +18,7 @@ from adacorr_compile.config import AdaCorrConfig
 from adacorr_compile.passes.common import analysis
 from adacorr_compile.passes.find_blocks import _is_convex, find_blocks, mutation_analysis, written_inputs
 from adacorr_compile.passes.outline_blocks import outline_blocks
-from adacorr_compile.tiny import TRUST_FAMILIES, tiny_lumina2, tiny_plain_inplace
+from adacorr_compile.lab.tiny import TRUST_FAMILIES, tiny_lumina2, tiny_plain_inplace
 
 
 def steps(compiled, inputs, n=2):

@@ -8,7 +8,7 @@ import torch
 
 import adacorr_compile
 from adacorr_compile import AdaCorrConfig, acm, oem
-from adacorr_compile.tiny import tiny_plain
+from adacorr_compile.lab.tiny import tiny_plain
 
 STEPS = 6
 

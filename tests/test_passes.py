@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import adacorr_compile
-from adacorr_compile.tiny import FAMILIES
+from adacorr_compile.lab.tiny import FAMILIES
 
 
 def compile_and_step(model, inputs, **options):

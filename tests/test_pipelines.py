@@ -114,7 +114,7 @@ def test_wan22_two_compiled_transformers_split_the_steps():
     model counts its own steps and reuses, and a second call gives the same images."""
     from diffusers import WanPipeline
 
-    from adacorr_compile.tiny import tiny_wan
+    from adacorr_compile.lab.tiny import tiny_wan
 
     torch._dynamo.reset()
     tp = build_wan()

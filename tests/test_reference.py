@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from adacorr_compile.reference import (
+from adacorr_compile.lab.reference import (
     HELDOUT_SEED,
     NUM_CLASSES,
     build_dit,
@@ -23,8 +23,8 @@ from adacorr_compile.reference import (
     tiny_flux_config,
     tiny_sd3_config,
 )
-from adacorr_compile.reference.models import WEIGHTS_DIR, pack_patches, unpack_patches
-from adacorr_compile.sampling import (DEFAULT_GUIDANCE, DIT_GUIDANCE_SCALE, FLUX_GUIDANCE_SCALE, flux_timesteps, sample_dit,
+from adacorr_compile.lab.reference.models import WEIGHTS_DIR, pack_patches, unpack_patches
+from adacorr_compile.lab.sampling import (DEFAULT_GUIDANCE, DIT_GUIDANCE_SCALE, FLUX_GUIDANCE_SCALE, flux_timesteps, sample_dit,
                                      sample_flux, save_grid)
 
 # Floors under what the committed checkpoints measure (benchmarks/results/train_reference.md;
@@ -168,7 +168,7 @@ def _heldout_batch(n=64):
 
 
 def test_dit_denoises_heldout_images_and_uses_the_class(dit):
-    from adacorr_compile.sampling import make_dit_scheduler
+    from adacorr_compile.lab.sampling import make_dit_scheduler
 
     x0, y, noise = _heldout_batch()
     alphas = make_dit_scheduler().alphas_cumprod.float()
@@ -217,11 +217,11 @@ def test_sd3_blocks_are_guarded_regions_and_never_reuse_equals_plain_compile(sd3
     an empty Inductor cache); eager lowering against the eager model, exactly (plain
     ``torch.compile`` with the eager backend runs that same code)."""
     import adacorr_compile
-    from adacorr_compile import bench
+    from adacorr_compile.lab import methods
 
     t = sd3.transformer
-    ours = bench.with_transformer(sd3, torch.compile(t, backend="adacorr", options={"policy": "never", "lowering": lowering}))
-    plain = sd3 if lowering == "eager" else bench.with_transformer(sd3, torch.compile(t))
+    ours = methods.with_transformer(sd3, torch.compile(t, backend="adacorr", options={"policy": "never", "lowering": lowering}))
+    plain = sd3 if lowering == "eager" else methods.with_transformer(sd3, torch.compile(t))
     a = sample_flux(ours, [3, 7], num_steps=3, seed=0)
     b = sample_flux(plain, [3, 7], num_steps=3, seed=0)
     n = len(t.transformer_blocks)
@@ -333,7 +333,8 @@ def _dbcache(thr):
 
 def test_tiny_flux_with_cache_dit_dbcache():
     pytest.importorskip("cache_dit")
-    from adacorr_compile.bench import BlockCounter, block_modules, cache_dit_cache
+    from adacorr_compile.lab.methods import BlockCounter, block_modules
+    from adacorr_compile.lab.peer_caches import cache_dit_cache
 
     torch.manual_seed(0)
     cfg = tiny_flux_config()
@@ -392,19 +393,19 @@ def _peer(kind, cached):
 
     from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
 
-    from adacorr_compile import bench
+    from adacorr_compile.lab import peer_caches
 
     if kind.startswith("cache-dit"):
         pytest.importorskip("cache_dit")
         taylorseer = {"taylorseer_order": 1} if kind.endswith("TaylorSeer") else None
         thr = 0.5 if cached else 0.0
-        return bench.cache_dit_cache(f"{kind} thr={thr}", _dbcache(thr), thr, taylorseer), "blocks"
+        return peer_caches.cache_dit_cache(f"{kind} thr={thr}", _dbcache(thr), thr, taylorseer), "blocks"
     if kind == "FirstBlockCache":
         thr = 0.5 if cached else 0.0
-        method = bench.diffusers_cache(f"diffusers {kind} thr={thr}", partial(FirstBlockCacheConfig, threshold=thr), thr)
+        method = peer_caches.diffusers_cache(f"diffusers {kind} thr={thr}", partial(FirstBlockCacheConfig, threshold=thr), thr)
         return method, "blocks"
     before = 2 if cached else 1000  # caching never starts: every step computes
-    return bench.diffusers_cache(f"diffusers {kind}", partial(TaylorSeerCacheConfig, cache_interval=3,
+    return peer_caches.diffusers_cache(f"diffusers {kind}", partial(TaylorSeerCacheConfig, cache_interval=3,
                                                               disable_cache_before_step=before), 3), "attention"
 
 
@@ -433,8 +434,8 @@ def test_tiny_models_with_peers(kind, family):
     Exact settings give the uncached images; cached ones skip blocks (TaylorSeer: attention calls),
     the same in two generations in a row; the model is as it was afterwards. FirstBlockCache
     cannot run SD3 (its last block returns no text stream) and says so before touching it."""
-    from adacorr_compile import bench
-    from adacorr_compile.bench import BlockCounter, block_modules
+    from adacorr_compile.lab import peer_caches
+    from adacorr_compile.lab.methods import BlockCounter, block_modules
 
     model, t, sampler, attention_modules = _tiny_three_blocks(family)
     attrs, modules = set(t.__dict__), set(t._modules)
@@ -456,7 +457,7 @@ def test_tiny_models_with_peers(kind, family):
         for cached in (False, True):
             method, skips = _peer(kind, cached)
             if family == "sd3" and kind == "FirstBlockCache":
-                with pytest.raises(bench.PeerUnsupported, match="context_pre_only"):
+                with pytest.raises(peer_caches.PeerUnsupported, match="context_pre_only"):
                     method.build(model)
                 continue
             fn = method.build(model)
@@ -484,7 +485,7 @@ def test_tiny_models_with_peers(kind, family):
 def test_cache_dit_missing_names_the_package(monkeypatch):
     import sys
 
-    from adacorr_compile.bench import cache_dit_cache
+    from adacorr_compile.lab.peer_caches import cache_dit_cache
 
     monkeypatch.setitem(sys.modules, "cache_dit", None)  # import cache_dit -> ImportError
     with pytest.raises(ImportError, match="pip install cache-dit"):
@@ -600,7 +601,7 @@ def test_train_reference_sd3_alone_leaves_the_other_models_alone(tmp_path):
     its text and other sections: only its SD3 section is written (replaced on the next run)."""
     import json
 
-    from adacorr_compile.reference import sd3_config
+    from adacorr_compile.lab.reference import sd3_config
 
     out, results = tmp_path / "weights", tmp_path / "results"
     results.mkdir()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import adacorr_compile
-from adacorr_compile.tiny import FAMILIES, tiny_dit
+from adacorr_compile.lab.tiny import FAMILIES, tiny_dit
 
 
 def run_loop(compiled, inputs, steps=10, start=900.0, batch=2):

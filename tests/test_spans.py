@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import adacorr_compile
-from adacorr_compile import tiny
-from adacorr_compile.tiny import ALL_FAMILIES
+from adacorr_compile.lab import tiny
+from adacorr_compile.lab.tiny import ALL_FAMILIES
 
 chain = importlib.import_module("adacorr_compile.passes.chain_regions")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import adacorr_compile
-from adacorr_compile.tiny import tiny_dit
+from adacorr_compile.lab.tiny import tiny_dit
 from threads import run_together
 
 REUSE = {"lowering": "eager", "reuse_threshold": 1.0}  # reuse wherever the guards allow

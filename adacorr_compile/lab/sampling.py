@@ -23,8 +23,8 @@ on:
 DiT call: ``model(x_in, timestep=t_batch, class_labels=labels)`` returning an
 object with ``.sample`` (a ``Transformer2DModelOutput``), a tuple, or a tensor.
 Flux and SD3 call: ``wrapper(x_in, timestep=t_batch, class_labels=labels)`` returning a
-tensor (the velocity), see :class:`adacorr_compile.reference.models.ClassConditionedFlux`
-and :class:`~adacorr_compile.reference.models.ClassConditionedSD3` (both sampled by
+tensor (the velocity), see :class:`adacorr_compile.lab.reference.models.ClassConditionedFlux`
+and :class:`~adacorr_compile.lab.reference.models.ClassConditionedSD3` (both sampled by
 :func:`sample_flux`).
 """
 
@@ -79,7 +79,7 @@ def _output_tensor(out: Any) -> torch.Tensor:
 
 def _dit_geometry(model: Any) -> tuple[int, int, int]:
     """(null_class, channels, size) of a DiT or of what it wraps."""
-    from adacorr_compile.reference.models import NUM_CLASSES, _find_config
+    from adacorr_compile.lab.reference.models import NUM_CLASSES, _find_config
 
     cfg = _find_config(model) or {}
     null = int(cfg["num_embeds_ada_norm"]) - 1 if "num_embeds_ada_norm" in cfg else NUM_CLASSES
@@ -137,9 +137,9 @@ class _BackendContexts:
         self.model = model
 
     def cache_context(self, name: str, **kwargs: Any):
-        import adacorr_compile
+        from ..api import cache_context
 
-        return adacorr_compile.cache_context(self.model, name, **kwargs)
+        return cache_context(self.model, name, **kwargs)
 
 
 class _DiffusersCacheSteps:
@@ -198,7 +198,7 @@ def make_dit_scheduler(scheduler: str = "ddim"):
     """A fresh diffusers scheduler matching the DiT's training noise schedule."""
     from diffusers import DDIMScheduler
 
-    from adacorr_compile.reference.models import DIT_SCHEDULER_CONFIG
+    from adacorr_compile.lab.reference.models import DIT_SCHEDULER_CONFIG
 
     if scheduler != "ddim":
         raise ValueError(f"unknown scheduler {scheduler!r}; supported: 'ddim'")
@@ -324,7 +324,7 @@ def sample_flux(
     """
     _check_steps_and_guidance(num_steps, guidance_scale)
     check_cfg_calls(cfg_calls)
-    from adacorr_compile.reference.models import NUM_CLASSES
+    from adacorr_compile.lab.reference.models import NUM_CLASSES
 
     if null_class is None:
         null_class = int(_find_attr(wrapper, "num_classes", NUM_CLASSES))

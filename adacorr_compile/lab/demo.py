@@ -1,4 +1,8 @@
-"""``adacorr demo``: the reference DiT sampled with and without the adacorr backend."""
+"""``adacorr demo``: the reference DiT sampled with and without the adacorr backend.
+
+A subcommand of :mod:`adacorr_compile.cli` that lives in the lab: it needs the ``lab`` extra
+(``pip install "adacorr_compile[lab]"``), checked before it loads anything.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,14 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .cli_common import parse_option
+from ..cli_common import parse_option
+from ..extras import require_lab
 
 logger = logging.getLogger("adacorr_compile")
 
 
 def _guidance(text: str) -> float:
+    require_lab("adacorr demo")
     from .sampling import check_guidance_scale
 
     try:
@@ -58,12 +64,13 @@ def add_parser(sub: Any) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    require_lab("adacorr demo")  # before anything loads: the reference models, samplers and plots are the lab's
     from functools import partial
 
     import torch
 
-    from . import bench
-    from .config import AdaCorrConfig
+    from . import bench, methods, metrics, plots
+    from ..config import AdaCorrConfig
     from .reference import load_reference_classifier, load_reference_dit
     from .sampling import DIT_GUIDANCE_SCALE, sample_dit, save_grid
 
@@ -83,21 +90,21 @@ def run_demo(args: argparse.Namespace) -> int:
 
     # "without the backend": plain torch.compile (Inductor), or the eager model for --lowering eager;
     # timed interleaved with the cached run: uncached, cached, uncached, cached, ... in this process
-    base_method = bench.inductor_baseline() if args.lowering == "inductor" else bench.eager_baseline()
+    base_method = methods.inductor_baseline() if args.lowering == "inductor" else methods.eager_baseline()
     logger.info("sampling %d images, %d steps: %s and adacorr, %d interleaved pairs", len(labels), args.steps,
                 base_method.name, args.reps)
-    cached = bench.run_method(bench.ours("adacorr", options), model, sampler, labels, args.steps, args.seed,
+    cached = bench.run_method(methods.ours("adacorr", options), model, sampler, labels, args.steps, args.seed,
                               reps=args.reps, progress=True, baseline=base_method)
     base_images = cached.baseline_images
-    q = bench.quality(cached.images, base_images, labels, classifier)
-    q_base = bench.quality(base_images, base_images, labels, classifier)
+    q = metrics.quality(cached.images, base_images, labels, classifier)
+    q_base = metrics.quality(base_images, base_images, labels, classifier)
     save_grid(base_images, out / "uncached.png", nrow=min(10, len(labels)), scale=4)
     save_grid(cached.images, out / "adacorr.png", nrow=min(10, len(labels)), scale=4)
     diff = (cached.images - base_images).abs().clamp(0, 1) * 2 - 1
     save_grid(diff, out / "difference.png", nrow=min(10, len(labels)), scale=4)
     setting = (f"policy={cfg.policy}, scope={cfg.scope}, correction={cfg.correction}, forecast={cfg.forecast}, "
                f"reuse_threshold={cfg.reuse_threshold}")
-    bench.lambda_heatmap(cached.stats, str(out / "lambda_heatmap.png"), f"reference DiT, {args.steps} steps, {setting}")
+    plots.lambda_heatmap(cached.stats, str(out / "lambda_heatmap.png"), f"reference DiT, {args.steps} steps, {setting}")
 
     base_seconds = statistics.median(cached.baseline_seconds)
     speedup = cached.speedup

@@ -17,7 +17,7 @@ Three models, all real diffusers classes so that diffusers' own caching hooks an
   class conditioning). The backend's defaults were not tuned on it: it is the
   held-out family.
 
-Weights and configs live in ``adacorr_compile/reference/weights/`` (package
+Weights and configs live in ``adacorr_compile/lab/reference/weights/`` (package
 data, produced by ``benchmarks/train_reference.py``); nothing is downloaded.
 """
 
@@ -38,7 +38,7 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 NUM_CLASSES = 10
 
 # Noise schedule shared by DiT training and the DDIM sampler
-# (:func:`adacorr_compile.sampling.sample_dit`).
+# (:func:`adacorr_compile.lab.sampling.sample_dit`).
 DIT_SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_schedule": "squaredcos_cap_v2",
@@ -364,7 +364,7 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise FileNotFoundError(
             f"reference weights {path} are missing; run "
-            "`python benchmarks/train_reference.py --out adacorr_compile/reference/weights`")
+            "`python benchmarks/train_reference.py --out adacorr_compile/lab/reference/weights`")
     return {k: v.float() for k, v in load_file(str(path)).items()}
 
 

@@ -1,7 +1,7 @@
 """Glyph classifier and sample-quality metrics.
 
 :class:`GlyphClassifier` is a small CNN trained on clean synthetic glyph images
-(:mod:`adacorr_compile.reference.data`). It scores generated samples in two
+(:mod:`adacorr_compile.lab.reference.data`). It scores generated samples in two
 ways:
 
 * :func:`class_accuracy` -- fraction of samples classified as the requested class;
