@@ -2,9 +2,12 @@
 
 :class:`CliError` (a one-line error: usage, exit code 2), :func:`load_factory` (the
 ``--model`` factory) and :func:`parse_option` (``--option KEY=VALUE``). The command
-itself (:mod:`adacorr_compile.cli`) and its ``demo`` and ``export`` subcommands
-(:mod:`adacorr_compile.lab.demo`, :mod:`adacorr_compile.cli_export`) import them from
-here, so that ``cli`` and its subcommand modules do not import each other.
+itself (:mod:`adacorr_compile.cli`) and its ``demo``, ``export`` and ``calibrate`` subcommands
+(:mod:`adacorr_compile.lab.demo`, :mod:`adacorr_compile.cli_export`,
+:mod:`adacorr_compile.cli_calibrate`) import them from here, so that ``cli`` and its
+subcommand modules do not import each other. The tiny families (``--model dit``, ...) are the
+lab's (:mod:`adacorr_compile.lab.tiny`), imported when a command runs; a family whose package
+(diffusers) is missing is a one-line error naming the ``lab`` extra.
 """
 
 from __future__ import annotations
@@ -28,10 +31,10 @@ def load_factory(spec: str) -> Callable[[], tuple[torch.nn.Module, Callable[...,
     """The ``--model`` factory: a tiny family's, or ``package.module:factory``'s wrapped so
     that each way it can fail (no such module or attribute, not callable, it raises, it
     returns something else than ``(model, inputs)``) is one line naming the problem."""
-    from .tiny import ALL_FAMILIES
+    from .lab.tiny import ALL_FAMILIES  # torch alone at import; a family's diffusers loads when it is built
 
     if spec in ALL_FAMILIES:
-        return ALL_FAMILIES[spec][0]
+        return _lab_family(spec, ALL_FAMILIES[spec][0])
     mod, _, attr = spec.partition(":")
     if not mod or not attr:
         raise CliError(f"--model {spec!r}: expected one of {', '.join(ALL_FAMILIES)} or 'package.module:factory'")

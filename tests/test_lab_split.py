@@ -165,3 +165,18 @@ def test_cli_without_the_lab_exits_with_the_install_command(capsys, monkeypatch)
         assert exc.value.code == 2
         err = capsys.readouterr().err
         assert "scikit-image not installed" in err and 'pip install "adacorr_compile[lab]"' in err, err
+
+
+def test_cli_tiny_family_without_diffusers_names_the_lab_extra(capsys, monkeypatch):
+    """``adacorr inspect --model dit`` builds the tiny family from diffusers: without it, one
+    usage line naming the family and the extra; ``--model plain`` (torch alone) still runs."""
+    from adacorr_compile.cli import main
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers: ModuleNotFoundError; find_spec: None
+    with pytest.raises(SystemExit) as exc:
+        main(["inspect", "--model", "dit"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert '--model dit needs the lab extra (diffusers not installed): pip install "adacorr_compile[lab]"' in err, err
+    assert main(["inspect", "--model", "plain"]) == 0
+    assert "guarded" in capsys.readouterr().out.lower()
