@@ -63,7 +63,7 @@ def quality(
 
 
 def seed_scores(output: torch.Tensor, reference: torch.Tensor, value_range: tuple[float, float] | None) -> dict[str, float]:
-    """Per-image PSNR and SSIM (:func:`adacorr_compile.lab.bench.psnr_ssim`) of one seed's output:
+    """Per-image PSNR and SSIM (:func:`psnr_ssim`) of one seed's output:
     mean over its images (identical images, infinite PSNR, left out of the mean as the benchmark
     does) and the worst image. SSIM is NaN where the images are too small for its 7x7 window."""
     if output.shape != reference.shape:

@@ -5,12 +5,11 @@ Pareto plot of a calibration.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from ..calibrate import CalibrationResult
+from ..calibrate import CalibrationResult, psnr_by_rule
 
 
 def lambda_heatmap(stats: dict[str, Any], path: str, title: str) -> None:
@@ -53,8 +52,6 @@ def pareto_plot(result: CalibrationResult, path: str | Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ..calibrate import psnr_by_rule
 
     def x_of(row: Mapping[str, Any]) -> float:
         return min(psnr_by_rule(row, result.rule), 60.0)
