@@ -143,13 +143,10 @@ def check_timestep_arg(config: AdaCorrConfig) -> None:
 
 
 def parse_options(options: Any, mode: str | None) -> AdaCorrConfig:
-    """The validated config of ``options`` (a ``ValueError`` naming the option, raised where
-    the user called ``torch.compile``), with ``torch.compile(mode=...)`` as ``inductor_mode``."""
-    try:
-        config = AdaCorrConfig.from_options(options)
-        check_timestep_arg(config)
-    except ValueError as exc:  # the user reads this ValueError, not Dynamo's BackendCompilerFailed
-        raise option_error(exc, inspect.currentframe()) from None
+    """The validated config of ``options`` (a ``ValueError`` naming a bad option), with
+    ``torch.compile(mode=...)`` as ``inductor_mode``."""
+    config = AdaCorrConfig.from_options(options)
+    check_timestep_arg(config)
     if mode is not None and mode != "default":
         config = config.replace(inductor_mode=mode)
     return config
@@ -200,7 +197,10 @@ def build_runtime(model: ModelState, lowered: fx.GraphModule, info: Analysis, co
 def adacorr_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Any = None, mode: str | None = None) -> Callable[..., Any]:
     """Dynamo backend entry point (registered as ``"adacorr"``): parse the options, run the
     pass list, build the runtime; or the logged fallback (see module docstring)."""
-    config = parse_options(options, mode)
+    try:
+        config = parse_options(options, mode)
+    except ValueError as exc:  # the user reads this ValueError, not Dynamo's BackendCompilerFailed
+        raise option_error(exc, inspect.currentframe()) from None
     model = _attach_model_state(config)
     reason = _not_guarded_because(example_inputs)
     if reason is not None:
