@@ -1,9 +1,14 @@
 """The ``adacorr`` Dynamo backend: ``torch.compile(model, backend="adacorr")``.
 
-Runs the passes of :mod:`adacorr_compile.passes` in order and returns a
-:class:`~adacorr_compile.runtime.graph.GraphRuntime`. Anything the passes cannot
-prove safe falls back to plain compilation of the whole graph, with the reason
-logged: never a wrong result.
+Three steps, each one function: parse the options (:func:`parse_options`), run the
+pass list :data:`~adacorr_compile.passes.PASSES` with the pass manager
+(:func:`~adacorr_compile.passes.manager.run_passes`), and build the
+:class:`~adacorr_compile.runtime.graph.GraphRuntime` (:func:`build_runtime`). What the
+passes learn, including what the runtime needs to know about the graph's inputs
+(``passes/analyze_inputs.py``), is in the graph's
+:class:`~adacorr_compile.passes.common.Analysis`. Anything the passes cannot prove safe
+falls back to plain compilation of the whole graph, with the reason logged: never a
+wrong result.
 """
 
 from __future__ import annotations
@@ -16,22 +21,16 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from .compilers import compile_graph
 from .config import AdaCorrConfig, option_error
 from .passes import PASSES
-from .passes.common import Analysis, analysis, dump, example_value
-from .passes.find_blocks import _is_param
+from .passes.common import Analysis, example_value
+from .passes.manager import run_passes
 from .runtime import contexts
 from .runtime.graph import GraphRuntime
 from .runtime.owners import compiling_wrapper, state_on
 from .runtime.state import ModelState
 
 logger = logging.getLogger("adacorr_compile")
-
-# forward argument names that carry a diffusion timestep (or noise level), tried after
-# ``timestep_arg`` while it has its default value
-_TIMESTEP_NAMES = ("timestep", "timesteps", "t", "time", "sigma", "sigmas", "noise_level")
-
 
 # diffusers' cache_context (cond / uncond, step index) is recorded from the moment this
 # module is imported (torch.compile(..., backend="adacorr") imports it), or from when
@@ -71,12 +70,6 @@ def _fallback(gm: fx.GraphModule, example_inputs: list[Any], config: AdaCorrConf
     from .compilers import inductor_patches
 
     return compile_fx(gm, example_inputs, config_patches=inductor_patches(config))
-
-
-def _source_name(node: fx.Node) -> str:
-    grapharg = node.meta.get("grapharg")
-    source = getattr(getattr(grapharg, "source", None), "name", "")
-    return source() if callable(source) else source
 
 
 def _current_tx() -> Any | None:
@@ -149,104 +142,45 @@ def check_timestep_arg(config: AdaCorrConfig) -> None:
     )
 
 
-def _is_scalar_per_sample(value: Any, batch: set[int]) -> bool:
-    if isinstance(value, (float, torch.SymFloat)):
-        return True
-    if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() > 1:
-        return False
-    return value.dim() == 0 or any(value.shape[0] == b for b in batch | {1})
-
-
-def _timestep_index(gm: fx.GraphModule, name: str, example_inputs: list[Any]) -> int | None:
-    """The placeholder position of the timestep: the forward argument ``name`` (possibly
-    behind a decorator's ``**kwargs``, as in SD3), else, for the default name, one of
-    the usual names, else the first per-sample float input (a scalar or ``[B]`` float
-    tensor that is not a parameter). None where the graph has none."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    names = (name,) if name != AdaCorrConfig.timestep_arg else _TIMESTEP_NAMES
-    for candidate in names:
-        for i, n in enumerate(placeholders):
-            source = _source_name(n)
-            if source in (f"L[{candidate!r}]", f"L['kwargs'][{candidate!r}]") or n.name in (f"l_{candidate}_", f"l_kwargs_{candidate}_"):
-                return i
-    if name != AdaCorrConfig.timestep_arg:
-        return None
-    values = [example_value(n) for n in placeholders]
-    batch = {int(v.shape[0]) for v in values if isinstance(v, torch.Tensor) and v.dim() >= 3 and isinstance(v.shape[0], int)}
-    for i, (n, v) in enumerate(zip(placeholders, values)):
-        if not _is_param(n, v) and _source_name(n).startswith("L[") and _is_scalar_per_sample(v, batch):
-            return i
-    return None
-
-
-def run_passes(gm: fx.GraphModule, example_inputs: list[Any], config: AdaCorrConfig) -> fx.GraphModule:
-    """Run the pass list; returns the lowered graph with ``meta["adacorr"]`` filled."""
-    info = analysis(gm)
-    info.example_inputs = list(example_inputs)
-    for pass_fn in PASSES:
-        dump(gm, f"before {pass_fn.__name__}", config.dump_graphs)
-        gm = pass_fn(gm, config)
-        dump(gm, f"after {pass_fn.__name__}", config.dump_graphs)
-        if pass_fn.__name__ == "find_blocks" and not info.blocks:
-            break
-    return gm
-
-
-def adacorr_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Any = None, mode: str | None = None) -> Callable[..., Any]:
-    """Dynamo backend entry point (registered as ``"adacorr"``)."""
-    try:
-        config = AdaCorrConfig.from_options(options)
-        check_timestep_arg(config)
-    except ValueError as exc:  # the user reads this ValueError, not Dynamo's BackendCompilerFailed
-        raise option_error(exc, inspect.currentframe()) from None
+def parse_options(options: Any, mode: str | None) -> AdaCorrConfig:
+    """The validated config of ``options`` (a ``ValueError`` naming a bad option), with
+    ``torch.compile(mode=...)`` as ``inductor_mode``."""
+    config = AdaCorrConfig.from_options(options)
+    check_timestep_arg(config)
     if mode is not None and mode != "default":
         config = config.replace(inductor_mode=mode)
+    return config
+
+
+def _attach_model_state(config: AdaCorrConfig) -> ModelState:
+    """The compiled model's state, holding ``config``; diffusers' cache_context is read from now on."""
     model = model_state_for(compiling_wrapper(), config)
     model.config = config
     contexts.install()  # read diffusers' cache_context (cond / uncond, step index) from now on
+    return model
+
+
+def _not_guarded_because(example_inputs: list[Any]) -> str | None:
+    """Why this graph gets no cache guards whatever its blocks, or None."""
     conflict = _diffusers_cache_conflict()
     if conflict is not None:
-        return _fallback(gm, example_inputs, config, model, conflict)
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        return conflict
     if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
-        return _fallback(gm, example_inputs, config, model, "gradients are enabled; caching is for inference (call under torch.no_grad() or torch.inference_mode())")
-    original = fx.GraphModule(gm, _copy_graph(gm.graph))  # pristine copy for a fallback
-    try:
-        lowered = run_passes(gm, example_inputs, config)
-    except Exception as exc:  # noqa: BLE001 - any pass failure means "not proven safe"
-        logger.debug("adacorr pass failure", exc_info=True)
-        return _fallback(original, example_inputs, config, model, f"a pass failed: {type(exc).__name__}: {exc}")
-    info: Analysis = analysis(lowered) if "adacorr" in lowered.meta else analysis(gm)
-    if not info.regions:
-        reasons = "; ".join(f"{w}: {r}" for w, r in info.skipped) or "no blocks found"
-        return _fallback(original, example_inputs, config, model, reasons)
-    owner_index = next((i for i, (n, x) in enumerate(zip(placeholders, example_inputs)) if _is_param(n, x)), None)
-    # a cache_context is looked up by a parameter of the first guarded block: the context
-    # is set on the module that holds the blocks (the transformer), which may be a part
-    # of the compiled model (a wrapper that embeds class labels around a diffusers model)
-    context_index = next(
-        (
-            placeholders.index(b.inputs[i])
-            for b in info.blocks[:1]
-            for i in sorted(b.param_inputs)
-            if b.inputs[i] in placeholders
-        ),
-        owner_index,
-    )
-    input_indices = [
-        i
-        for i, (n, x) in enumerate(zip(placeholders, example_inputs))
-        if isinstance(x, torch.Tensor) and not _is_param(n, x)
-    ]
+        return "gradients are enabled; caching is for inference (call under torch.no_grad() or torch.inference_mode())"
+    return None
+
+
+def build_runtime(model: ModelState, lowered: fx.GraphModule, info: Analysis, config: AdaCorrConfig) -> GraphRuntime:
+    """The runtime of the lowered graph, from what the passes recorded; logs what is guarded."""
     runtime = GraphRuntime(
         model,
         lowered,
         info.regions,
-        input_indices,
-        _timestep_index(gm, config.timestep_arg, example_inputs),
+        info.input_indices,
+        info.timestep_index,
         info.bodies_compiled,
-        owner_index,
-        context_index,
+        info.owner_index,
+        info.context_index,
     )
     logger.info(
         "adacorr: %d guarded regions (%s), %d distinct block bodies compiled (lowering=%s), %d left unguarded",
@@ -258,6 +192,29 @@ def adacorr_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Any 
     )
     runtime.analysis = info
     return runtime
+
+
+def adacorr_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Any = None, mode: str | None = None) -> Callable[..., Any]:
+    """Dynamo backend entry point (registered as ``"adacorr"``): parse the options, run the
+    pass list, build the runtime; or the logged fallback (see module docstring)."""
+    try:
+        config = parse_options(options, mode)
+    except ValueError as exc:  # the user reads this ValueError, not Dynamo's BackendCompilerFailed
+        raise option_error(exc, inspect.currentframe()) from None
+    model = _attach_model_state(config)
+    reason = _not_guarded_because(example_inputs)
+    if reason is not None:
+        return _fallback(gm, example_inputs, config, model, reason)
+    original = fx.GraphModule(gm, _copy_graph(gm.graph))  # pristine copy for a fallback
+    try:
+        lowered, info = run_passes(gm, example_inputs, config, PASSES)
+    except Exception as exc:  # noqa: BLE001 - any pass failure means "not proven safe"
+        logger.debug("adacorr pass failure", exc_info=True)
+        return _fallback(original, example_inputs, config, model, f"a pass failed: {type(exc).__name__}: {exc}")
+    if info.stopped or not info.regions:
+        reasons = "; ".join(f"{w}: {r}" for w, r in info.skipped) or "no blocks found"
+        return _fallback(original, example_inputs, config, model, reasons)
+    return build_runtime(model, lowered, info, config)
 
 
 def _copy_graph(graph: fx.Graph) -> fx.Graph:

@@ -57,14 +57,29 @@ class Analysis:
     blocks: list[Block] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (module path or "graph", reason)
     example_inputs: list[Any] = field(default_factory=list)
-    timestep_index: int | None = None  # placeholder position of the timestep argument
+    # the graph's inputs (analyze_inputs), placeholder positions
+    timestep_index: int | None = None  # the timestep argument
+    owner_index: int | None = None  # the first parameter: tells module instances apart
+    context_index: int | None = None  # a parameter of the first block: finds the diffusers cache_context
+    input_indices: list[int] = field(default_factory=list)  # non-parameter tensor inputs
     bodies_compiled: int = 0
     regions: list[Any] = field(default_factory=list)  # GuardedRegion objects, execution order
     spans: list[list[str]] = field(default_factory=list)  # region paths sharing one cache (chain_regions)
+    passes_run: list[str] = field(default_factory=list)  # names of the passes run, in order (passes.manager)
+    stopped: bool = False  # a pass found nothing left to guard: the pass list ends after it
 
     def skip(self, where: str, reason: str) -> None:
         self.skipped.append((where, reason))
         logger.info("adacorr: left unguarded: %s: %s", where, reason)
+
+    def stop(self, where: str | None = None, reason: str | None = None) -> None:
+        """End the pass list after the running pass: nothing is left to guard, so the
+        graph compiles without guards. ``where`` and ``reason``, when given, are recorded
+        as a skip (:meth:`skip`); without them the skips already recorded say why. The
+        skips are the fallback's reason (log and ``stats()["fallbacks"]``)."""
+        if where is not None:
+            self.skip(where, reason or "stopped")
+        self.stopped = True
 
 
 def analysis(gm: fx.GraphModule) -> Analysis:

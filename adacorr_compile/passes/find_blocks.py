@@ -503,4 +503,6 @@ def find_blocks(gm: fx.GraphModule, config: AdaCorrConfig) -> fx.GraphModule:
     info.blocks = blocks
     if not blocks and not info.skipped:
         info.skip("graph", "no repeated sibling modules (<container>.<i>) in the traced graph")
+    if not blocks:
+        info.stop()  # nothing to outline: the skips recorded say why
     return gm
