@@ -201,8 +201,9 @@ def adacorr_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Any 
         raise option_error(exc, inspect.currentframe()) from None
     if mode is not None and mode != "default":
         config = config.replace(inductor_mode=mode)
+    # the model's config lives in its state (ModelState.home): a recompile does not overwrite it;
+    # the regions this compile builds join it there (GraphRuntime -> ModelState.adopt)
     model = model_state_for(compiling_wrapper(), config)
-    model.config = config
     contexts.install()  # read diffusers' cache_context (cond / uncond, step index) from now on
     conflict = _diffusers_cache_conflict()
     if conflict is not None:
