@@ -20,6 +20,12 @@ vetoed when lambda exceeds ``reuse_threshold``: "X + AdaCorrection".
 With ``scope="step"`` the decision is taken once per step (:func:`step_role`): the first
 region (the leader) always computes, the second (the probe) decides as above and the
 others follow its verdict.
+
+The types of a decision: a region's :class:`Role`, the :class:`Reason` it computes for, its
+:class:`Verdict` (flags or reason, lambda, step) and what it keeps for its OEM
+(:class:`Keeps`). A :class:`DecisionPlan` is the config's part in the decision worked out once
+per compile; a :class:`ConfigHome` holds a compiled model's config and its plan, shared by the
+model's state, its regions and their math (the deciders per role: ``runtime/decide.py``).
 """
 
 from __future__ import annotations
@@ -266,8 +272,8 @@ def decide(
     score_finite: bool = True,
 ) -> list[bool] | Reason:
     """The host's verdict: per-unit reuse flags (one entry when ``decision="batch"``), or
-    why the region computes (a guard's reason, ``"non-finite cache"``, ``"non-finite
-    input"`` or ``"policy"``). ``lam`` holds lambda per decision unit (None when the policy
+    why the region computes (a :class:`Reason`: a guard's, ``"non-finite cache"``, ``"non-finite
+    input"`` or ``"policy"``; the runtime wraps either in a :class:`Verdict`). ``lam`` holds lambda per decision unit (None when the policy
     does not need it); ``valid``: the cache is finite; ``score_finite``: the OEM score is.
     :func:`decide_tensor` is the same decision on tensors (both are built from
     :func:`guard_checks`, :func:`scheduled` and :func:`lambda_gates`)."""
@@ -444,7 +450,7 @@ class ConfigHome:
 
     @config.setter
     def config(self, config: AdaCorrConfig) -> None:
-        if config is not self._config:
+        if config is not self._config and config != self._config:  # an equal config changes nothing
             self._config = config
             self.plan = DecisionPlan.build(config)
 
