@@ -69,7 +69,7 @@ def test_each_role_decides_as_before_on_a_scripted_run(monkeypatch):
     kinds = [type(r.decider) for r in adacorr_compile.regions(fast)]
     assert kinds == [LeaderDecider, ProbeDecider, SpanMemberDecider, SpanMemberDecider]
     assert [r.decider.role for r in adacorr_compile.regions(fast)] == [Role.LEADER, Role.PROBE, Role.FOLLOWER, Role.FOLLOWER]
-    L, P, S = "LeaderDecider", "ProbeDecider", "SpanMemberDecider"
+    L, P, S = LeaderDecider.__name__, ProbeDecider.__name__, SpanMemberDecider.__name__
 
     def forced(reason):
         return [(0, L, E), (1, P, reason), (2, S, reason), (3, S, reason)]
@@ -84,7 +84,7 @@ def test_followers_without_a_span_take_the_probes_verdict(monkeypatch):
     FollowerDecider), the same verdicts as the probe's at every step."""
     fast, seen = _run({**GUARDS, "blend": True}, monkeypatch)
     assert [r.span.size for r in adacorr_compile.regions(fast)] == [1, 1, 1, 1]
-    L, P, Fo = "LeaderDecider", "ProbeDecider", "FollowerDecider"
+    L, P, Fo = LeaderDecider.__name__, ProbeDecider.__name__, FollowerDecider.__name__
     steps = _by_step(seen)
     for step, reason in {0: E, 1: W, 2: "R", 3: "R", 4: "R", 5: M, 6: "R", 7: F}.items():
         probe = E if step == 0 else reason
@@ -96,7 +96,7 @@ def test_block_scope_decides_per_region_as_before(monkeypatch):
     assert all(type(r.decider) is BlockDecider and r.decider.role is Role.BLOCK for r in adacorr_compile.regions(fast))
     steps = _by_step(seen)
     for step, what in {0: E, 1: W, 2: "R", 3: "R", 4: "R", 5: M, 6: "R", 7: F}.items():
-        assert steps[step] == [(k, "BlockDecider", what) for k in range(4)], step
+        assert steps[step] == [(k, BlockDecider.__name__, what) for k in range(4)], step
 
 
 def _region(config):

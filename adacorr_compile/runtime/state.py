@@ -19,8 +19,8 @@ import itertools
 import math
 import logging
 import threading
-from dataclasses import dataclass, field
 from collections.abc import Iterator, MutableMapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
