@@ -153,9 +153,10 @@ def parse_options(options: Any, mode: str | None) -> AdaCorrConfig:
 
 
 def _attach_model_state(config: AdaCorrConfig) -> ModelState:
-    """The compiled model's state, holding ``config``; diffusers' cache_context is read from now on."""
+    """The compiled model's state; diffusers' cache_context is read from now on. The model's
+    config lives in that state (``ModelState.home``): a recompile does not overwrite it; the
+    regions this compile builds join it there (``GraphRuntime`` -> ``ModelState.adopt``)."""
     model = model_state_for(compiling_wrapper(), config)
-    model.config = config
     contexts.install()  # read diffusers' cache_context (cond / uncond, step index) from now on
     return model
 

@@ -20,16 +20,86 @@ vetoed when lambda exceeds ``reuse_threshold``: "X + AdaCorrection".
 With ``scope="step"`` the decision is taken once per step (:func:`step_role`): the first
 region (the leader) always computes, the second (the probe) decides as above and the
 others follow its verdict.
+
+The types of a decision: a region's :class:`Role`, the :class:`Reason` it computes for, its
+:class:`Verdict` (flags or reason, lambda, step) and what it keeps for its OEM
+(:class:`Keeps`). A :class:`DecisionPlan` is the config's part in the decision worked out once
+per compile; a :class:`ConfigHome` holds a compiled model's config and its plan, shared by the
+model's state, its regions and their math (the deciders per role: ``runtime/decide.py``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, NamedTuple, Sequence
 
 import torch
 
 from .config import AdaCorrConfig
+
+
+class Role(StrEnum):
+    """A region's part in the decision (:func:`step_role`). A ``StrEnum``: a role prints, is
+    written to JSON and compares as its name (``"leader"``), as the strings it replaces did."""
+
+    BLOCK = "block"  # scope="block": decides for itself
+    LEADER = "leader"  # scope="step", the first region: always computes, measures nothing
+    PROBE = "probe"  # scope="step", the second region: decides for the step
+    FOLLOWER = "follower"  # scope="step", every later region: takes the probe's verdict
+
+
+class Reason(StrEnum):
+    """Why a region computes: a guard (:func:`guard_checks`, in its order), a cache or score
+    that is not finite, the policy itself, or a region that takes another's verdict and found
+    none for this step. Prints as the reason's text (``"warm-up"``)."""
+
+    EMPTY_CACHE = "empty cache"
+    POLICY_NEVER = "policy never"
+    NO_GENERATION_SIGNAL = "no generation signal"
+    WARM_UP = "warm-up"
+    FINAL_STEPS = "final steps"
+    MAX_REUSES = "max consecutive reuses"
+    FIRST_BLOCK = "first block"
+    STEP_LEADER = "step leader"
+    NONFINITE_CACHE = "non-finite cache"
+    NONFINITE_INPUT = "non-finite input"
+    POLICY = "policy"  # the policy chose to compute: only this compute is blended (blend=True)
+    NO_STEP_VERDICT = "no step verdict"  # a follower, and the probe gave none in this step
+    NO_SPAN_VERDICT = "no span verdict"  # a later region of a span, and its first gave none in this step
+
+
+class Keeps(StrEnum):
+    """Which observed inputs a region keeps for its own OEM (``drift_reference``); a region that
+    does not measure its input keeps none (``None``)."""
+
+    REFERENCE = "ref"  # the input of the last fresh compute
+    PREVIOUS = "prev"  # the input of the previous step
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One region's decision for one step: the per-unit reuse flags (one entry for the batch
+    under ``decision="batch"``, one per sample under ``"sample"``), or None and the
+    :class:`Reason` it computes for; the step's lambda where it was measured (a follower's
+    compute blends by the probe's). The probe hands its verdict to the followers, the first
+    region of a span to the span's later regions."""
+
+    step: int
+    mask: tuple[bool, ...] | None  # None: compute all units
+    reason: Reason | None  # set exactly when ``mask`` is None
+    lam: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, step: int, result: Sequence[bool] | Reason, lam: torch.Tensor | None) -> Verdict:
+        """From :func:`policy_verdict`'s (or a guard's) result: flags or a reason."""
+        if isinstance(result, str):
+            return cls(step, None, Reason(result), lam)
+        return cls(step, tuple(result), None, lam)
+
+    def reuses_all(self) -> bool:
+        """Every unit reuses (the span's fast path: nothing of it runs)."""
+        return self.mask is not None and all(self.mask)
 
 
 def _not(x: Any) -> Any:
@@ -40,21 +110,21 @@ def _not(x: Any) -> Any:
 def guard_checks(
     config: AdaCorrConfig, step: Any, steps_left: Any, consecutive: Any, has_cache: Any, is_first_region: bool,
     generation_known: Any = True,
-) -> tuple[tuple[str, Any], ...]:
+) -> tuple[tuple[Reason, Any], ...]:
     """Every guard, in order, as ``(reason, condition)``: the region must compute when a
     condition holds, whatever the policy says. The one definition of the guards: the values
     are host numbers (:meth:`Guards.forced` takes the first that holds) or 0-d tensors
     (:func:`decide_tensor` ors them inside a traced graph). ``steps_left`` is
     :data:`STEPS_UNKNOWN` where the generation's end is not known."""
     return (
-        ("empty cache", _not(has_cache)),
-        ("policy never", config.policy == "never"),
-        ("no generation signal", _not(generation_known)),
-        ("warm-up", step < config.warmup_steps),
-        ("final steps", steps_left < config.final_steps),
-        ("max consecutive reuses", consecutive >= reuse_cap(config, step, steps_left)),
-        ("first block", config.policy == "first_block" and is_first_region),
-        ("step leader", config.scope == "step" and is_first_region),
+        (Reason.EMPTY_CACHE, _not(has_cache)),
+        (Reason.POLICY_NEVER, config.policy == "never"),
+        (Reason.NO_GENERATION_SIGNAL, _not(generation_known)),
+        (Reason.WARM_UP, step < config.warmup_steps),
+        (Reason.FINAL_STEPS, steps_left < config.final_steps),
+        (Reason.MAX_REUSES, consecutive >= reuse_cap(config, step, steps_left)),
+        (Reason.FIRST_BLOCK, config.policy == "first_block" and is_first_region),
+        (Reason.STEP_LEADER, config.scope == "step" and is_first_region),
     )
 
 
@@ -141,7 +211,7 @@ class Guards:
     is_first_region: bool
     generation_known: bool = True  # False: any call may start a new generation (no timestep, no user marks)
 
-    def forced(self, config: AdaCorrConfig) -> str | None:
+    def forced(self, config: AdaCorrConfig) -> Reason | None:
         """The first guard that forces a compute (its reason), or None."""
         left = STEPS_UNKNOWN if self.steps_left is None else self.steps_left
         checks = guard_checks(config, self.step, left, self.consecutive_reuses, self.has_cache, self.is_first_region,
@@ -149,14 +219,14 @@ class Guards:
         return next((reason for reason, holds in checks if holds), None)
 
 
-def step_role(config: AdaCorrConfig, order: int) -> str:
-    """A region's part in the decision: ``"block"`` (decides for itself, ``scope="block"``),
-    or with ``scope="step"`` ``"leader"`` (the first region: always computes),
-    ``"probe"`` (the second: decides for the step) or ``"follower"`` (takes the probe's
-    verdict)."""
+def step_role(config: AdaCorrConfig, order: int) -> Role:
+    """A region's part in the decision: :attr:`Role.BLOCK` (decides for itself, ``scope="block"``),
+    or with ``scope="step"`` :attr:`Role.LEADER` (the first region: always computes),
+    :attr:`Role.PROBE` (the second: decides for the step) or :attr:`Role.FOLLOWER` (takes the
+    probe's verdict)."""
     if config.scope != "step":
-        return "block"
-    return ("leader", "probe")[order] if order < 2 else "follower"
+        return Role.BLOCK
+    return (Role.LEADER, Role.PROBE)[order] if order < 2 else Role.FOLLOWER
 
 
 def first_region_computes_always(config: AdaCorrConfig) -> bool:
@@ -200,10 +270,10 @@ def decide(
     first_block_similar: bool | None,
     valid: bool = True,
     score_finite: bool = True,
-) -> list[bool] | str:
+) -> list[bool] | Reason:
     """The host's verdict: per-unit reuse flags (one entry when ``decision="batch"``), or
-    why the region computes (a guard's reason, ``"non-finite cache"``, ``"non-finite
-    input"`` or ``"policy"``). ``lam`` holds lambda per decision unit (None when the policy
+    why the region computes (a :class:`Reason`: a guard's, ``"non-finite cache"``, ``"non-finite
+    input"`` or ``"policy"``; the runtime wraps either in a :class:`Verdict`). ``lam`` holds lambda per decision unit (None when the policy
     does not need it); ``valid``: the cache is finite; ``score_finite``: the OEM score is.
     :func:`decide_tensor` is the same decision on tensors (both are built from
     :func:`guard_checks`, :func:`scheduled` and :func:`lambda_gates`)."""
@@ -216,15 +286,15 @@ def decide(
 def policy_verdict(
     config: AdaCorrConfig, step: int, steps_left: int | None, lam: Sequence[float] | None,
     first_block_similar: bool | None, valid: bool = True, score_finite: bool = True,
-) -> list[bool] | str:
+) -> list[bool] | Reason:
     """:func:`decide` once no guard forced a compute (a caller that has evaluated the guards
     already calls this, not :func:`decide`, so they are evaluated once)."""
     if not valid:
-        return "non-finite cache"
+        return Reason.NONFINITE_CACHE
     if not score_finite:
-        return "non-finite input"
+        return Reason.NONFINITE_INPUT
     if not scheduled(config, step, first_block_similar):
-        return "policy"
+        return Reason.POLICY
     if lambda_gates(config):
         if lam is None:
             raise ValueError(f"policy {config.policy!r} with correction={config.correction} needs lambda")
@@ -324,3 +394,65 @@ def decide_tensor(
     proposed = proposed & torch.ones_like(consecutive, dtype=torch.bool)  # one flag per sample
     mask = cap_streaks(config, proposed, consecutive, step, steps_left)
     return TensorVerdict(consulted & mask, nonfinite, consulted & ~mask.all(), consulted & proposed)
+
+
+@dataclass(frozen=True)
+class DecisionPlan:
+    """What the decision needs of the config, worked out once per config (per compile, and per
+    :func:`calibrate.swapped_config <adacorr_compile.calibrate.swapped_config>` swap), not at
+    every region call: the predicates above, evaluated. ``config`` is kept for the values that
+    are read as numbers (thresholds, steps) by :func:`guard_checks` and :func:`policy_verdict`."""
+
+    config: AdaCorrConfig
+    residuals: bool  # caches_residuals: a reuse adds the cached residual, else returns the cached output
+    needs_lambda: bool  # the verdict reads lambda on the host
+    probe_forecast: bool  # probe_forecasts: the probe scores against its reference's forecast
+    per_sample: bool  # decision="sample": one verdict per sample
+    step_scope: bool  # scope="step": leader, probe, followers
+    keeps: Keeps  # what a region deciding for itself (Role.BLOCK) keeps for its OEM
+
+    @classmethod
+    def build(cls, config: AdaCorrConfig) -> DecisionPlan:
+        return cls(
+            config=config,
+            residuals=caches_residuals(config),
+            needs_lambda=needs_lambda(config),
+            probe_forecast=probe_forecasts(config),
+            per_sample=config.decision == "sample",
+            step_scope=config.scope == "step",
+            keeps=Keeps.PREVIOUS if config.drift_reference == "previous" else Keeps.REFERENCE,
+        )
+
+    def role(self, order: int) -> Role:
+        """:func:`step_role` of the region at ``order``."""
+        return step_role(self.config, order)
+
+
+class ConfigHome:
+    """The one home of a compiled model's config at run time, and its :class:`DecisionPlan`.
+
+    The model's state, its guarded regions and their :class:`~adacorr_compile.runtime.fused.RegionMath`
+    hold this object, not copies of the config: a config swapped in for calibration (only
+    options read at run time) is seen by all of them at the next call, and the plan is rebuilt
+    once per swap. ``compiled`` is the config the model was compiled with (the swap leaves it
+    as it is): a later compile of the model with the same options joins this home, one with
+    other options gets a home of its own (:meth:`ModelState.adopt
+    <adacorr_compile.runtime.state.ModelState.adopt>`)."""
+
+    def __init__(self, config: AdaCorrConfig) -> None:
+        self.compiled = config
+        self._config = config
+        self.plan = DecisionPlan.build(config)
+
+    @property
+    def config(self) -> AdaCorrConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: AdaCorrConfig) -> None:
+        if config is not self._config and config != self._config:  # an equal config changes nothing
+            self._config = config
+            self.plan = DecisionPlan.build(config)
+
+    def __repr__(self) -> str:
+        return f"ConfigHome({self._config!r})"

@@ -739,7 +739,7 @@ class CondRegion(torch.nn.Module):
 
     def _probe_reference(self, step: torch.Tensor, named: RegionSignals) -> list[torch.Tensor]:
         """What the probe scores against: its reference, or under ``probe_forecast`` that
-        reference extrapolated to ``step`` (as runtime/region.py's ``_probe_forecast``: from
+        reference extrapolated to ``step`` (as runtime/decide.py's ``probe_forecast``: from
         two references of distinct steps, under the ``forecast_max_change`` gate)."""
         if named.probe_steps is None:
             return named.probe_ref

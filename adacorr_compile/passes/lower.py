@@ -233,8 +233,9 @@ def lower(gm: fx.GraphModule, config: AdaCorrConfig) -> fx.GraphModule:
     bind_symbols(gm)
     part = _partition(gm)
     split = split_module(gm, gm, lambda n: part[n], keep_original_order=True)
-    # one RegionMath for the graph: regions of equal shapes share its compiled kernels
-    bodies = _compile_pieces(split, config, RegionMath(config))
+    # one RegionMath for the graph: regions of equal shapes share its compiled kernels (and
+    # the regions' config home: one config for both)
+    bodies = _compile_pieces(split, config, RegionMath(info.regions[0].home if info.regions else config))
     fuse_spans(split)
     info.bodies_compiled = len(bodies)
     split.meta["adacorr"] = info

@@ -36,6 +36,7 @@ import torch
 
 from .. import acm, oem
 from ..config import AdaCorrConfig
+from ..policies import ConfigHome
 
 logger = logging.getLogger("adacorr_compile")
 
@@ -76,12 +77,21 @@ def _guards_hold(shape_env: Any, fakes: list[Any], tensors: Sequence[torch.Tenso
 class RegionMath:
     """The per-step math of the regions of one lowered graph (see module docstring)."""
 
-    def __init__(self, config: AdaCorrConfig) -> None:
-        self.config = config
+    def __init__(self, config: AdaCorrConfig | ConfigHome) -> None:
+        # the config's one home, shared with the graph's regions (a swapped config reaches both)
+        self.home = config if isinstance(config, ConfigHome) else ConfigHome(config)
         self.compiled_kernels = 0
         self._fns: dict[tuple[str, Signature], Callable[..., Any]] = {}
         # (name, n, ranks/dtypes/devices) -> [(shape env, fake inputs, kernel for any size)]
         self._dynamic: dict[tuple[Any, ...], list[tuple[Any, list[Any], Callable[..., Any]]]] = {}
+
+    @property
+    def config(self) -> AdaCorrConfig:
+        return self.home.config
+
+    @config.setter
+    def config(self, config: AdaCorrConfig) -> None:
+        self.home.config = config
 
     # ---------------------------------------------------------------- the math
     def _measure(self, n: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -64,6 +64,7 @@ class GraphRuntime:
         # continues the generation, and changed inputs end it (GenerationState.begin_step)
         self.slot = next((g.slot for g in model.graphs if g.paths & self.paths), self.id)
         model.attach(self)
+        model.adopt(self.regions)  # its regions read the model's config home
         if timestep_index is None:
             model.note(
                 f"graph {self.id}: no timestep input (option timestep_arg={model.config.timestep_arg!r}, no per-sample "
@@ -100,7 +101,7 @@ class GraphRuntime:
                 out = self.runner(*args)
             finally:
                 ACTIVE.reset(token)
-            state.steps[key] += 1
+            state.graph(key).steps += 1
         return out
 
     def _begin_step(

@@ -21,7 +21,8 @@ directly chained regions after it share one cache (:class:`Span`, found by
 ``passes/chain_regions.py``): on a reuse the first ones pass their input on and the last adds
 the span's residual; on a compute the last stores ``output - (the span's input)``.
 
-The call is :func:`_decide` (the verdict), then :func:`_reuse` or :func:`_compute`.
+The call is the region's decider (:mod:`.decide`, one per role, chosen when the region is
+built: the verdict), then :func:`_reuse` or :func:`_compute`.
 
 Outside a graph runtime (shape propagation at compile time) the region is just its body.
 """
@@ -37,9 +38,10 @@ import torch
 from .. import acm
 from ..config import AdaCorrConfig
 from ..policies import (
-    Guards, cap_streaks, caches_residuals, forecast_keeps_previous, needs_lambda, next_streaks, policy_verdict,
-    probe_forecasts, read_to_host, relative_change, step_role,
+    ConfigHome, Role, caches_residuals, forecast_keeps_previous, next_streaks, probe_forecasts, read_to_host,
+    relative_change,
 )
+from .decide import Decider, Taken as _Step, decider_for, same_shapes as _same_shapes
 from .fused import RegionMath
 from .state import GenerationState, StepSignals
 
@@ -89,19 +91,49 @@ ACTIVE: contextvars.ContextVar[Active | None] = contextvars.ContextVar("adacorr_
 class GuardedRegion(torch.nn.Module):
     """A cache-guarded block (see module docstring)."""
 
-    def __init__(self, spec: RegionSpec, body: torch.fx.GraphModule, config: AdaCorrConfig) -> None:
+    def __init__(self, spec: RegionSpec, body: torch.fx.GraphModule, config: AdaCorrConfig | ConfigHome) -> None:
         super().__init__()
         self.spec = spec
         self.body = body  # the outlined FX graph (eager)
         self.body_fn: Callable[..., Sequence[torch.Tensor]] = body  # replaced by the lowered body
-        self.config = config
-        self.math = RegionMath(config)  # per-step score/refresh kernels; lower() shares one per graph
+        # the config and its decision plan, shared with the graph's other regions, its RegionMath
+        # and the model's state (ModelState.adopt): one home, never a copy
+        self.home = config if isinstance(config, ConfigHome) else ConfigHome(config)
+        self.math = RegionMath(self.home)  # per-step score/refresh kernels; lower() shares one per graph
         self.executions = 0  # times the body actually ran through this region
-        self.span = Span(spec.path, 1, 0, tuple(i for i, _ in spec.stream_pairs))  # chain_regions may join it to others
+        self._span = Span(spec.path, 1, 0, tuple(i for i, _ in spec.stream_pairs))  # chain_regions may join it to others
+        self.decider: Decider = decider_for(self)  # chosen again when chain_regions sets the span
         # lower() sets it when the compiled parts run as CUDA graphs: their outputs are static
         # buffers that the next replay overwrites, so the inputs a region keeps for a later
         # call are copied (the residuals are the math's own allocations: never graphed)
         self.copy_kept = False
+
+    @property
+    def config(self) -> AdaCorrConfig:
+        """The config the region decides with: its home's (the compiled model's)."""
+        return self.home.config
+
+    @config.setter
+    def config(self, config: AdaCorrConfig) -> None:
+        self.home.config = config
+
+    @property
+    def span(self) -> Span:
+        return self._span
+
+    @span.setter
+    def span(self, span: Span) -> None:
+        """Set by ``passes/chain_regions.py``: a later region of a span takes its first region's
+        verdict, so its decider is chosen again (at compile time, once)."""
+        self._span = span
+        self.decider = decider_for(self)
+
+    def rehome(self, home: ConfigHome) -> None:
+        """Read the config from ``home`` from now on (the model's: :meth:`ModelState.adopt`), the
+        region's RegionMath too."""
+        self.home = home
+        self.math.home = home
+        self.decider = decider_for(self)
 
     def extra_repr(self) -> str:
         return f"path={self.spec.path!r}, streams={list(self.spec.stream_pairs)}, key={self.spec.key}"
@@ -117,20 +149,8 @@ def _flags(mask: list[bool], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(mask, device=like.device)
 
 
-@dataclass
-class _Step:
-    """What one region call decided and measured (host values and device scalars)."""
-
-    verdict: list[bool] | str  # per-unit reuse flags, or why the region computes
-    lam: torch.Tensor | None = None
-    score: torch.Tensor | None = None
-    mask: list[bool] | None = None  # per-sample reuse flags (None: compute all)
-    by_policy: bool = False  # the policy itself chose to compute: only then does blend=True blend
-    has_cache: bool = False  # the (span's) cache held values when the step began
-
-
 def _guarded_call(region: GuardedRegion, args: Sequence[Any], active: Active) -> tuple[torch.Tensor, ...]:
-    cfg, spec, span, state = region.config, region.spec, region.span, active.state
+    spec, span, state = region.spec, region.span, active.state
     cache = state.cache((active.graph_id[0], span.key))
     observed = [args[i] for i in spec.observed]
     if span.position == 0:  # the span's members share its cache: its first region checks it
@@ -138,104 +158,12 @@ def _guarded_call(region: GuardedRegion, args: Sequence[Any], active: Active) ->
         if cache.signature != signature:
             cache.clear()
             cache.signature = signature
-    role = step_role(cfg, spec.order)
-    shared = state.shared.get(active.graph_id)
-    if shared is None:
-        shared = state.shared[active.graph_id] = StepSignals()
-    taken = _decide(region, args, observed, active, cache, shared, role)
+    decider = region.decider
+    shared = state.signals(active.graph_id)
+    taken = decider.decide(region, observed, active, cache, shared)
     if taken.mask is not None and all(taken.mask):
-        return _reuse(region, args, observed, active, cache, shared, taken, role)
-    return _compute(region, args, observed, active, cache, shared, taken, role)
-
-
-def _decide(
-    region: GuardedRegion, args: Sequence[Any], observed: list[torch.Tensor], active: Active, cache: Any,
-    shared: StepSignals, role: str,
-) -> _Step:
-    """The region's verdict for this step: forced by a guard, taken from the probe (or the
-    span's first region), or the policy's on this step's lambda (one host read)."""
-    cfg, spec, span, state = region.config, region.spec, region.span, active.state
-    has_cache = (cache.ref_res if caches_residuals(cfg) else cache.ref_out) is not None
-    per_sample = cfg.decision == "sample"
-    streaks = cache.streaks if per_sample and cache.streaks is not None else None
-    lam = score = None
-    verdict: list[bool] | str
-    # a later region of a span decides nothing itself: no guards (the hot path of a reuse
-    # step, once per skipped block), unless per-sample streaks need the steps left
-    guards = None if span.position > 0 and streaks is None else Guards(
-        step=active.step,
-        steps_left=state.steps_left(active.graph_id, active.step),
-        # per-sample decisions: the cap forces a compute of all samples only when all are
-        # at it; a sample at the cap computes alone (below)
-        consecutive_reuses=min(streaks) if streaks else cache.consecutive,
-        has_cache=has_cache,
-        is_first_region=spec.order == 0,
-        generation_known=active.generation_known,
-    )
-    forced = None if guards is None else guards.forced(cfg)
-    if span.position > 0:
-        # a later region of a span does what its first region did in this step (they share
-        # the cache: its input is the span's input on a reuse, whatever the guards say now)
-        pending = cache.pending
-        if pending is None or pending[0] != active.step:
-            verdict = "no span verdict"
-        else:
-            verdict, lam = pending[1], pending[2]
-    elif role == "follower":
-        # scope="step": take the probe's verdict of this step; nothing to measure or read
-        probe = shared.verdict
-        if probe is not None and probe[0] == active.step:
-            lam = probe[2]  # the step's lambda: a compute blends by it (blend=True) as the probe does, forced or not
-        if forced is not None:
-            verdict = forced
-        elif probe is None or probe[0] != active.step:
-            verdict = "no step verdict"
-        else:
-            verdict = probe[1]
-    else:
-        packed = None
-        if has_cache and role == "block":
-            reference = cache.prev_in if cfg.drift_reference == "previous" else cache.ref_in
-            score, lam, packed = region.math.measure(observed, reference, cache.valid)
-        elif role == "probe":
-            # the OEM on the first block's fresh residual against its value when the probe
-            # last computed (or at the previous step): what the network does with this
-            # step's input and timestep, not the input alone (which the noisy latent dominates)
-            current, reference = shared.leader_res, shared.probe_ref
-            if has_cache and current is not None and reference is not None and _same_shapes(current, reference):
-                valid = cache.valid
-                if shared.followers_valid is not None:
-                    valid = valid & shared.followers_valid  # a follower's cache is not finite: compute all
-                forecast = _probe_forecast(cfg, shared, active.step)
-                if forecast is None:
-                    score, lam, packed = region.math.measure(current, reference, valid)
-                else:
-                    score, lam, packed = region.math.measure_forecast(current, reference, shared.probe_prev, valid, *forecast)
-            elif forced is None:
-                forced = "empty cache"
-        if forced is not None:
-            verdict = forced
-        else:
-            # one read: lambda, the cache is finite, the score is finite
-            host = packed.tolist()
-            verdict = policy_verdict(cfg, active.step, guards.steps_left, host[:-2] if needs_lambda(cfg) else None,
-                                     shared.similar, valid=host[-2] >= 0.5, score_finite=host[-1] >= 0.5)
-            if verdict in ("non-finite cache", "non-finite input"):
-                state.region_stats(spec.path).nonfinite += 1
-        if role == "probe":
-            shared.verdict = (active.step, verdict, lam)
-    if span.size > 1 and span.position == 0:
-        cache.pending = (active.step, verdict, lam)
-
-    batch = observed[0].shape[0] if observed else 1
-    mask = None if isinstance(verdict, str) else (verdict * batch if len(verdict) == 1 else verdict)
-    if mask is not None and streaks is not None and len(streaks) == len(mask) and guards is not None:
-        mask = cap_streaks(cfg, mask, streaks, active.step, guards.steps_left)
-    # the policy itself chose to compute (some samples): only then does blend=True blend; a
-    # compute forced by a guard (warm-up, final steps, reuse cap, policy "never", a cache or
-    # input that is not finite, an empty cache) returns the fresh block alone
-    by_policy = verdict == "policy" or (mask is not None and not all(mask))
-    return _Step(verdict, lam, score, mask, by_policy, has_cache)
+        return _reuse(region, args, observed, active, cache, shared, taken, decider.role)
+    return _compute(region, args, observed, active, cache, shared, taken, decider.role)
 
 
 def _reuse_values(region: GuardedRegion, args: Sequence[Any], cache: Any, step: int) -> list[torch.Tensor]:
@@ -308,7 +236,7 @@ def _compute(
         # the inputs a region keeps are the ones its own OEM compares with: only a region that
         # decides for itself measures its input (under scope="step" the probe scores the
         # leader's residual and the others measure nothing)
-        keeps = None if role != "block" else ("prev" if cfg.drift_reference == "previous" else "ref")
+        keeps = region.decider.keeps(region.home.plan)
         inputs = [args[i] for i, _ in spec.stream_pairs]
         kept = _kept(region, observed) if keeps is not None else observed
         _refresh(region.math, cfg, cache, inputs, kept, by_pair, mask if has_cache else None, active.step, keeps)
@@ -344,10 +272,6 @@ def _compute(
 def _kept(region: GuardedRegion, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Tensors the region keeps for a later call: copies when they may be CUDA-graph buffers."""
     return [t.clone() for t in tensors] if region.copy_kept else list(tensors)
-
-
-def _same_shapes(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
-    return len(a) == len(b) and all(x.shape == y.shape and x.dtype == y.dtype for x, y in zip(a, b))
 
 
 def _order_outputs(spec: RegionSpec, by_pair: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -428,19 +352,6 @@ def _move_probe_ref(cfg: AdaCorrConfig, shared: StepSignals, value: list[torch.T
     shared.probe_ref, shared.probe_ref_step = value, None if value is None else step
 
 
-def _probe_forecast(cfg: AdaCorrConfig, shared: StepSignals, step: int) -> tuple[float, float] | None:
-    """``probe_forecast``: ``(k, gap)`` for extrapolating the probe's reference to ``step``
-    from its previous value (:meth:`RegionMath.measure_forecast`), or None where the probe
-    scores against the reference as stored (the option is off, ``scope="block"``,
-    ``forecast="none"``, fewer than two references of these shapes)."""
-    if not probe_forecasts(cfg):
-        return None
-    ref, prev, s1, s0 = shared.probe_ref, shared.probe_prev, shared.probe_ref_step, shared.probe_prev_step
-    if ref is None or prev is None or s1 is None or s0 is None or s1 <= s0 or not _same_shapes(ref, prev):
-        return None
-    return (step - s1) / (s1 - s0), float(s1 - s0)
-
-
 def _first_block_update(cfg: AdaCorrConfig, signals: StepSignals, residual: torch.Tensor) -> None:
     """FBCache: compare the first block's residual with the one at the last full step."""
     ref = signals.fb_ref
@@ -480,8 +391,8 @@ class SpanCall(torch.nn.Module):
         self.result = result
         # the fast path covers regions that take the step's verdict as it is: followers of a
         # span decided for the whole batch (chain_regions joins only those)
-        skips = (len(regions) > 2 and regions[0].config.decision == "batch"
-                 and all(step_role(r.config, r.spec.order) == "follower" for r in regions[1:]))
+        skips = (len(regions) > 2 and not regions[0].home.plan.per_sample
+                 and all(r.decider.role is Role.FOLLOWER for r in regions[1:]))
         self.skip_plan = _skip_plan(self._regions, self.plans) if skips else None
 
     def extra_repr(self) -> str:
@@ -495,11 +406,11 @@ class SpanCall(torch.nn.Module):
         active = ACTIVE.get()
         if self.skip_plan is not None and active is not None:
             pending = active.state.cache((active.graph_id[0], regions[0].span.key)).pending
-            if pending is not None and pending[0] == active.step and not isinstance(pending[1], str) and all(pending[1]):
+            if pending is not None and pending.step == active.step and pending.reuses_all():
                 # the span reuses: the regions between pass their stream inputs on (what
                 # _reuse returns for them), so the last one's inputs are known from here
                 for region in regions[1:last]:
-                    active.state.region_stats(region.spec.path).count_reuse(active.step, pending[2], None)
+                    active.state.region_stats(region.spec.path).count_reuse(active.step, pending.lam, None)
                 outs = regions[last](*_span_args(self.skip_plan, flat, outs))
                 first = last + 1
         for k in range(first, last + 1):

@@ -19,6 +19,7 @@ import itertools
 import math
 import logging
 import threading
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..config import AdaCorrConfig
+from ..policies import ConfigHome, Verdict
 
 logger = logging.getLogger("adacorr_compile")
 
@@ -48,8 +50,8 @@ class RegionCache:
     streaks: list[int] | None = None  # decision="sample": consecutive reuses per sample
     mixed: bool = False  # the cached values come from a partial (per-sample) refresh: not one step
     # a span of chained regions (one cache): the first region's verdict in this step
-    # (step, verdict, lambda) and, on a compute, its input until the last region stores the residual
-    pending: tuple | None = None
+    # (a policies.Verdict) and, on a compute, its input until the last region stores the residual
+    pending: Verdict | None = None
     span_in: list[torch.Tensor] | None = None
 
     def clear(self) -> None:
@@ -72,14 +74,14 @@ class StepSignals:
     # scope="step": the leader's fresh residuals of this step, the probe's reference residuals
     # (with the step they are of, and the reference before them and its step: the probe's
     # forecast, probe_forecast), whether the followers' caches are finite, and the probe's
-    # (step, verdict, lambda)
+    # verdict of its last step
     leader_res: list[torch.Tensor] | None = None
     probe_ref: list[torch.Tensor] | None = None
     probe_ref_step: int | None = None
     probe_prev: list[torch.Tensor] | None = None
     probe_prev_step: int | None = None
     followers_valid: torch.Tensor | None = None
-    verdict: tuple[int, Any, torch.Tensor | None] | None = None
+    verdict: Verdict | None = None
 
 
 _NAN = torch.tensor(float("nan"))  # trace entry of a call that measured nothing (never written to)
@@ -231,6 +233,50 @@ def fit_shift(first: list[float]) -> tuple[float, float] | None:
 GraphKey = Any  # (owner token, graph id): one module instance running one compiled graph
 
 
+@dataclass
+class GraphProgress:
+    """Where one graph (one module instance running one compiled graph) is in the generation:
+    its step counter, the timesteps seen, the pipeline's step index and count, and what its
+    regions pass each other within a step. One per graph key; all dropped at a new generation."""
+
+    steps: int = 0  # calls in this generation
+    last_t: float | None = None
+    t_spacing: float | None = None  # last timestep change (absolute)
+    t_direction: int | None = None  # +1 rising, -1 falling, within this generation
+    t_first: list[float] = field(default_factory=list)  # the generation's first three distinct timesteps
+    t_fit: tuple[float, float] | None = None  # fit_shift of those three, once they are in
+    signature: tuple | None = None
+    index: int | None = None  # the pipeline's step index of the last call (cache_context)
+    total: int | None = None  # the pipeline's number of steps (cache_context)
+    signals: StepSignals = field(default_factory=StepSignals)
+
+
+class StepCounts(MutableMapping):
+    """``GenerationState.steps``: the graphs' step counters as a mapping (graph key -> calls in
+    this generation), read and written through the per-graph records."""
+
+    def __init__(self, graphs: dict[GraphKey, GraphProgress]) -> None:
+        self._graphs = graphs
+
+    def __getitem__(self, key: GraphKey) -> int:
+        return self._graphs[key].steps
+
+    def __setitem__(self, key: GraphKey, value: int) -> None:
+        record = self._graphs.get(key)
+        if record is None:
+            record = self._graphs[key] = GraphProgress()
+        record.steps = value
+
+    def __delitem__(self, key: GraphKey) -> None:
+        del self._graphs[key]
+
+    def __iter__(self) -> Iterator[GraphKey]:
+        return iter(self._graphs)
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+
 class GenerationState:
     """Everything that changes while sampling; one per generation context."""
 
@@ -238,21 +284,27 @@ class GenerationState:
         self.num_steps = num_steps  # told by the user
         self.private = private  # a generation() context: its end is a generation boundary
         self.learned_steps: int | None = None  # length of the previous generation
-        self.steps: dict[GraphKey, int] = {}  # calls in this generation
-        self.last_t: dict[GraphKey, float] = {}
-        self.t_spacing: dict[GraphKey, float] = {}  # last timestep change (absolute)
-        self.t_direction: dict[GraphKey, int] = {}  # +1 rising, -1 falling, within this generation
-        self.t_first: dict[GraphKey, list[float]] = {}  # the generation's first three distinct timesteps
-        self.t_fit: dict[GraphKey, tuple[float, float] | None] = {}  # fit_shift of those three, once they are in
-        self.signature: dict[GraphKey, tuple] = {}
-        self.index: dict[GraphKey, int] = {}  # the pipeline's step index of the last call (cache_context)
-        self.total: dict[GraphKey, int] = {}  # the pipeline's number of steps (cache_context)
+        self.graphs: dict[GraphKey, GraphProgress] = {}  # per graph key, for this generation
         self.caches: dict[Any, RegionCache] = {}  # (owner token, block path or span key) -> cache
         self.stats: dict[str, RegionStats] = {}
-        # graph key -> what the graph's regions pass each other within a step
-        self.shared: dict[GraphKey, StepSignals] = {}
         self.generations = 0
         self.lock = threading.RLock()
+
+    @property
+    def steps(self) -> StepCounts:
+        """Calls in this generation, per graph key (a view of :attr:`graphs`)."""
+        return StepCounts(self.graphs)
+
+    def graph(self, key: GraphKey) -> GraphProgress:
+        """The record of graph ``key`` in this generation (made on first use)."""
+        record = self.graphs.get(key)
+        if record is None:
+            record = self.graphs[key] = GraphProgress()
+        return record
+
+    def signals(self, key: GraphKey) -> StepSignals:
+        """What the regions of graph ``key`` pass each other within a step."""
+        return self.graph(key).signals
 
     def cache(self, key: Any) -> RegionCache:
         c = self.caches.get(key)
@@ -270,7 +322,9 @@ class GenerationState:
         """Bytes of the tensors the caches of this generation hold now (inputs, residuals or
         outputs, forecast values, the step's shared values), each storage counted once."""
         held = [getattr(c, name) for c in self.caches.values() for name in ("prev_in", "ref_in", "ref_res", "ref_out", "prev_val", "span_in")]
-        return storage_bytes(held, [vars(signals) for signals in self.shared.values()])
+        # the step's shared values, the probe's verdict's lambda among them (a device tensor)
+        shared = [(vars(g.signals), None if g.signals.verdict is None else g.signals.verdict.lam) for g in self.graphs.values()]
+        return storage_bytes(held, shared)
 
     def has_boundaries(self) -> bool:
         """The user marks where generations end: a ``generation()`` context or a step count."""
@@ -294,40 +348,50 @@ class GenerationState:
         dtypes, a pipeline step index that goes back (or repeats 0) and, when
         ``num_steps`` is known, a call after the last step. A repeated timestep
         (second-order solvers) continues the run."""
+        known = self.graphs.get(key)
         if step_index is not None:
-            last_index = self.index.get(key)
+            last_index = None if known is None else known.index
             if last_index is not None and (step_index < last_index or step_index == last_index == 0):
                 self.new_generation(f"step index went back ({last_index} -> {step_index})")
-        elif self.num_steps is not None and self.steps.get(key, 0) >= self.num_steps:
+        elif self.num_steps is not None and known is not None and known.steps >= self.num_steps:
             self.new_generation(f"{self.num_steps} steps done")
-        previous = self.signature.get(key)
+        g = self.graph(key)  # a fresh record where a new generation began
+        previous = g.signature
         if previous is not None and previous != signature:
             logger.info("adacorr: input shapes or dtypes changed (%s -> %s): new generation", previous, signature)
             self.new_generation("input shapes changed")
+            g = self.graph(key)
         if timestep is not None:
-            last = self.last_t.get(key)
-            delta = 0.0 if last is None else timestep - last
-            if last is not None and abs(delta) > 1e-6 * max(1.0, abs(last)):
-                direction = 1 if delta > 0 else -1
-                run = self.t_direction.get(key)
-                if run is not None and run != direction:
-                    self.new_generation(f"timestep turned back ({last:g} -> {timestep:g})")
-                else:
-                    self.t_direction[key] = direction
-                    self.t_spacing[key] = abs(delta)
-            first = self.t_first.setdefault(key, [])
-            if len(first) < 3 and (not first or abs(delta) > 1e-6 * max(1.0, abs(last))):
-                first.append(timestep)
-                if len(first) == 3:  # fitted once per generation, not at every region's guard
-                    self.t_fit[key] = fit_shift(first)
-            self.last_t[key] = timestep
-        self.signature[key] = signature
-        count = self.steps.setdefault(key, 0)
+            g = self._see_timestep(key, g, timestep)
+        g.signature = signature
         if step_index is not None:
-            self.index[key] = step_index
+            g.index = step_index
         if total is not None:
-            self.total[key] = total
-        return count if step_index is None else step_index
+            g.total = total
+        return g.steps if step_index is None else step_index
+
+    def _see_timestep(self, key: GraphKey, g: GraphProgress, timestep: float) -> GraphProgress:
+        """:meth:`begin_step`'s timestep: the run's direction and spacing, its first three
+        distinct timesteps (and their shift fit); a step against the run's direction starts a
+        new generation. Returns the graph's record (a fresh one after a new generation)."""
+        last = g.last_t
+        delta = 0.0 if last is None else timestep - last
+        if last is not None and abs(delta) > 1e-6 * max(1.0, abs(last)):
+            direction = 1 if delta > 0 else -1
+            run = g.t_direction
+            if run is not None and run != direction:
+                self.new_generation(f"timestep turned back ({last:g} -> {timestep:g})")
+                g = self.graph(key)
+            else:
+                g.t_direction = direction
+                g.t_spacing = abs(delta)
+        first = g.t_first
+        if len(first) < 3 and (not first or abs(delta) > 1e-6 * max(1.0, abs(last))):  # type: ignore[arg-type]
+            first.append(timestep)
+            if len(first) == 3:  # fitted once per generation, not at every region's guard
+                g.t_fit = fit_shift(first)
+        g.last_t = timestep
+        return g
 
     def steps_left(self, key: GraphKey, step: int) -> int | None:
         """Steps after ``step`` in this generation: from ``num_steps`` if the user gave it;
@@ -340,16 +404,16 @@ class GenerationState:
         with spacing 1/N), or from a rising one in [0, 1] (it ends
         below 1); else from the length of the previous generation; else unknown. A
         pipeline's step count (``cache_context(num_inference_steps=...)``) comes first."""
-        total = self.total.get(key)
-        if total is not None:
-            return total - 1 - step
+        g = self.graphs.get(key)
+        if g is not None and g.total is not None:
+            return g.total - 1 - step
         if self.num_steps is not None:
             return self.num_steps - 1 - step
-        t, dt, direction = self.last_t.get(key), self.t_spacing.get(key), self.t_direction.get(key)
-        fit = self.t_fit.get(key) if direction == -1 and t is not None and t >= 0 else None
+        t, dt, direction = (None, None, None) if g is None else (g.last_t, g.t_spacing, g.t_direction)
+        fit = g.t_fit if g is not None and direction == -1 and t is not None and t >= 0 else None
         if fit is not None:
             shift, h = fit
-            sigma = unshift(t / self.t_first[key][0], shift)
+            sigma = unshift(t / g.t_first[0], shift)  # type: ignore[union-attr]
             if abs(sigma - (1.0 - step * h)) <= 0.3 * h:  # the fit holds at this step: the schedule is of this form
                 return math.ceil(sigma / h - 1e-3) - 1
         if t is not None and dt is not None and dt > 0:
@@ -371,16 +435,7 @@ class GenerationState:
             c.clear()
         for s in self.stats.values():
             s.new_generation()
-        self.steps.clear()
-        self.last_t.clear()
-        self.t_spacing.clear()
-        self.t_direction.clear()
-        self.t_first.clear()
-        self.t_fit.clear()
-        self.signature.clear()
-        self.index.clear()
-        self.total.clear()
-        self.shared.clear()
+        self.graphs.clear()
 
     def reset(self, num_steps: int | None = None) -> None:
         """Start afresh: caches, counters and statistics."""
@@ -410,14 +465,17 @@ def summarize(state: GenerationState, paths: list[str]) -> dict[str, Any]:
 
 
 class ModelState:
-    """State of one compiled model: its config, graph runtimes and generation states.
+    """State of one compiled model: its config's home, graph runtimes and generation states.
 
-    The default generation state is per thread; a ``generation()`` context is private to
-    its thread or task. A copy (``copy.deepcopy``, ``pickle``) of a compiled model is a
-    new compiled model: it gets a fresh state with the same config."""
+    The config lives in one :class:`~adacorr_compile.policies.ConfigHome` (with its decision
+    plan), which the regions of the graphs compiled for this model and their RegionMath share
+    (:meth:`adopt`); ``config`` reads and writes it there. The default generation state is per
+    thread; a ``generation()`` context is private to its thread or task. A copy
+    (``copy.deepcopy``, ``pickle``) of a compiled model is a new compiled model: it gets a
+    fresh state with the same config."""
 
     def __init__(self, config: AdaCorrConfig) -> None:
-        self.config = config
+        self.home = ConfigHome(config)
         self._thread = threading.local()
         self.active: contextvars.ContextVar[GenerationState | None] = contextvars.ContextVar(
             f"adacorr_generation_{id(self)}", default=None
@@ -430,6 +488,30 @@ class ModelState:
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         return (ModelState, (self.config,))
+
+    @property
+    def config(self) -> AdaCorrConfig:
+        return self.home.config
+
+    @config.setter
+    def config(self, config: AdaCorrConfig) -> None:
+        """A config for the model's live regions too (calibration swaps run-time options so)."""
+        self.home.config = config
+
+    def adopt(self, regions: Any) -> None:
+        """The regions of a graph just compiled for this model read the model's config home from
+        now on, where they were compiled with the options the model was (a recompile: new shapes,
+        a failed guard), so a config swapped in for calibration covers them too. A graph compiled
+        with other options keeps its own home: it never changes the config that the regions
+        already running use (logged)."""
+        for region in regions:
+            if region.home is self.home:
+                continue
+            if region.home.compiled == self.home.compiled:
+                region.rehome(self.home)
+            else:
+                logger.info("adacorr: %s was compiled with other options than the model's first graph; "
+                            "it keeps its own config", region.spec.path)
 
     @property
     def default(self) -> GenerationState:
