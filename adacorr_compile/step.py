@@ -148,9 +148,10 @@ class RegionCache:
 
     # ------------------------------------------------------------ as export state
     @classmethod
-    def from_state(cls, kinds: Sequence[str], values: Sequence[torch.Tensor]) -> "RegionCache":
-        """The cache from the export's state tensors, named by their kinds."""
-        cache = cls()
+    def from_state(cls, kinds: Sequence[str], values: Sequence[torch.Tensor], **empty: Any) -> "RegionCache":
+        """The cache from the export's state tensors, named by their kinds; ``empty``: the
+        values of fields the state does not hold (e.g. ``valid`` of a cache kept elsewhere)."""
+        cache = cls(**empty)
         for kind, value in zip(kinds, values):
             if kind in _LISTS:
                 setattr(cache, kind, [*(getattr(cache, kind) or []), value])
@@ -271,6 +272,10 @@ class StepSignals:
             return None
         _, k, gap = steps_ahead(step, s1, s0)
         return k, gap
+
+    def give_leader_res(self, residuals: Tensors) -> None:
+        """The leader computed: its fresh residuals, the probe's signal in this step."""
+        self.leader_res = residuals
 
     def take_leader_res(self) -> Tensors | None:
         leader, self.leader_res = self.leader_res, None

@@ -131,8 +131,8 @@ class CondRegion(torch.nn.Module):
         observed = [args[i] for i in self.plan.observed]
         verdict = self._decide(step, steps_left, observed, cache, named)
         reuse = verdict.reuse.all() if self.config.decision == "sample" else verdict.reuse
-        outs, new = self._run(step, reuse, verdict, args, observed, cache, named)
-        self._advance(step, reuse, verdict, cache, new)
+        outs, refreshed = self._run(step, reuse, verdict, args, observed, cache, named)
+        new = rstep.RegionCache(**refreshed, **self._advance(step, reuse, verdict, cache, refreshed[_residual_kind(self.config)]))
         return (*outs, *new.to_state(self.kinds), *self._stats(step, reuse, verdict),
                 *self._signals_out(step, reuse, verdict, args, outs, new, named))
 
@@ -140,12 +140,8 @@ class CondRegion(torch.nn.Module):
     def _cache(self, step: torch.Tensor, state: Sequence[torch.Tensor]) -> rstep.RegionCache:
         """The region's state tensors as a cache; what it does not keep reads as empty
         (finite, no streak)."""
-        cache = rstep.RegionCache.from_state(self.kinds, state)
-        if cache.valid is None:
-            cache.valid = torch.ones((), dtype=torch.bool, device=step.device)
-        if "consecutive" not in self.kinds:
-            cache.consecutive = torch.zeros_like(step)
-        return cache
+        return rstep.RegionCache.from_state(self.kinds, state, valid=torch.ones((), dtype=torch.bool, device=step.device),
+                                            consecutive=torch.zeros_like(step))
 
     def _extra_inputs(self, extra: Tensors) -> RegionSignals:
         """Name the ``extra`` inputs (see the class docstring)."""
@@ -216,8 +212,8 @@ class CondRegion(torch.nn.Module):
 
     # ---------------------------------------------------------------- reuse | compute
     def _run(self, step: torch.Tensor, reuse: torch.Tensor, verdict: Verdict, args: list[Any], observed: Tensors,
-             cache: rstep.RegionCache, named: RegionSignals) -> tuple[Tensors, rstep.RegionCache]:
-        """The block's outputs and the refreshed cache: ``torch.cond`` over
+             cache: rstep.RegionCache, named: RegionSignals) -> tuple[Tensors, dict[str, Any]]:
+        """The block's outputs and the refreshed cache's fields: ``torch.cond`` over
         :meth:`_reuse_branch` and :meth:`_compute_branch` (the first block alone when it
         always computes). Parameters are closed over (``torch.cond`` traces its branches
         with Dynamo, which gives parameters passed as operands symbolic shapes); SymInt
@@ -255,13 +251,11 @@ class CondRegion(torch.nn.Module):
         shapes += [o.shape for o in observed[:n_ref]] + [c.shape for c in cached] + [cache.valid.shape]
         if self.flat:
             results = tuple(r.reshape(shape) for r, shape in zip(results, shapes))
-        new = rstep.RegionCache(valid=results[-1])
         new_ref = list(results[n_out : n_out + n_ref])
         if not n_ref and reference:  # "previous": the input of this step, whatever the branch
             new_ref = [o.clone() for o in observed]
-        setattr(new, _reference_kind(cfg), new_ref)
-        setattr(new, _residual_kind(cfg), list(results[n_out + n_ref : n_out + n_ref + len(cached)]))
-        return list(results[:n_out]), new
+        return list(results[:n_out]), {"valid": results[-1], _reference_kind(cfg): new_ref,
+                                       _residual_kind(cfg): list(results[n_out + n_ref : n_out + n_ref + len(cached)])}
 
     def _block_args(self, args: list[Any], tensor_pos: Sequence[int], tensors: Sequence[torch.Tensor]) -> list[Any]:
         a = list(args)
@@ -323,31 +317,33 @@ class CondRegion(torch.nn.Module):
 
     # ---------------------------------------------------------------- after the branch
     def _advance(self, step: torch.Tensor, reuse: torch.Tensor, verdict: Verdict, cache: rstep.RegionCache,
-                 new: rstep.RegionCache) -> None:
-        """The streak, and under ``forecast="linear"`` the forecast's points: a compute
+                 new_values: Tensors) -> dict[str, Any]:
+        """The new cache's other fields: the streak, and under ``forecast="linear"`` the
+        forecast's points (``new_values``: the refreshed cache values): a compute
         rotates the cache into the previous values and records its step (the host's
         :meth:`RegionCache.rotate` and :meth:`RegionCache.gate_slope`)."""
         cfg = self.config
         per_sample = cfg.decision == "sample"
-        new.consecutive = next_streaks(verdict.reuse if per_sample else reuse, cache.consecutive)
+        new: dict[str, Any] = {"consecutive": next_streaks(verdict.reuse if per_sample else reuse, cache.consecutive)}
         if not cache.prev_val:
-            return
+            return new
         cached, has_cache = cache.values(self.residuals), step > 0
-        new.prev_val = [torch.where(reuse, p, c) for p, c in zip(cache.prev_val, cached)]
+        new["prev_val"] = [torch.where(reuse, p, c) for p, c in zip(cache.prev_val, cached)]
         slope_from = cache.valid
         if per_sample:
             # values some samples kept from an earlier step have no single step: no slope
             # from a partial refresh's cache, nor from the one before it
             partial = verdict.reuse.any()
             slope_from = cache.valid & forecast_keeps_previous(partial, cache.mixed)
-            new.mixed = (reuse & cache.mixed) | (~reuse & partial)
+            new["mixed"] = (reuse & cache.mixed) | (~reuse & partial)
         if cfg.forecast_max_change != float("inf"):  # no slope from a fast change
             since = (step - cache.ref_step).clamp(min=1).to(torch.float32)
-            slope_from = rstep.slope_usable(slope_from, new.values(self.residuals), cached, since, cfg.forecast_max_change)
-        new.prev_valid = (reuse & cache.prev_valid) | (~reuse & slope_from)  # onnxruntime has no bool Where
-        new.ref_step = torch.where(reuse, cache.ref_step, step)
+            slope_from = rstep.slope_usable(slope_from, new_values, cached, since, cfg.forecast_max_change)
+        new["prev_valid"] = (reuse & cache.prev_valid) | (~reuse & slope_from)  # onnxruntime has no bool Where
+        new["ref_step"] = torch.where(reuse, cache.ref_step, step)
         # the first compute of a generation has no earlier one: equal steps, no extrapolation
-        new.prev_step = torch.where(reuse, cache.prev_step, torch.where(has_cache, cache.ref_step, step))
+        new["prev_step"] = torch.where(reuse, cache.prev_step, torch.where(has_cache, cache.ref_step, step))
+        return new
 
     def _stats(self, step: torch.Tensor, reuse: torch.Tensor, verdict: Verdict) -> tuple[torch.Tensor, ...]:
         """``(reused, nonfinite, lambda, score)``: the share of the samples that reused (1 or 0

@@ -291,7 +291,7 @@ def _compute(
     if role == "leader":
         # the leader computes at every step and keeps nothing: its fresh residual is the
         # probe's signal in this step, and the probe's reference after it
-        shared.leader_res = region.math.refresh(by_pair, [args[i] for i, _ in spec.stream_pairs])[0]
+        shared.give_leader_res(region.math.refresh(by_pair, [args[i] for i, _ in spec.stream_pairs])[0])
     elif span.size == 1:
         # the inputs a region keeps are the ones its own OEM compares with: only a region that
         # decides for itself measures its input (under scope="step" the probe scores the
