@@ -31,12 +31,23 @@ model's state, its regions and their math (the deciders per role: ``runtime/deci
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
+from enum import Enum
 from typing import Any, NamedTuple, Sequence
 
 import torch
 
 from .config import AdaCorrConfig
+
+
+class StrEnum(str, Enum):
+    """``enum.StrEnum`` (Python >= 3.11) for Python 3.10 too: a member is its value as a
+    string (``str()``, f-strings, ``==``, JSON)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
 
 
 class Role(StrEnum):

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
+from ..step import same_shapes
 from ..policies import DecisionPlan, Guards, Keeps, Reason, Role, Verdict, cap_streaks, policy_verdict
 
 if TYPE_CHECKING:  # pragma: no cover - types only: region.py imports this module
@@ -52,21 +53,12 @@ class Taken:
         return self.verdict.lam
 
 
-def same_shapes(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
-    return len(a) == len(b) and all(x.shape == y.shape and x.dtype == y.dtype for x, y in zip(a, b))
-
-
 def probe_forecast(plan: DecisionPlan, shared: StepSignals, step: int) -> tuple[float, float] | None:
     """``probe_forecast``: ``(k, gap)`` for extrapolating the probe's reference to ``step``
     from its previous value (:meth:`RegionMath.measure_forecast`), or None where the probe
     scores against the reference as stored (the option is off, ``scope="block"``,
     ``forecast="none"``, fewer than two references of these shapes)."""
-    if not plan.probe_forecast:
-        return None
-    ref, prev, s1, s0 = shared.probe_ref, shared.probe_prev, shared.probe_ref_step, shared.probe_prev_step
-    if ref is None or prev is None or s1 is None or s0 is None or s1 <= s0 or not same_shapes(ref, prev):
-        return None
-    return (step - s1) / (s1 - s0), float(s1 - s0)
+    return shared.probe_forecast(step) if plan.probe_forecast else None
 
 
 class Decider:

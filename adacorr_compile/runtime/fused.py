@@ -22,8 +22,9 @@ guards its shape environment recorded (checked once per new shape, with static s
 guarded too), and a shape that fails them gets a kernel of its own.
 The kernels never run as CUDA graphs, whatever ``inductor_mode`` says: their outputs are
 the caches, kept from one model call to the next, which a graph's next replay would
-overwrite. With ``lowering="eager"`` the same functions run eagerly. The math itself lives in
-:mod:`adacorr_compile.oem` and :mod:`adacorr_compile.acm`.
+overwrite. With ``lowering="eager"`` the same functions run eagerly. The math itself is the
+region step's (:mod:`adacorr_compile.step`, over :mod:`adacorr_compile.oem` and
+:mod:`adacorr_compile.acm`), which the ONNX export traces too.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .. import acm, oem
+from .. import step as rstep
 from ..config import AdaCorrConfig
 from ..policies import ConfigHome
 
@@ -97,8 +98,7 @@ class RegionMath:
     def _measure(self, n: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         cfg = self.config
         observed, reference, valid = list(tensors[:n]), list(tensors[n:2 * n]), tensors[2 * n]
-        score = oem.score(cfg.score, observed, reference, cfg.spatial_weight, cfg.decision == "sample")
-        lam = acm.correction_weight(score, cfg.gamma)
+        score, lam = rstep.measure(cfg.score, observed, reference, cfg.spatial_weight, cfg.gamma, cfg.decision == "sample")
         flags = torch.stack([valid.reshape(()).to(torch.float32), torch.isfinite(score).all().to(torch.float32)])
         host = torch.cat([lam.reshape(-1).to(torch.float32), flags])
         return score, lam, host
@@ -110,12 +110,12 @@ class RegionMath:
         of the kernel: one kernel serves every step and a swapped ``forecast_max_change``)."""
         observed, reference, previous = tensors[:n], list(tensors[n:2 * n]), list(tensors[2 * n:3 * n])
         valid, params = tensors[3 * n], tensors[3 * n + 1]
-        forecast = acm.forecast_reference(reference, previous, params[0], params[1], params[2])
+        forecast = rstep.probe_reference(reference, previous, params[0], params[1], params[2])
         return self._measure(n, *observed, *forecast, valid)
 
     @staticmethod
     def _refresh(n: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        residuals, valid = acm.fresh_residuals(list(tensors[:n]), list(tensors[n:]))
+        residuals, valid = rstep.fresh_residuals(tensors[:n], tensors[n:])
         return (*residuals, valid)
 
     # ----------------------------------------------------------------- calling

@@ -36,12 +36,12 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .. import acm
+from .. import step as rstep
 from ..config import AdaCorrConfig
 from ..policies import (
-    ConfigHome, Role, caches_residuals, forecast_keeps_previous, next_streaks, probe_forecasts, read_to_host,
-    relative_change,
+    ConfigHome, Role, caches_residuals, probe_forecasts, read_to_host,
 )
-from .decide import Decider, Taken as _Step, decider_for, same_shapes as _same_shapes
+from .decide import Decider, Taken as _Step, decider_for
 from .fused import RegionMath
 from .state import GenerationState, StepSignals
 
@@ -155,9 +155,7 @@ def _guarded_call(region: GuardedRegion, args: Sequence[Any], active: Active) ->
     observed = [args[i] for i in spec.observed]
     if span.position == 0:  # the span's members share its cache: its first region checks it
         signature = (span.size, tuple((tuple(t.shape), t.dtype, t.device) for t in observed))
-        if cache.signature != signature:
-            cache.clear()
-            cache.signature = signature
+        cache.check_signature(signature)
     decider = region.decider
     shared = state.signals(active.graph_id)
     taken = decider.decide(region, observed, active, cache, shared)
@@ -167,18 +165,12 @@ def _guarded_call(region: GuardedRegion, args: Sequence[Any], active: Active) ->
 
 
 def _reuse_values(region: GuardedRegion, args: Sequence[Any], cache: Any, step: int) -> list[torch.Tensor]:
-    """What a reuse returns per stream pair: the input plus the (forecast) cached residual,
-    or the cached output (``correction=False``)."""
-    cfg, spec = region.config, region.spec
-    residuals = caches_residuals(cfg)
-    cached = list(cache.ref_res if residuals else cache.ref_out)
-    previous, k = _forecast(cache, cached, step)
-    values = acm.reuse_values([args[i] for i, _ in spec.stream_pairs], cached, previous, k, cache.prev_valid, residuals)
-    if residuals:
-        return values
-    # the cached outputs themselves (correction=False): a copy, so that an in-place op
-    # on the returned value cannot change the cache
-    return [v.clone() if any(v is c for c in cache.ref_out) else v for v in values]
+    """What a reuse returns per stream pair (:func:`adacorr_compile.step.reuse`): the input
+    plus the (forecast) cached residual, or a copy of the cached output (``correction=False``)."""
+    residuals = caches_residuals(region.config)
+    cached = list(cache.values(residuals))
+    previous, k = cache.forecast(step, cached)
+    return rstep.reuse([args[i] for i, _ in region.spec.stream_pairs], cached, previous, k, cache.prev_valid, residuals)
 
 
 def _reuse(
@@ -191,19 +183,15 @@ def _reuse(
     cfg, spec, span, state = region.config, region.spec, region.span, active.state
     stats = state.region_stats(spec.path)
     if role == "probe":  # the leader's residual is read: the next reference ("previous" drift) or dropped
-        leader_res, shared.leader_res = shared.leader_res, None
+        leader_res = shared.take_leader_res()
         if cfg.drift_reference == "previous":
-            _move_probe_ref(cfg, shared, leader_res, active.step)
+            shared.move_probe_ref(leader_res, active.step, probe_forecasts(cfg))
     stats.count_reuse(active.step, taken.lam, taken.score)
     if not span.last:
         return tuple(_order_outputs(spec, [args[i] for i, _ in spec.stream_pairs]))
     outs = _order_outputs(spec, _reuse_values(region, args, cache, active.step))
-    cache.consecutive += 1
-    if cfg.decision == "sample":
-        batch = observed[0].shape[0] if observed else 1
-        cache.streaks = next_streaks([True] * batch, cache.streaks or [0] * batch)
-    if role == "block" and cfg.drift_reference == "previous":
-        cache.prev_in = _kept(region, observed)
+    batch = (observed[0].shape[0] if observed else 1) if cfg.decision == "sample" else None
+    cache.reused(batch, _kept(region, observed) if role == "block" and cfg.drift_reference == "previous" else None)
     return tuple(outs)
 
 
@@ -231,7 +219,7 @@ def _compute(
     if role == "leader":
         # the leader computes at every step and keeps nothing: its fresh residual is the
         # probe's signal in this step, and the probe's reference after it
-        shared.leader_res = region.math.refresh(by_pair, [args[i] for i, _ in spec.stream_pairs])[0]
+        shared.give_leader_res(region.math.refresh(by_pair, [args[i] for i, _ in spec.stream_pairs])[0])
     elif span.size == 1:
         # the inputs a region keeps are the ones its own OEM compares with: only a region that
         # decides for itself measures its input (under scope="step" the probe scores the
@@ -241,29 +229,25 @@ def _compute(
         kept = _kept(region, observed) if keeps is not None else observed
         _refresh(region.math, cfg, cache, inputs, kept, by_pair, mask if has_cache else None, active.step, keeps)
     elif span.position == 0:
-        cache.span_in = [args[i] for i in span.sources]  # the span's input, until its last region
+        cache.hold_span_input([args[i] for i in span.sources])  # the span's input, until its last region
     elif span.last:
-        inputs, cache.span_in = cache.span_in, None
-        if inputs is None or not _same_shapes(inputs, by_pair):  # its first region did not compute: no residual
+        inputs = cache.take_span_input()
+        if inputs is None or not rstep.same_shapes(inputs, by_pair):  # its first region did not compute: no residual
             cache.clear()
         else:
             _refresh(region.math, cfg, cache, inputs, observed, by_pair, None, active.step, None)
     if role == "probe":
-        _move_probe_ref(cfg, shared, shared.leader_res, active.step)
-        shared.leader_res = None
-        shared.followers_valid = None  # the followers refresh after the probe in this step
-    elif role == "follower" and span.last and cache.valid is not None:
-        fv = shared.followers_valid
-        shared.followers_valid = cache.valid if fv is None else fv & cache.valid
+        shared.move_probe_ref(shared.take_leader_res(), active.step, probe_forecasts(cfg))
+        shared.note_followers_valid(None, reset=True)  # the followers refresh after the probe in this step
+    elif role == "follower" and span.last:
+        shared.note_followers_valid(cache.valid)
     if cfg.policy == "first_block" and spec.order == 0:
         _first_block_update(cfg, shared, (shared.leader_res if role == "leader" else cache.ref_res)[0])
     stats.computes += 1
-    if span.last:
-        cache.consecutive = 0
-    if cfg.decision == "sample":  # a sample that reused keeps its streak, one that computed starts afresh
+    batch = None
+    if cfg.decision == "sample":
         batch = len(mask) if mask is not None else (observed[0].shape[0] if observed else 1)
-        old = cache.streaks if cache.streaks is not None and len(cache.streaks) == batch else [0] * batch
-        cache.streaks = next_streaks(mask if mask is not None else [False] * batch, old)
+    cache.computed(span.last, mask, batch)
     reused = 0.0 if mask is None else sum(mask) / len(mask)
     stats.record(active.step, lam, taken.score, reused)
     return tuple(_order_outputs(spec, outs_paired))
@@ -275,10 +259,7 @@ def _kept(region: GuardedRegion, tensors: list[torch.Tensor]) -> list[torch.Tens
 
 
 def _order_outputs(spec: RegionSpec, by_pair: list[torch.Tensor]) -> list[torch.Tensor]:
-    outs: list[Any] = [None] * spec.num_outputs
-    for (_, j), v in zip(spec.stream_pairs, by_pair):
-        outs[j] = v
-    return outs
+    return rstep.order_outputs(spec.stream_pairs, spec.num_outputs, by_pair)
 
 
 def _refresh(
@@ -292,30 +273,20 @@ def _refresh(
     step: int,
     keeps: str | None = "ref",
 ) -> None:
-    """Store the fresh residuals ``fresh - inputs`` (or the outputs) and the inputs the region's OEM compares with
+    """Store the fresh residuals ``fresh - inputs`` (:func:`adacorr_compile.step.fresh_residuals`,
+    fused by ``math``; or the outputs) and the inputs the region's OEM compares with
     (``keeps``: ``"ref"`` the input of this compute, ``"prev"`` the previous step's, None:
     none); samples in ``keep_mask`` keep theirs.
     With ``forecast="linear"`` the values being replaced are kept, with their step, as the
     second point of the extrapolation (not after a partial, per-sample refresh)."""
     partial = keep_mask is not None and any(keep_mask)
+    residual_cache = caches_residuals(cfg)
     if cfg.forecast != "none":
-        old = cache.ref_res if caches_residuals(cfg) else cache.ref_out
-        # values some samples kept from an earlier step have no single step: no slope from
-        # them (they are not extrapolated until two computes of all samples)
-        mixed, cache.mixed = cache.mixed, partial
-        cache.prev_val = old if old is not None and forecast_keeps_previous(partial, mixed) else None
-        cache.prev_step = None if cache.prev_val is None else cache.ref_step
-        cache.prev_valid = None if cache.prev_val is None else cache.valid
-        cache.ref_step = step
+        cache.rotate(partial, residual_cache, step)
     residuals, valid = math.refresh(fresh, inputs)
     # correction=False caches the outputs: a copy, the caller may write into what it gets
-    outputs = [f.clone() for f in fresh] if not caches_residuals(cfg) else None
-    if cache.prev_val is not None and cfg.forecast_max_change != float("inf"):
-        # no slope from a fast change (acm.steady): a device flag, no host read
-        new = residuals if outputs is None else outputs
-        if _same_shapes(new, cache.prev_val) and cache.ref_step > cache.prev_step:
-            gap = float(cache.ref_step - cache.prev_step)
-            cache.prev_valid = cache.prev_valid & acm.steady(new, cache.prev_val, gap, cfg.forecast_max_change)
+    outputs = None if residual_cache else rstep.cached_outputs(fresh)
+    cache.gate_slope(residuals if outputs is None else outputs, cfg.forecast_max_change)
     new_in = list(observed) if keeps == "ref" else None
     if partial:
         keep = _flags(keep_mask, residuals[0])
@@ -323,45 +294,16 @@ def _refresh(
         outputs = acm.keep_samples(keep, cache.ref_out, outputs) if outputs is not None else None
         new_in = acm.keep_samples(keep, cache.ref_in, new_in) if new_in is not None and cache.ref_in is not None else new_in
         valid = acm.all_finite(residuals)
-    cache.ref_res = residuals
-    cache.ref_out = outputs
-    cache.ref_in = new_in
-    cache.prev_in = list(observed) if keeps == "prev" else None
-    cache.valid = valid
-
-
-def _forecast(cache: Any, values: list[torch.Tensor], step: int) -> tuple[list[torch.Tensor] | None, float]:
-    """What :func:`acm.reuse_values` extrapolates from (``forecast="linear"``): the cached
-    values of the compute before the last one and ``k = (step - step_v) / (step_v -
-    step_prev)``, or ``(None, 0.0)`` when there is nothing to extrapolate from (fewer than two
-    computes, other shapes). Where the earlier compute was not finite the values stay as
-    stored (``cache.prev_valid``: a device ``where``, no host read)."""
-    prev = cache.prev_val  # set (with prev_step) only under forecast="linear", after two computes
-    if prev is None or cache.ref_step <= cache.prev_step or not _same_shapes(values, prev):
-        return None, 0.0
-    return prev, (step - cache.ref_step) / (cache.ref_step - cache.prev_step)
-
-
-def _move_probe_ref(cfg: AdaCorrConfig, shared: StepSignals, value: list[torch.Tensor] | None, step: int) -> None:
-    """The probe's reference becomes ``value`` (the leader's residual of ``step``); under
-    ``probe_forecast`` the one it replaces is kept as the earlier point of the probe's forecast
-    (otherwise nothing more is held)."""
-    keep = probe_forecasts(cfg)
-    shared.probe_prev = shared.probe_ref if keep else None
-    shared.probe_prev_step = shared.probe_ref_step if keep else None
-    shared.probe_ref, shared.probe_ref_step = value, None if value is None else step
+    cache.store(residuals, outputs, new_in, list(observed) if keeps == "prev" else None, valid)
 
 
 def _first_block_update(cfg: AdaCorrConfig, signals: StepSignals, residual: torch.Tensor) -> None:
     """FBCache: compare the first block's residual with the one at the last full step."""
     ref = signals.fb_ref
-    if ref is None or ref.shape != residual.shape:
-        signals.similar = False
-    else:
-        change = read_to_host([relative_change(residual, ref)])[0]
-        signals.similar = change < cfg.first_block_threshold
-    if not signals.similar:
-        signals.fb_ref = residual
+    similar = False
+    if ref is not None and ref.shape == residual.shape:
+        similar = read_to_host([rstep.first_block_change(residual, ref)])[0] < cfg.first_block_threshold
+    signals.first_block_update(residual, similar)
 
 
 # ------------------------------------------------------------------ a span as one call

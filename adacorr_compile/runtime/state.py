@@ -27,61 +27,10 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..config import AdaCorrConfig
-from ..policies import ConfigHome, Verdict
+from ..policies import ConfigHome
+from ..step import RegionCache, StepSignals  # noqa: F401 - the cache's one definition (re-exported)
 
 logger = logging.getLogger("adacorr_compile")
-
-
-@dataclass
-class RegionCache:
-    """Cache of one guarded region, or of a span of chained regions, for the current generation."""
-
-    prev_in: list[torch.Tensor] | None = None  # observed inputs at the previous call
-    ref_in: list[torch.Tensor] | None = None  # observed inputs at the last fresh compute
-    ref_res: list[torch.Tensor] | None = None  # per output: output - stream input, at the last compute
-    ref_out: list[torch.Tensor] | None = None  # per output: the output itself (correction=False)
-    valid: torch.Tensor | None = None  # 0-d bool tensor: the last compute was finite
-    consecutive: int = 0
-    signature: tuple | None = None
-    ref_step: int | None = None  # step of the last compute (forecast="linear")
-    prev_val: list[torch.Tensor] | None = None  # the cached values of the compute before it
-    prev_step: int | None = None
-    prev_valid: torch.Tensor | None = None  # 0-d bool: prev_val is finite and the change since it steady (acm.steady)
-    streaks: list[int] | None = None  # decision="sample": consecutive reuses per sample
-    mixed: bool = False  # the cached values come from a partial (per-sample) refresh: not one step
-    # a span of chained regions (one cache): the first region's verdict in this step
-    # (a policies.Verdict) and, on a compute, its input until the last region stores the residual
-    pending: Verdict | None = None
-    span_in: list[torch.Tensor] | None = None
-
-    def clear(self) -> None:
-        self.prev_in = self.ref_in = self.ref_res = self.ref_out = self.valid = None
-        self.pending = self.span_in = None
-        self.ref_step = self.prev_val = self.prev_step = self.prev_valid = None
-        self.streaks = None
-        self.mixed = False
-        self.consecutive = 0
-        self.signature = None
-
-@dataclass
-class StepSignals:
-    """What the regions of one graph pass each other within a step (one per graph key)."""
-
-    # policy="first_block": the first block's verdict (its residual barely moved since the last
-    # full step) and that residual
-    similar: bool | None = None
-    fb_ref: torch.Tensor | None = None
-    # scope="step": the leader's fresh residuals of this step, the probe's reference residuals
-    # (with the step they are of, and the reference before them and its step: the probe's
-    # forecast, probe_forecast), whether the followers' caches are finite, and the probe's
-    # verdict of its last step
-    leader_res: list[torch.Tensor] | None = None
-    probe_ref: list[torch.Tensor] | None = None
-    probe_ref_step: int | None = None
-    probe_prev: list[torch.Tensor] | None = None
-    probe_prev_step: int | None = None
-    followers_valid: torch.Tensor | None = None
-    verdict: Verdict | None = None
 
 
 _NAN = torch.tensor(float("nan"))  # trace entry of a call that measured nothing (never written to)
