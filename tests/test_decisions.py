@@ -19,7 +19,7 @@ from adacorr_compile.runtime.decide import (
 )
 from adacorr_compile.runtime.region import ACTIVE, Active, GuardedRegion, RegionSpec
 from adacorr_compile.runtime.state import GenerationState, GraphProgress, ModelState
-from adacorr_compile.tiny import tiny_dit
+from adacorr_compile.lab.tiny import tiny_dit
 
 # guards that show in eight steps: warm-up (steps 0-1), the reuse cap (2), the final step
 GUARDS = {"lowering": "eager", "reuse_threshold": 0.5, "warmup_steps": 2, "max_consecutive_reuses": 2, "final_steps": 1}

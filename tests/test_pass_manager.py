@@ -14,7 +14,7 @@ from adacorr_compile.api import _model_state
 from adacorr_compile.config import AdaCorrConfig
 from adacorr_compile.passes import PASSES, Pass, PassPreconditionError, check_order, run_passes
 from adacorr_compile.passes.common import analysis
-from adacorr_compile.tiny import FAMILIES
+from adacorr_compile.lab.tiny import FAMILIES
 
 ORDER = ["find_blocks", "analyze_inputs", "outline_blocks", "guard_blocks", "chain_regions", "lower"]
 
