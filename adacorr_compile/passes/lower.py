@@ -90,11 +90,17 @@ def _is_region(node: Any) -> bool:
 
 # ------------------------------------------------------------------ symbolic sizes
 def _symbol_of(value: Any) -> Any:
-    """The sympy symbol a SymInt/SymFloat stands for, if it is a plain symbol."""
+    """The sympy symbol a SymInt/SymFloat stands for, if it is a plain symbol that a
+    compiled part taking it as an input binds. A size Dynamo found equal to another
+    (``s39`` replaced by ``s1``: a text length read twice) reads as ``s1`` but binds
+    ``s39`` in the part that takes it, leaving ``s1`` unbound there: it binds nothing."""
     import sympy
 
-    if isinstance(value, (torch.SymInt, torch.SymFloat)) and isinstance(value.node.expr, sympy.Symbol):
-        return value.node.expr
+    if not isinstance(value, (torch.SymInt, torch.SymFloat)):
+        return None
+    expr = value.node.expr
+    if isinstance(expr, sympy.Symbol) and getattr(value.node, "_expr", expr) == expr:
+        return expr
     return None
 
 
