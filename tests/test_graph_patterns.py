@@ -81,17 +81,19 @@ class AutocastDiT(nn.Module):
     with autocast disabled (Helios' rotary) and reads a slice of a glue tensor after the
     blocks (a tensor ``getitem`` placed after the regions)."""
 
-    def __init__(self, mode: str, dim: int = 16, depth: int = 4) -> None:
+    def __init__(self, mode: str, dim: int = 16, depth: int = 4, glue_table: bool = True) -> None:
         super().__init__()
-        self.mode = mode
+        self.mode, self.glue_table = mode, glue_table
         self.blocks = nn.ModuleList([Block(dim, mode) for _ in range(depth)])
         self.emb, self.out = nn.Linear(1, dim), nn.Linear(dim, dim)
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         c = self.emb(timestep[:, None, None].float())
-        with torch.autocast("cpu", enabled=False):
-            table = torch.arange(hidden_states.shape[1], dtype=torch.float32)[None, :, None] * c
-        x = hidden_states + table
+        x = hidden_states
+        if self.glue_table:
+            with torch.autocast("cpu", enabled=False):
+                table = torch.arange(hidden_states.shape[1], dtype=torch.float32)[None, :, None] * c
+            x = x + table
         if self.mode == "outer":
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 for block in self.blocks:
@@ -99,6 +101,8 @@ class AutocastDiT(nn.Module):
         else:
             for block in self.blocks:
                 x = block(x, c)
+        if not self.glue_table:
+            return self.out(x.float())
         return self.out(x.float() + table[:, -x.shape[1]:])
 
 
@@ -107,17 +111,19 @@ def autocast_call(i: int, tokens: int = 8) -> dict:
     return {"hidden_states": torch.randn(2, tokens, 16, generator=g), "timestep": torch.tensor([0.9 - 0.1 * i] * 2)}
 
 
-def autocast_model(mode: str) -> AutocastDiT:
+def autocast_model(mode: str, glue_table: bool = True) -> AutocastDiT:
     torch.manual_seed(0)
-    return AutocastDiT(mode).eval()
+    return AutocastDiT(mode, glue_table=glue_table).eval()
 
 
 @pytest.mark.parametrize("mode", ["outer", "inner"])
-def test_blocks_under_autocast_cast_as_in_eager(mode):
+@pytest.mark.parametrize("glue_table", [True, False], ids=["glue-table", "blocks-only"])
+def test_blocks_under_autocast_cast_as_in_eager(mode, glue_table):
     """Bodies enter the autocast state themselves: with policy="never" the output equals
-    plain torch.compile (bodies compiled outside autocast were off by bf16 round-off), also
-    at a second sequence length."""
-    model = autocast_model(mode)
+    plain torch.compile, also at a second sequence length. ``blocks-only`` (no autocast
+    in the glue) was guarded before, but its bodies, compiled outside autocast, ran at
+    full precision: off from eager by bf16 round-off."""
+    model = autocast_model(mode, glue_table)
     calls = [autocast_call(0), autocast_call(1), autocast_call(2, tokens=12)]
     compiled, got, want = run_both(model, calls)
     assert_same(got, want)
