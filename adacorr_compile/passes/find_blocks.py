@@ -16,7 +16,8 @@ it both depends on it and feeds it) and each of its outputs has a stream input o
 the same shape, so that ``input + cached residual`` stands in for the output.
 In-place writes count as dependencies (``mutation_analysis``): a block must be
 convex over them too, and a block whose caching would skip or corrupt a write is
-left out (``_mutation_hazard``).
+left out (``_mutation_hazard``). A block must run under one autocast state
+(``autocast.context_change``): its body enters that state itself (``outline_blocks``).
 Anything else is left unguarded with a logged reason; it is never guessed.
 """
 

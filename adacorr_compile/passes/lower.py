@@ -18,6 +18,12 @@ after its own arguments, the SymInt nodes binding the free symbols of its inputs
 shapes (``(s0//2)*(s1//2)`` tokens need ``s0`` and ``s1``), its body gets matching
 placeholders, and ``split_module`` passes the symbols on to every piece that uses
 them.
+
+Autocast: ``split_module`` needs piece numbers that never decrease along the graph
+once it holds an autocast (or grad-mode) switch, so a tensor slice belongs to the piece
+where it stands and a tuple's ``getitem`` nodes are moved next to it; the autocast
+state is left around each region call (``autocast.isolate_regions``: the bodies enter
+it themselves), so autocast regions stay inside the glue pieces.
 """
 
 from __future__ import annotations
