@@ -16,7 +16,8 @@ it both depends on it and feeds it) and each of its outputs has a stream input o
 the same shape, so that ``input + cached residual`` stands in for the output.
 In-place writes count as dependencies (``mutation_analysis``): a block must be
 convex over them too, and a block whose caching would skip or corrupt a write is
-left out (``_mutation_hazard``).
+left out (``_mutation_hazard``). A block must run under one autocast state
+(``autocast.context_change``): its body enters that state itself (``outline_blocks``).
 Anything else is left unguarded with a logged reason; it is never guessed.
 """
 
@@ -32,6 +33,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from ..config import AdaCorrConfig
+from . import autocast
 from .common import Analysis, Block, analysis, example_value, module_stack
 
 _INDEX = re.compile(r"^\d+$")
@@ -404,17 +406,11 @@ def _pair_streams(block: Block, nxt: Block | None, prev: Block | None) -> list[t
     return sorted(((i, j) for j, i in pairs.items()), key=lambda p: p[1])
 
 
-def find_blocks(gm: fx.GraphModule, config: AdaCorrConfig) -> fx.GraphModule:
-    """Annotate ``gm`` with the isolable repeated blocks (see module docstring)."""
-    info: Analysis = analysis(gm)
-    graph = gm.graph
-    if unshare_scalars(graph):  # dynamic shapes: sizes and scalars read by several blocks
-        gm.recompile()
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    mut = mutation_analysis(graph)  # in-place writes: their order is kept (outline_blocks) and checked here
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    examples = dict(zip(placeholders, info.example_inputs)) if info.example_inputs else {}
+def _members(graph: fx.Graph) -> tuple[dict[str, list[fx.Node]], dict[str, list[str]], dict[str, str]]:
+    """The nodes of each block path, the block paths of each family, and each block's class.
 
+    A family is a container (``transformer_blocks``) with one block class; a container
+    holding several classes is split per class (``blocks[FluxBlock]``)."""
     members: dict[str, list[fx.Node]] = defaultdict(list)
     classes: dict[str, str] = {}
     for node in graph.nodes:
@@ -424,19 +420,101 @@ def find_blocks(gm: fx.GraphModule, config: AdaCorrConfig) -> fx.GraphModule:
         if found is not None:
             members[found[0]].append(node)
             classes[found[0]] = found[1]
-
-    families: dict[str, list[str]] = defaultdict(list)  # "<container>" or "<container>[<class>]"
+    grouped: dict[tuple[str, str], list[str]] = defaultdict(list)
     for path in members:
-        container = path.rsplit(".", 1)[0]
-        families[(container, classes[path])].append(path)
-    # one class per container keeps the plain name; a mixed container is split per class
-    per_container = defaultdict(int)
-    for container, _ in families:
+        grouped[(path.rsplit(".", 1)[0], classes[path])].append(path)
+    per_container: dict[str, int] = defaultdict(int)
+    for container, _ in grouped:
         per_container[container] += 1
-    families = {
-        (c if per_container[c] == 1 else f"{c}[{cls}]"): paths for (c, cls), paths in families.items()
-    }
+    families = {(c if per_container[c] == 1 else f"{c}[{cls}]"): paths for (c, cls), paths in grouped.items()}
+    return members, families, classes
 
+
+@dataclass
+class _Scope:
+    """What deciding one block needs of the whole graph (computed once per graph)."""
+
+    gm: fx.GraphModule
+    order: dict[fx.Node, int]
+    mut: Mutations
+    active: dict[fx.Node, tuple[fx.Node, ...]]  # autocast state per node
+    examples: dict[fx.Node, object]
+
+
+def _isolate(scope: _Scope, family: str, path: str, cls_name: str, nodes: list[fx.Node]) -> Block | str:
+    """The block at ``path`` with its inputs and outputs, or why it cannot be isolated."""
+    node_set = set(nodes)
+    if not _is_convex(node_set, scope.order):
+        return "its nodes interleave with code that both depends on the block and feeds it"
+    if not _is_convex(node_set, scope.order, scope.mut.after):
+        return "its nodes interleave with an in-place write that must run between them"
+    change = autocast.context_change(nodes, scope.active)
+    if change is not None:
+        return change
+    inputs: list[fx.Node] = []
+    seen: set[fx.Node] = set()
+    for n in nodes:
+        for d in n.all_input_nodes:
+            if _is_module_attr(scope.gm, d):
+                continue  # a subgraph (nested_compile_region): copied into the body
+            if d not in node_set and d not in seen:
+                seen.add(d)
+                inputs.append(d)
+    outputs = [n for n in nodes if any(u not in node_set for u in n.users)]
+    if not outputs:
+        return "no value of the block is used outside it"
+    hazard = _mutation_hazard(nodes, inputs, outputs, scope.mut, scope.order)
+    if hazard is not None:
+        return hazard
+    return Block(
+        family=family,
+        index=int(path.rsplit(".", 1)[1]),
+        path=path,
+        cls_name=cls_name,
+        nodes=nodes,
+        inputs=inputs,
+        outputs=outputs,
+        param_inputs={i for i, n in enumerate(inputs) if _is_param(n, scope.examples.get(n))},
+        input_names=[n.name for n in inputs],
+    )
+
+
+def _pair_family(fam_blocks: list[Block], info: Analysis) -> list[Block]:
+    """The blocks of one family (in graph order) whose outputs pair with stream inputs."""
+    paired: list[Block] = []
+    for k, block in enumerate(fam_blocks):
+        nxt = fam_blocks[k + 1] if k + 1 < len(fam_blocks) else None
+        prev = fam_blocks[k - 1] if k > 0 and fam_blocks[k - 1].stream_pairs else None
+        pairs = _pair_streams(block, nxt, prev)
+        if pairs is None:
+            shapes = [tuple(getattr(example_value(o), "shape", ())) for o in block.outputs]
+            info.skip(block.path, f"an output (shapes {shapes}) has no token-shaped input (rank >= 3) of the same shape and dtype to be its residual stream")
+            continue
+        block.stream_pairs = pairs
+        # the OEM watches the streams the block transforms, nothing else: side inputs
+        # (attention-mask biases, timestep projections, rotary tables, constant text
+        # states) do not say how far the block's input drifted, and a padded mask's
+        # -10000 entries would swamp the spatial term
+        block.observed = sorted({i for i, _ in pairs})
+        paired.append(block)
+    return paired
+
+
+def find_blocks(gm: fx.GraphModule, config: AdaCorrConfig) -> fx.GraphModule:
+    """Annotate ``gm`` with the isolable repeated blocks (see module docstring)."""
+    info: Analysis = analysis(gm)
+    graph = gm.graph
+    if unshare_scalars(graph):  # dynamic shapes: sizes and scalars read by several blocks
+        gm.recompile()
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    scope = _Scope(
+        gm=gm,
+        order={n: i for i, n in enumerate(graph.nodes)},
+        mut=mutation_analysis(graph),  # in-place writes: their order is kept (outline_blocks) and checked here
+        active=autocast.contexts(graph),
+        examples=dict(zip(placeholders, info.example_inputs)) if info.example_inputs else {},
+    )
+    members, families, classes = _members(graph)
     blocks: list[Block] = []
     for family, paths in families.items():
         if len(paths) < config.min_blocks:
@@ -445,61 +523,15 @@ def find_blocks(gm: fx.GraphModule, config: AdaCorrConfig) -> fx.GraphModule:
             continue
         fam_blocks = []
         for path in paths:
-            nodes = members[path]
-            node_set = set(nodes)
-            if not _is_convex(node_set, order):
-                info.skip(path, "its nodes interleave with code that both depends on the block and feeds it")
-                continue
-            if not _is_convex(node_set, order, mut.after):
-                info.skip(path, "its nodes interleave with an in-place write that must run between them")
-                continue
-            inputs: list[fx.Node] = []
-            seen: set[fx.Node] = set()
-            for n in nodes:
-                for d in n.all_input_nodes:
-                    if _is_module_attr(gm, d):
-                        continue  # a subgraph (nested_compile_region): copied into the body
-                    if d not in node_set and d not in seen:
-                        seen.add(d)
-                        inputs.append(d)
-            outputs = [n for n in nodes if any(u not in node_set for u in n.users)]
-            if not outputs:
-                info.skip(path, "no value of the block is used outside it")
-                continue
-            hazard = _mutation_hazard(nodes, inputs, outputs, mut, order)
-            if hazard is not None:
-                info.skip(path, hazard)
-                continue
-            block = Block(
-                family=family,
-                index=int(path.rsplit(".", 1)[1]),
-                path=path,
-                cls_name=classes[path],
-                nodes=nodes,
-                inputs=inputs,
-                outputs=outputs,
-                param_inputs={i for i, n in enumerate(inputs) if _is_param(n, examples.get(n))},
-                input_names=[n.name for n in inputs],
-            )
-            fam_blocks.append(block)
-        fam_blocks.sort(key=lambda b: order[b.nodes[0]])
-        for k, block in enumerate(fam_blocks):
-            nxt = fam_blocks[k + 1] if k + 1 < len(fam_blocks) else None
-            prev = fam_blocks[k - 1] if k > 0 and fam_blocks[k - 1].stream_pairs else None
-            pairs = _pair_streams(block, nxt, prev)
-            if pairs is None:
-                shapes = [tuple(getattr(example_value(o), "shape", ())) for o in block.outputs]
-                info.skip(block.path, f"an output (shapes {shapes}) has no token-shaped input (rank >= 3) of the same shape and dtype to be its residual stream")
-                continue
-            block.stream_pairs = pairs
-            # the OEM watches the streams the block transforms, nothing else: side inputs
-            # (attention-mask biases, timestep projections, rotary tables, constant text
-            # states) do not say how far the block's input drifted, and a padded mask's
-            # -10000 entries would swamp the spatial term
-            block.observed = sorted({i for i, _ in pairs})
-            blocks.append(block)
+            found = _isolate(scope, family, path, classes[path], members[path])
+            if isinstance(found, str):
+                info.skip(path, found)
+            else:
+                fam_blocks.append(found)
+        fam_blocks.sort(key=lambda b: scope.order[b.nodes[0]])
+        blocks += _pair_family(fam_blocks, info)
 
-    blocks.sort(key=lambda b: order[b.nodes[0]])
+    blocks.sort(key=lambda b: scope.order[b.nodes[0]])
     info.blocks = blocks
     if not blocks and not info.skipped:
         info.skip("graph", "no repeated sibling modules (<container>.<i>) in the traced graph")

@@ -18,6 +18,12 @@ after its own arguments, the SymInt nodes binding the free symbols of its inputs
 shapes (``(s0//2)*(s1//2)`` tokens need ``s0`` and ``s1``), its body gets matching
 placeholders, and ``split_module`` passes the symbols on to every piece that uses
 them.
+
+Autocast: ``split_module`` needs piece numbers that never decrease along the graph
+once it holds an autocast (or grad-mode) switch, so a tensor slice belongs to the piece
+where it stands and a tuple's ``getitem`` nodes are moved next to it; the autocast
+state is left around each region call (``autocast.isolate_regions``: the bodies enter
+it themselves), so autocast regions stay inside the glue pieces.
 """
 
 from __future__ import annotations
@@ -34,12 +40,17 @@ from ..compilers import CompiledPart, compile_graph, cuda_graphed, inductor_patc
 from ..config import AdaCorrConfig
 from ..runtime.fused import RegionMath
 from ..runtime.region import ARG, CONSTANT, PREVIOUS, GuardedRegion, SpanCall
+from . import autocast
 from .common import analysis, example_value
 
 logger = logging.getLogger("adacorr_compile")
 
 
 def _partition(gm: fx.GraphModule) -> dict[fx.Node, int]:
+    """Piece of each node: glue stretches and region calls alternate, in graph order. The
+    numbers never decrease along the graph (``split_module`` requires it once the graph
+    holds an autocast or grad-mode switch): the ``getitem`` nodes of a tuple sit right
+    after it (:func:`_gather_getitems`)."""
     part: dict[fx.Node, int] = {}
     current = 0
     for node in gm.graph.nodes:
@@ -49,12 +60,34 @@ def _partition(gm: fx.GraphModule) -> dict[fx.Node, int]:
             current += 1
             part[node] = current
             current += 1
-        elif node.op == "call_function" and node.target is operator.getitem and node.args[0] in part:
+        elif _is_tuple_item(node) and node.args[0] in part:
             # keep tuple-valued nodes and their getitems together: pieces exchange tensors only
             part[node] = part[node.args[0]]
-        else:
+        else:  # a slice of a tensor (``t[:, -n:]``) is computed where it stands
             part[node] = current
     return part
+
+
+def _is_tuple_item(node: fx.Node) -> bool:
+    """A ``getitem`` of a tuple or list (a region's outputs, ``chunk``), not of a tensor."""
+    if node.op != "call_function" or node.target is not operator.getitem or not isinstance(node.args[0], fx.Node):
+        return False
+    source = node.args[0]
+    return _is_region(source) or not isinstance(example_value(source), torch.Tensor)
+
+
+def _gather_getitems(graph: fx.Graph) -> None:
+    """Move each ``getitem`` of a tuple right after the tuple (or its previous ``getitem``).
+    Reading an item of an immutable tuple earlier changes nothing, and keeps a tuple and
+    its items in one piece even where the code reads an item after a later block."""
+    last: dict[fx.Node, fx.Node] = {}
+    for node in list(graph.nodes):
+        if _is_tuple_item(node):
+            source = node.args[0]
+            anchor = last.get(source, source)
+            if anchor.next is not node:
+                anchor.append(node)
+            last[source] = node
 
 
 def _is_region(node: Any) -> bool:
@@ -63,11 +96,17 @@ def _is_region(node: Any) -> bool:
 
 # ------------------------------------------------------------------ symbolic sizes
 def _symbol_of(value: Any) -> Any:
-    """The sympy symbol a SymInt/SymFloat stands for, if it is a plain symbol."""
+    """The sympy symbol a SymInt/SymFloat stands for, if it is a plain symbol that a
+    compiled part taking it as an input binds. A size Dynamo found equal to another
+    (``s39`` replaced by ``s1``: a text length read twice) reads as ``s1`` but binds
+    ``s39`` in the part that takes it, leaving ``s1`` unbound there: it binds nothing."""
     import sympy
 
-    if isinstance(value, (torch.SymInt, torch.SymFloat)) and isinstance(value.node.expr, sympy.Symbol):
-        return value.node.expr
+    if not isinstance(value, (torch.SymInt, torch.SymFloat)):
+        return None
+    expr = value.node.expr
+    if isinstance(expr, sympy.Symbol) and getattr(value.node, "_expr", expr) == expr:
+        return expr
     return None
 
 
@@ -231,6 +270,8 @@ def lower(gm: fx.GraphModule, config: AdaCorrConfig) -> fx.GraphModule:
     """Split at the regions and lower every piece (see module docstring)."""
     info = analysis(gm)
     bind_symbols(gm)
+    _gather_getitems(gm.graph)
+    autocast.isolate_regions(gm, _is_region)  # region pieces run outside autocast; bodies enter it
     part = _partition(gm)
     split = split_module(gm, gm, lambda n: part[n], keep_original_order=True)
     # one RegionMath for the graph: regions of equal shapes share its compiled kernels (and

@@ -7,7 +7,9 @@ identical blocks have identical bodies and compile once) and whose output is the
 tuple of the block's outputs; the block's nodes in the parent graph become one
 ``call_module`` node plus a ``getitem`` per output, and the graph is re-sorted
 topologically. Each block gets a structural key (ops, wiring, input shapes,
-strides and dtypes): equal keys share one compiled body.
+strides and dtypes): equal keys share one compiled body. A block traced under
+``torch.autocast`` gets a body that enters the same autocast state itself
+(``autocast.wrap_body``): its key then differs from the same block without it.
 
 Order: the re-sort is stable (a node moves only when a dependency forces it; the
 call takes the place of the block's first node) and counts, besides data edges,
@@ -27,6 +29,7 @@ import torch.fx as fx
 from torch.fx.node import _get_qualified_name
 
 from ..config import AdaCorrConfig
+from . import autocast
 from .common import Block, analysis, example_value, tensor_shape_key
 from .find_blocks import mutation_analysis
 
@@ -61,7 +64,7 @@ def _structural_key(body: fx.GraphModule) -> str:
     return hashlib.sha1("\n".join(lines).encode()).hexdigest()[:16]
 
 
-def _outline(gm: fx.GraphModule, block: Block) -> fx.GraphModule:
+def _outline(gm: fx.GraphModule, block: Block, context: tuple[tuple[object, ...], ...] = ()) -> fx.GraphModule:
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for i, inp in enumerate(block.inputs):
@@ -76,6 +79,7 @@ def _outline(gm: fx.GraphModule, block: Block) -> fx.GraphModule:
     for n in block.nodes:
         env[n] = graph.node_copy(n, arg)
     graph.output(tuple(env[o] for o in block.outputs))
+    autocast.wrap_body(graph, context)  # the body casts as the block did (it runs outside autocast)
     body = fx.GraphModule(gm, graph, class_name="AdaCorrBlockBody")
     body.graph.lint()
     return body
@@ -123,13 +127,14 @@ def outline_blocks(gm: fx.GraphModule, config: AdaCorrConfig) -> fx.GraphModule:
     info = analysis(gm)
     graph = gm.graph
     mut = mutation_analysis(graph)  # on the graph as traced, before any node moves
+    active = autocast.contexts(graph)
     position = {n: (i, 0) for i, n in enumerate(graph.nodes)}
     owner: dict[fx.Node, fx.Node] = {}  # block node -> the call that replaces it
     output_node = next(n for n in graph.nodes if n.op == "output")
     replaced: dict[fx.Node, fx.Node] = {}  # outputs of outlined blocks -> their getitem
     for k, block in enumerate(info.blocks):
         block.inputs = [replaced.get(n, n) for n in block.inputs]
-        body = _outline(gm, block)
+        body = _outline(gm, block, autocast.block_context(block.nodes, active))
         block.key = _structural_key(body)
         name = f"adacorr_body_{k}"
         gm.add_submodule(name, body)
