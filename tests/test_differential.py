@@ -101,8 +101,11 @@ def test_never_worse_than_plain_compile(family, scenario):
         with torch.no_grad():
             for p in other.parameters():
                 p.mul_(1.5)
-        want_a = [_call(model, kw) for kw in calls]
-        want_b = [_call(other, kw) for kw in calls]
+        # against plain torch.compile of each model (the promise): plain Inductor itself differs
+        # from eager by ~1.5e-5 on the 1.5x-scaled model, more than the round-off allowed here
+        want_a = _plain_outputs(model, calls)
+        want_b = _plain_outputs(other, calls)
+        torch._dynamo.reset()
         fa = torch.compile(model, backend="adacorr", options=NEVER)
         fb = torch.compile(other, backend="adacorr", options=NEVER)
         got_a, got_b = [], []
