@@ -130,7 +130,7 @@ def _as_float_tensor(out: Any) -> torch.Tensor:
     return out.detach().float().cpu()
 
 
-def _output_tensor(out: Any) -> torch.Tensor:
+def output_tensor(out: Any) -> torch.Tensor:
     """A model call's output as a tensor: ``.sample``, else the first element, else itself."""
     if hasattr(out, "sample"):
         return out.sample
@@ -181,7 +181,7 @@ def factory_workload(model: torch.nn.Module, inputs: Callable[..., dict[str, Any
         outs = []
         for k in range(steps):
             t = t_max * (1.0 - k / steps)
-            outs.append(_output_tensor(compiled(**inputs(k, t))).detach().float().cpu())
+            outs.append(output_tensor(compiled(**inputs(k, t))).detach().float().cpu())
         return torch.cat(outs)
 
     return Workload(run, model, None)

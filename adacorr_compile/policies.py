@@ -439,6 +439,17 @@ class DecisionPlan:
         return step_role(self.config, order)
 
 
+class HomeConfig:
+    """The ``config`` attribute of an object with a ``home`` (:class:`ConfigHome`): read and
+    written through the home, so the model state, its regions and their math hold one config."""
+
+    def __get__(self, obj: Any, owner: Any = None) -> Any:
+        return self if obj is None else obj.home.config
+
+    def __set__(self, obj: Any, config: AdaCorrConfig) -> None:
+        obj.home.config = config
+
+
 class ConfigHome:
     """The one home of a compiled model's config at run time, and its :class:`DecisionPlan`.
 

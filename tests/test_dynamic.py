@@ -55,6 +55,8 @@ def transposed(kwargs: dict) -> dict:
 
 
 def sample(out):
+    if isinstance(out, torch.Tensor):
+        return out
     return out.sample if hasattr(out, "sample") else out[0]
 
 

@@ -14,29 +14,11 @@ import torch
 import torch.nn as nn
 
 import adacorr_compile
+from test_dynamic import run_both  # ours and plain torch.compile, each on a fresh Dynamo
 
 NEVER = {"policy": "never"}
 REUSE = {"reuse_threshold": 1.0}  # permissive: every step after the warm-up may reuse
 TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-def sample(out):
-    if isinstance(out, torch.Tensor):
-        return out
-    return out.sample if hasattr(out, "sample") else out[0]
-
-
-def run_both(model, calls, dynamic=None, options=NEVER):
-    """Outputs of ours and of plain torch.compile (each on a fresh Dynamo)."""
-    torch._dynamo.reset()
-    ours = torch.compile(model, backend="adacorr", options=options, dynamic=dynamic)
-    with torch.no_grad():
-        got = [sample(ours(**kw)).clone() for kw in calls]
-    torch._dynamo.reset()
-    plain = torch.compile(model, dynamic=dynamic)
-    with torch.no_grad():
-        want = [sample(plain(**kw)).clone() for kw in calls]
-    return ours, got, want
 
 
 def assert_same(got, want):

@@ -39,6 +39,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from ..calibrate import output_tensor
+
 logger = logging.getLogger("adacorr_compile.reference")
 
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -67,14 +69,6 @@ def _model_device_dtype(model: Any) -> tuple[torch.device, torch.dtype]:
         for p in params():
             return p.device, p.dtype
     return torch.device("cpu"), torch.float32
-
-
-def _output_tensor(out: Any) -> torch.Tensor:
-    if hasattr(out, "sample"):
-        return out.sample
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    return out
 
 
 def _dit_geometry(model: Any) -> tuple[int, int, int]:
@@ -185,12 +179,12 @@ class _DiffusersCacheSteps:
         null = torch.full_like(labels, null_class)
         if cfg_calls == 1:
             with self.step(index, timestep):
-                out = _output_tensor(call(torch.cat([x, x]), torch.cat([t_batch, t_batch]), torch.cat([labels, null])))
+                out = output_tensor(call(torch.cat([x, x]), torch.cat([t_batch, t_batch]), torch.cat([labels, null])))
             return out.float().chunk(2)
         outs = []
         for name, lab in (("cond", labels), ("uncond", null)):
             with self.step(index, timestep, name):
-                outs.append(_output_tensor(call(x, t_batch, lab)).float())
+                outs.append(output_tensor(call(x, t_batch, lab)).float())
         return outs[0], outs[1]
 
 

@@ -37,7 +37,7 @@ import torch
 
 from .. import step as rstep
 from ..config import AdaCorrConfig
-from ..policies import ConfigHome
+from ..policies import ConfigHome, HomeConfig
 
 logger = logging.getLogger("adacorr_compile")
 
@@ -86,13 +86,7 @@ class RegionMath:
         # (name, n, ranks/dtypes/devices) -> [(shape env, fake inputs, kernel for any size)]
         self._dynamic: dict[tuple[Any, ...], list[tuple[Any, list[Any], Callable[..., Any]]]] = {}
 
-    @property
-    def config(self) -> AdaCorrConfig:
-        return self.home.config
-
-    @config.setter
-    def config(self, config: AdaCorrConfig) -> None:
-        self.home.config = config
+    config = HomeConfig()  # the home's (the compiled model's) config
 
     # ---------------------------------------------------------------- the math
     def _measure(self, n: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -39,7 +39,7 @@ from .. import acm
 from .. import step as rstep
 from ..config import AdaCorrConfig
 from ..policies import (
-    ConfigHome, Role, caches_residuals, probe_forecasts, read_to_host,
+    ConfigHome, HomeConfig, Role, caches_residuals, probe_forecasts, read_to_host,
 )
 from .decide import Decider, Taken as _Step, decider_for
 from .fused import RegionMath
@@ -108,14 +108,7 @@ class GuardedRegion(torch.nn.Module):
         # call are copied (the residuals are the math's own allocations: never graphed)
         self.copy_kept = False
 
-    @property
-    def config(self) -> AdaCorrConfig:
-        """The config the region decides with: its home's (the compiled model's)."""
-        return self.home.config
-
-    @config.setter
-    def config(self, config: AdaCorrConfig) -> None:
-        self.home.config = config
+    config = HomeConfig()  # the config the region decides with: its home's (the compiled model's)
 
     @property
     def span(self) -> Span:

@@ -27,7 +27,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..config import AdaCorrConfig
-from ..policies import ConfigHome
+from ..policies import ConfigHome, HomeConfig
 from ..step import RegionCache, StepSignals  # noqa: F401 - the cache's one definition (re-exported)
 
 logger = logging.getLogger("adacorr_compile")
@@ -438,14 +438,8 @@ class ModelState:
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         return (ModelState, (self.config,))
 
-    @property
-    def config(self) -> AdaCorrConfig:
-        return self.home.config
-
-    @config.setter
-    def config(self, config: AdaCorrConfig) -> None:
-        """A config for the model's live regions too (calibration swaps run-time options so)."""
-        self.home.config = config
+    # the model's config; setting it reaches the live regions too (calibration swaps run-time options so)
+    config = HomeConfig()
 
     def adopt(self, regions: Any) -> None:
         """The regions of a graph just compiled for this model read the model's config home from
