@@ -11,6 +11,7 @@ import torch
 from .config import AdaCorrConfig
 from .runtime import contexts
 from .runtime.graph import GraphRuntime
+from .runtime.regional import owner_state
 from .runtime.owners import STATE_ATTR, compile_wrapper_of, state_on
 from .runtime.state import GenerationState, ModelState, summarize
 
@@ -21,6 +22,9 @@ def _model_state(compiled: Any) -> ModelState:
         return compiled
     if isinstance(compiled, GraphRuntime):
         return compiled.model
+    regional = owner_state(getattr(compiled, "_orig_mod", compiled))  # blocks compiled regionally in it
+    if regional is not None:
+        return regional
     ctx = getattr(compiled, "dynamo_ctx", None) or getattr(getattr(compiled, "forward", None), "dynamo_ctx", None)
     wrapper = compile_wrapper_of(getattr(ctx, "callback", None))
     for cell in getattr(compiled, "__closure__", None) or ():  # a compiled function: its Dynamo callback

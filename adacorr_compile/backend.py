@@ -27,7 +27,10 @@ from .passes.common import Analysis, example_value
 from .passes.manager import run_passes
 from .runtime import contexts
 from .runtime.graph import GraphRuntime
+from .passes.find_blocks import _is_param, _same
 from .runtime.owners import compiling_wrapper, state_on
+from .runtime.region import RegionSpec
+from .runtime.regional import LoneBlockRuntime, find_site, regional_owner, shape_pairs
 from .runtime.state import ModelState
 
 logger = logging.getLogger("adacorr_compile")
@@ -59,6 +62,12 @@ def _fallback(gm: fx.GraphModule, example_inputs: list[Any], config: AdaCorrConf
     if reason not in model.fallbacks:  # once per model and reason (Dynamo may compile many such graphs)
         logger.warning("adacorr: compiling without cache guards: %s", reason)
     model.note(reason)
+    return _plain_compile(gm, example_inputs, config)
+
+
+def _plain_compile(gm: fx.GraphModule, example_inputs: list[Any], config: AdaCorrConfig) -> Callable[..., Any]:
+    """``gm`` compiled as the ``"inductor"`` backend would (the graph itself for ``lowering="eager"``),
+    with the meta of the module it was copied from (``_copy_graph``)."""
     source_meta = getattr(gm.graph, "_adacorr_source_meta", None)  # see _copy_graph
     if source_meta:
         for key, value in source_meta.items():
@@ -70,6 +79,53 @@ def _fallback(gm: fx.GraphModule, example_inputs: list[Any], config: AdaCorrConf
     from .compilers import inductor_patches
 
     return compile_fx(gm, example_inputs, config_patches=inductor_patches(config))
+
+
+def _lone_block(gm: fx.GraphModule, original: fx.GraphModule, example_inputs: list[Any], config: AdaCorrConfig) -> LoneBlockRuntime | str | None:
+    """Regional compilation (``runtime/regional.py``): the runtime of a graph that is the whole
+    forward of a numbered block of an owner module; the reason it cannot be guarded; or None
+    where the graph is not a block's forward (then the passes' reasons stand)."""
+    tx = _current_tx()
+    block = _compiled_module()
+    if tx is None or block is None or tx.f_locals.get("self") is not block:
+        return None
+    found = find_site(block)
+    if found is None:
+        return None
+    site, arguments = found
+    reason = getattr(gm, "compile_subgraph_reason", None)
+    if tx.f_code.co_name.startswith("torch_dynamo_resume") or getattr(reason, "graph_break", False):
+        return f"{site.path}: its compiled graph is a part of the block (a graph break inside it)"
+    if site.count < config.min_blocks:
+        return f"{site.path}: its container has {site.count} block(s), fewer than min_blocks={config.min_blocks}"
+    if arguments is None:
+        return f"{site.path}: the arguments of the running {type(site.owner).__name__} call are not found"
+    template = _lone_spec(original, example_inputs, site.path)
+    if isinstance(template, str):
+        return f"{site.path}: {template}"
+    placeholders = [n for n in original.graph.nodes if n.op == "placeholder"]
+    params = [i for i, (n, x) in enumerate(zip(placeholders, example_inputs)) if _is_param(n, x)]
+    body = _plain_compile(original, example_inputs, config)
+    owner = regional_owner(site, arguments, lambda: ModelState(config))
+    logger.info("adacorr: %s compiled alone: a guarded region of %s (%d blocks in its container)",
+                site.path, type(site.owner).__name__, site.count)
+    return LoneBlockRuntime(body, template, params[0] if params else None, None if params else site.path)
+
+
+def _lone_spec(gm: fx.GraphModule, example_inputs: list[Any], path: str) -> RegionSpec | str:
+    """The region spec of a whole-block graph (inputs: the placeholders, outputs: the graph's),
+    its streams paired by shape (:func:`shape_pairs`), or why there is none."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    output = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    outs = list(output) if isinstance(output, (tuple, list)) else [output]
+    if not outs or not all(isinstance(o, fx.Node) and isinstance(example_value(o), torch.Tensor) for o in outs):
+        return "the graph returns a value that is not a tensor"
+    params = {i for i, (n, x) in enumerate(zip(placeholders, example_inputs)) if _is_param(n, x)}
+    ins = [example_value(n) for n in placeholders]
+    pairs = shape_pairs(ins, [example_value(o) for o in outs], params, _same)
+    if isinstance(pairs, str):
+        return pairs
+    return RegionSpec(path, 0, tuple(pairs), tuple(sorted({i for i, _ in pairs})), len(outs), f"lone:{path}")
 
 
 def _current_tx() -> Any | None:
@@ -214,7 +270,10 @@ def adacorr_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Any 
         return _fallback(original, example_inputs, config, model, f"a pass failed: {type(exc).__name__}: {exc}")
     if info.stopped or not info.regions:
         reasons = "; ".join(f"{w}: {r}" for w, r in info.skipped) or "no blocks found"
-        return _fallback(original, example_inputs, config, model, reasons)
+        lone = _lone_block(gm, original, example_inputs, config)
+        if isinstance(lone, LoneBlockRuntime):
+            return lone
+        return _fallback(original, example_inputs, config, model, lone if lone is not None else reasons)
     return build_runtime(model, lowered, info, config)
 
 
