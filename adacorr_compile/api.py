@@ -22,7 +22,7 @@ def _model_state(compiled: Any) -> ModelState:
         return compiled
     if isinstance(compiled, GraphRuntime):
         return compiled.model
-    regional = owner_state(getattr(compiled, "_orig_mod", compiled))  # blocks compiled regionally in it
+    regional = owner_state(compiled) or owner_state(getattr(compiled, "_orig_mod", None))  # blocks compiled alone in it
     if regional is not None:
         return regional
     ctx = getattr(compiled, "dynamo_ctx", None) or getattr(getattr(compiled, "forward", None), "dynamo_ctx", None)

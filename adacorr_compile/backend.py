@@ -81,35 +81,48 @@ def _plain_compile(gm: fx.GraphModule, example_inputs: list[Any], config: AdaCor
     return compile_fx(gm, example_inputs, config_patches=inductor_patches(config))
 
 
-def _lone_block(gm: fx.GraphModule, original: fx.GraphModule, example_inputs: list[Any], config: AdaCorrConfig) -> LoneBlockRuntime | str | None:
+def _lone_block(
+    gm: fx.GraphModule, original: fx.GraphModule, example_inputs: list[Any], config: AdaCorrConfig, model: ModelState,
+) -> LoneBlockRuntime | str | None:
     """Regional compilation (``runtime/regional.py``): the runtime of a graph that is the whole
     forward of a numbered block of an owner module; the reason it cannot be guarded; or None
     where the graph is not a block's forward (then the passes' reasons stand)."""
     tx = _current_tx()
-    block = _compiled_module()
-    if tx is None or block is None or tx.f_locals.get("self") is not block:
+    block = tx.f_locals.get("self") if tx is not None else None
+    if not isinstance(block, torch.nn.Module):
         return None
     found = find_site(block)
     if found is None:
         return None
     site, arguments = found
+    if arguments is None:  # no owner call to hook (or Dynamo runs it: a whole-model compile's nested frame)
+        return None
+    # a regionally compiled block's own compile has a state per block: the owner gets one; a
+    # block frame of a whole-model compile shares the model's state (stats() shows both)
+    owner = regional_owner(site, arguments, lambda: ModelState(config) if site.hooked is None else model)
+    reason = _lone_refusal(gm, tx, site, config)
+    template = _lone_spec(original, example_inputs, site.path) if reason is None else reason
+    if isinstance(template, str):
+        reason = template if template.startswith(site.path) else f"{site.path}: {template}"
+        owner.model.note(reason)  # stats(owner)["fallbacks"] says why this block is not guarded
+        return reason
+    placeholders = [n for n in original.graph.nodes if n.op == "placeholder"]
+    params = [i for i, (n, x) in enumerate(zip(placeholders, example_inputs)) if _is_param(n, x)]
+    body = _plain_compile(original, example_inputs, config)
+    logger.info("adacorr: %s compiled alone: a guarded region of %s (%d blocks in its container)",
+                site.path, type(site.owner).__name__, site.count)
+    return LoneBlockRuntime(body, template, params[0] if params else None, None if params else site.path, config)
+
+
+def _lone_refusal(gm: fx.GraphModule, tx: Any, site: Any, config: AdaCorrConfig) -> str | None:
+    """Why a block's graph cannot be its guarded region: it is a part of the block (a graph
+    break inside it), or the block's container is shorter than ``min_blocks``; or None."""
     reason = getattr(gm, "compile_subgraph_reason", None)
     if tx.f_code.co_name.startswith("torch_dynamo_resume") or getattr(reason, "graph_break", False):
         return f"{site.path}: its compiled graph is a part of the block (a graph break inside it)"
     if site.count < config.min_blocks:
         return f"{site.path}: its container has {site.count} block(s), fewer than min_blocks={config.min_blocks}"
-    if arguments is None:
-        return f"{site.path}: the arguments of the running {type(site.owner).__name__} call are not found"
-    template = _lone_spec(original, example_inputs, site.path)
-    if isinstance(template, str):
-        return f"{site.path}: {template}"
-    placeholders = [n for n in original.graph.nodes if n.op == "placeholder"]
-    params = [i for i, (n, x) in enumerate(zip(placeholders, example_inputs)) if _is_param(n, x)]
-    body = _plain_compile(original, example_inputs, config)
-    owner = regional_owner(site, arguments, lambda: ModelState(config))
-    logger.info("adacorr: %s compiled alone: a guarded region of %s (%d blocks in its container)",
-                site.path, type(site.owner).__name__, site.count)
-    return LoneBlockRuntime(body, template, params[0] if params else None, None if params else site.path)
+    return None
 
 
 def _lone_spec(gm: fx.GraphModule, example_inputs: list[Any], path: str) -> RegionSpec | str:
@@ -270,7 +283,7 @@ def adacorr_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Any 
         return _fallback(original, example_inputs, config, model, f"a pass failed: {type(exc).__name__}: {exc}")
     if info.stopped or not info.regions:
         reasons = "; ".join(f"{w}: {r}" for w, r in info.skipped) or "no blocks found"
-        lone = _lone_block(gm, original, example_inputs, config)
+        lone = _lone_block(gm, original, example_inputs, config, model)
         if isinstance(lone, LoneBlockRuntime):
             return lone
         return _fallback(original, example_inputs, config, model, lone if lone is not None else reasons)

@@ -43,6 +43,8 @@ import torch
 from . import contexts
 from .fused import RegionMath
 from .region import ACTIVE, Active, GuardedRegion, RegionSpec
+from torch.utils.weak import WeakIdKeyDictionary
+
 from .state import GenerationState, ModelState
 
 logger = logging.getLogger("adacorr_compile")
@@ -58,6 +60,11 @@ class BlockSite:
     owner: torch.nn.Module
     path: str
     count: int
+    hooked: torch.nn.Module | None = None  # what the step hooks go on: the owner, or its compiled wrapper
+
+    @property
+    def target(self) -> torch.nn.Module:
+        return self.owner if self.hooked is None else self.hooked
 
 
 def _site_in(owner: torch.nn.Module, block: torch.nn.Module) -> BlockSite | None:
@@ -72,16 +79,25 @@ def _site_in(owner: torch.nn.Module, block: torch.nn.Module) -> BlockSite | None
     return None
 
 
+def _dynamo_runs(frame: Any) -> bool:
+    """The frame runs code that Dynamo compiled (the owner is itself inside a compiled
+    model: then its blocks are the whole model's business, not regional ones)."""
+    from torch._dynamo.utils import orig_code_map
+
+    return frame.f_code in orig_code_map
+
+
 def _call_arguments(frame: Any, owner: torch.nn.Module) -> tuple[tuple, dict] | None:
     """The arguments of the owner's running call: the locals of its ``Module._call_impl``
-    frame, a few frames above its ``forward`` (diffusers' hooks wrap ``forward``), or None."""
+    frame, ``frame`` itself or a few frames above its ``forward`` (diffusers' hooks wrap
+    ``forward``); None where there is none or Dynamo runs one of these frames."""
     for _ in range(6):
-        frame = frame.f_back
-        if frame is None:
+        if frame is None or _dynamo_runs(frame):
             return None
         if frame.f_code.co_name == "_call_impl" and frame.f_locals.get("self") is owner:
             args, kwargs = frame.f_locals.get("args"), frame.f_locals.get("kwargs")
             return (tuple(args), dict(kwargs)) if isinstance(args, tuple) and isinstance(kwargs, dict) else None
+        frame = frame.f_back
     return None
 
 
@@ -99,11 +115,29 @@ def find_site(block: torch.nn.Module) -> tuple[BlockSite, tuple[tuple, dict] | N
                 if not isinstance(owner, _CONTAINERS):
                     site = _site_in(owner, block)
                     if site is not None:
-                        return site, _call_arguments(frame, owner)
+                        return _outside_dynamo(site, frame)
             frame = frame.f_back
         return None
     finally:
         del frame
+
+
+def _outside_dynamo(site: BlockSite, frame: Any) -> tuple[BlockSite, tuple[tuple, dict] | None]:
+    """The site with the arguments of the owner's call. Where Dynamo runs the owner's forward
+    (``torch.compile(owner)`` whose graphs break between blocks, so that a block's frame
+    compiles alone), the step hooks go on the ``OptimizedModule`` that wraps the owner (its
+    own call runs outside Dynamo; hooks on the owner would be traced into its graphs)."""
+    arguments = _call_arguments(frame, site.owner)
+    if arguments is not None:
+        return site, arguments
+    outer = frame.f_back
+    while outer is not None:
+        wrapper = outer.f_locals.get("self")
+        if isinstance(wrapper, torch._dynamo.eval_frame.OptimizedModule) and wrapper._orig_mod is site.owner:
+            hooked = BlockSite(site.owner, site.path, site.count, wrapper)
+            return hooked, _call_arguments(outer, wrapper)
+        outer = outer.f_back
+    return site, None
 
 
 @dataclass
@@ -136,7 +170,8 @@ class RegionalOwner:
 
     bodies_compiled = 0
 
-    def __init__(self, owner: torch.nn.Module, model: ModelState) -> None:
+    def __init__(self, site: BlockSite, model: ModelState) -> None:
+        owner = site.owner
         self.model = model
         self.regions: list[GuardedRegion] = []
         self.paths: set[str] = set()
@@ -148,8 +183,8 @@ class RegionalOwner:
         self._tokens = threading.local()
         self._pending = False  # the first owner call's step, started at compile time, is still open
         self._first = next((p for p, _ in self._by_param.values()), None)
-        owner.register_forward_pre_hook(self._pre, with_kwargs=True)
-        owner.register_forward_hook(self._post, always_call=True)
+        site.target.register_forward_pre_hook(self._pre, with_kwargs=True)
+        site.target.register_forward_hook(self._post, always_call=True)
         model.attach(self)
 
     @staticmethod
@@ -261,29 +296,33 @@ class RegionalOwner:
         call.paths.append(path)
         return n
 
-    def region(self, path: str, position: int, body: Callable[..., Any], template: RegionSpec) -> GuardedRegion:
-        """The guarded region of block ``path`` at ``position`` (made on first use)."""
-        for r in self.regions:
-            if r.spec.path == path and r.spec.order == position:
-                return r
+    def region(self, path: str, position: int, graph: "LoneBlockRuntime") -> GuardedRegion:
+        """The guarded region of block ``path`` at ``position`` in ``graph`` (made on first use:
+        a recompiled graph, e.g. for dynamic shapes, lays its inputs out anew)."""
+        key = (id(self), path, position)
+        region = graph.made.get(key)
+        if region is not None:
+            return region
+        template = graph.template
         spec = RegionSpec(path, position, template.stream_pairs, template.observed, template.num_outputs, template.key)
-        region = GuardedRegion(spec, body, self.model.home)  # type: ignore[arg-type]
+        region = GuardedRegion(spec, graph.body, self.model.home)  # type: ignore[arg-type]
         region.math = self.math
         with _LOCK:
+            graph.made[key] = region
             self.regions.append(region)
             self.paths.add(path)
         return region
 
 
 def regional_owner(site: BlockSite, arguments: tuple[tuple, dict], make: Callable[[], ModelState]) -> RegionalOwner:
-    """The owner's :class:`RegionalOwner`, made on first use with its hooks; then the step of
-    the owner call now running (``arguments``) starts."""
+    """The owner's :class:`RegionalOwner`, made on first use with its hooks (on
+    ``site.target``); then the step of the owner call now running (``arguments``) starts."""
     with _LOCK:
-        found = _OWNERS.get(site.owner)
+        found = _OWNERS.get(site.target)
         if found is not None:
             return found
-        created = _OWNERS[site.owner] = RegionalOwner(site.owner, make())
-    created.begin_running_call(site.owner, arguments)
+        created = _OWNERS[site.target] = RegionalOwner(site, make())
+    created.begin_running_call(site.target, arguments)
     return created
 
 
@@ -291,31 +330,71 @@ class LoneBlockRuntime:
     """The callable Dynamo runs for a graph that is one whole block (see module docstring):
     the block's compiled body, guarded where an owner call is running."""
 
-    def __init__(self, body: Callable[..., Any], template: RegionSpec, param_index: int | None, fixed_path: str | None) -> None:
+    def __init__(self, body: Callable[..., Any], template: RegionSpec, param_index: int | None, fixed_path: str | None,
+                 config: Any) -> None:
         self.body = body
         self.template = template
         self.param_index = param_index  # a parameter input of the block: which block this call is
         self.fixed_path = fixed_path  # where parameters are not inputs, the one block it was compiled for
-        self.regions: list[GuardedRegion] = []
+        self.config = config  # for the owner of a block that runs this graph without having compiled it
+        self.made: dict[tuple[int, str, int], GuardedRegion] = {}  # (owner, path, position) -> region
+        self._looked = WeakIdKeyDictionary()  # block parameters whose owner was looked for on the stack
+
+    def _path(self, owner: RegionalOwner, args: Sequence[Any]) -> str | None:
+        return owner.path_of(args[self.param_index]) if self.param_index is not None else self.fixed_path
+
+    def _adopt(self, args: Sequence[Any]) -> OwnerCall | None:
+        """The owner call of a block that runs this graph although its owner compiled none
+        (Dynamo serves one graph to every block of a class: a second model of the same class),
+        found once per block from the call stack as at compile time; or None."""
+        if self.param_index is None or self._looked.get(args[self.param_index]) is not None:
+            return None
+        param = args[self.param_index]
+        self._looked[param] = True
+        block = _innermost_module_with(param)
+        found = find_site(block) if block is not None else None
+        if found is None or found[1] is None or found[0].count < self.config.min_blocks:
+            return None
+        owner = regional_owner(found[0], found[1], lambda: ModelState(self.config))
+        call = CALL.get()
+        return call if call is not None and call.owner is owner else None
 
     def __call__(self, *args: Any) -> Any:
         call = CALL.get()
-        if call is None:
+        path = None if call is None else self._path(call.owner, args)
+        if path is None:
+            call = self._adopt(args)
+            path = None if call is None else self._path(call.owner, args)
+        if call is None or path is None:
             return self.body(*args)
-        owner = call.owner
-        path = owner.path_of(args[self.param_index]) if self.param_index is not None else self.fixed_path
-        position = None if path is None else owner.position(call, path)
+        position = call.owner.position(call, path)
         if position is None:
-            if path is not None:
-                call.state.cache((call.key[0], path)).clear()
+            call.state.cache((call.key[0], path)).clear()
             return self.body(*args)
-        region = owner.region(path, position, self.body, self.template)  # type: ignore[arg-type]
+        region = call.owner.region(path, position, self)
         token = ACTIVE.set(Active(call.state, call.key, call.step, call.known))
         try:
             with call.state.lock:
                 return tuple(region(*args))
         finally:
             ACTIVE.reset(token)
+
+
+def _innermost_module_with(param: Any) -> torch.nn.Module | None:
+    """The innermost module on the call stack that holds ``param`` (the block whose compiled
+    frame is running), or None."""
+    frame = sys._getframe(2)
+    try:
+        for _ in range(64):
+            if frame is None:
+                return None
+            module = frame.f_locals.get("self")
+            if isinstance(module, torch.nn.Module) and any(p is param for p in module.parameters()):
+                return module
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
 
 
 def shape_pairs(ins: Sequence[Any], outs: Sequence[Any], params: set[int], same: Callable[[Any, Any], bool]) -> list[tuple[int, int]] | str:
