@@ -241,3 +241,29 @@ def test_pipeline_compile_repeated_blocks_caches_like_whole_model(name):
     assert sum(r for _, r, _ in expected) > 0
     assert decisions(regional.pipe.transformer) == expected
     assert adacorr_compile.stats(regional.pipe.transformer)["steps"] == 6
+
+
+def test_dynamic_shapes_two_resolutions():
+    """``dynamic=True``: one graph per block class for both resolutions (no recompile in the
+    second), a new generation at the new size, the same decisions as whole-model compilation."""
+    model, _ = tiny_plain(depth=4)
+
+    def inputs(size):
+        def make(step, t, batch=2):
+            g = torch.Generator().manual_seed(1)
+            return dict(hidden_states=torch.randn(batch, 4, size, size, generator=g) + 0.01 * step,
+                        timestep=torch.full((batch,), t))
+        return make
+
+    whole = torch.compile(copy.deepcopy(model), backend="adacorr", dynamic=True, options=EAGER)
+    regional = compile_blocks(copy.deepcopy(model), backend="adacorr", dynamic=True, options=EAGER)
+    for fn in (whole, regional):
+        run(fn, inputs(8), generations=1)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        a = run(regional, inputs(12), generations=1)
+    b = run(whole, inputs(12), generations=1)
+    for x, y in zip(b, a):
+        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5)
+    assert decisions(regional) == decisions(whole)
+    s = adacorr_compile.stats(regional)
+    assert s["generations"] == 1 and s["totals"]["reuses"] > 0

@@ -164,6 +164,25 @@ def owner_state(module: Any) -> ModelState | None:
     return None if found is None else found.model
 
 
+class _Hook:
+    """A step hook of a :class:`RegionalOwner` on its module. A copy of the module
+    (``copy.deepcopy``, ``pickle``) gets a hook that does nothing: the copy is another model,
+    whose blocks find their own owner when they run (``LoneBlockRuntime._adopt``)."""
+
+    def __init__(self, fn: Callable[..., Any] | None) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any) -> None:
+        if self.fn is not None:
+            self.fn(*args)
+
+    def __deepcopy__(self, memo: dict) -> "_Hook":
+        return _Hook(None)
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (_Hook, (None,))
+
+
 class RegionalOwner:
     """The shared step of an owner's block graphs (see module docstring). It stands in
     :attr:`ModelState.graphs` for them: ``regions`` are the blocks' regions so far."""
@@ -174,7 +193,8 @@ class RegionalOwner:
         owner = site.owner
         self.model = model
         self.regions: list[GuardedRegion] = []
-        self.paths: set[str] = set()
+        # no paths for GraphRuntime's slot lookup: a whole-model graph never shares this step's record
+        self.paths: frozenset[str] = frozenset()
         self.slot = ("regional", id(self))
         self.math = RegionMath(model.home)  # one set of per-step kernels for the owner's regions
         self.order: list[str] = []  # block paths by position, as first seen
@@ -183,8 +203,9 @@ class RegionalOwner:
         self._tokens = threading.local()
         self._pending = False  # the first owner call's step, started at compile time, is still open
         self._first = next((p for p, _ in self._by_param.values()), None)
-        site.target.register_forward_pre_hook(self._pre, with_kwargs=True)
-        site.target.register_forward_hook(self._post, always_call=True)
+        self.name = type(owner).__name__
+        site.target.register_forward_pre_hook(_Hook(self._pre), with_kwargs=True)
+        site.target.register_forward_hook(_Hook(self._post), always_call=True)
         model.attach(self)
 
     @staticmethod
@@ -260,7 +281,11 @@ class RegionalOwner:
         if not stack:
             return
         call = CALL.get()
-        CALL.reset(stack.pop())
+        token = stack.pop()
+        try:
+            CALL.reset(token)
+        except ValueError:  # set in another context (the compile-time start, then asyncio): no call is running
+            CALL.set(None)
         if call is not None and call.owner is self:
             with call.state.lock:
                 call.state.graph(call.key).steps += 1
@@ -290,7 +315,7 @@ class RegionalOwner:
                 self.order.append(path)
         if path in call.paths or n >= len(self.order) or self.order[n] != path:
             call.broken = True
-            self.model.note(f"regional blocks of {self.slot[0]} ran out of their learned order ({path} at position {n}): "
+            self.model.note(f"the blocks of {self.name} ran out of their learned order ({path} at position {n}): "
                             "that step computed its remaining blocks without caching")
             return None
         call.paths.append(path)
@@ -310,7 +335,6 @@ class RegionalOwner:
         with _LOCK:
             graph.made[key] = region
             self.regions.append(region)
-            self.paths.add(path)
         return region
 
 
