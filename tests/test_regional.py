@@ -267,3 +267,21 @@ def test_dynamic_shapes_two_resolutions():
     assert decisions(regional) == decisions(whole)
     s = adacorr_compile.stats(regional)
     assert s["generations"] == 1 and s["totals"]["reuses"] > 0
+
+
+def test_api_before_the_first_call():
+    """``stats``/``generation`` on a regionally compiled model before any block compiled in it
+    (the hooks go on now); a ``generation(num_steps=...)`` context covers its blocks."""
+    model, inputs = tiny_plain(depth=4)
+    whole = torch.compile(copy.deepcopy(model), backend="adacorr", options=EAGER)
+    regional = compile_blocks(copy.deepcopy(model), backend="adacorr", options=EAGER)
+    assert adacorr_compile.stats(regional)["totals"]["calls"] == 0
+    seen = []
+    for fn in (whole, regional):
+        with adacorr_compile.generation(fn, num_steps=10):  # stats() inside: the context's own state
+            run(fn, inputs, steps=10, generations=1)
+            seen.append(decisions(fn))
+    assert seen[1] == seen[0]
+    assert sum(r for _, r, _ in seen[1]) > 0
+    with pytest.raises(TypeError, match="not a model compiled"):
+        adacorr_compile.stats(compile_blocks(copy.deepcopy(model)))  # Inductor blocks: no adacorr state

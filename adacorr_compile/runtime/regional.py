@@ -172,6 +172,7 @@ class _Hook:
     def __init__(self, fn: Callable[..., Any] | None) -> None:
         self.fn = fn
 
+    @torch.compiler.disable  # runs where Dynamo may trace the module's call (an OptimizedModule's hooks): never traced
     def __call__(self, *args: Any) -> None:
         if self.fn is not None:
             self.fn(*args)
@@ -348,6 +349,27 @@ def regional_owner(site: BlockSite, arguments: tuple[tuple, dict], make: Callabl
         created = _OWNERS[site.target] = RegionalOwner(site, make())
     created.begin_running_call(site.target, arguments)
     return created
+
+
+def owner_from_blocks(module: torch.nn.Module, config_of: Callable[[Any], Any]) -> ModelState | None:
+    """The state of ``module``'s regionally compiled blocks where none of them compiled inside
+    it (Dynamo served them graphs compiled for another model of the class): its
+    :class:`RegionalOwner` made now, hooked before its next call, with the config of its first
+    block compiled for adacorr (``config_of(compiled callable)``, None where it is not); or None."""
+    for name, container in module.named_modules():
+        if not isinstance(container, _CONTAINERS):
+            continue
+        for child in container:
+            compiled = child if isinstance(child, torch._dynamo.eval_frame.OptimizedModule) else child.__dict__.get("_compiled_call_impl")
+            config = config_of(compiled) if compiled is not None else None
+            if config is not None:
+                site = BlockSite(module, f"{name}.0" if name else "0", len(container))
+                with _LOCK:
+                    found = _OWNERS.get(module)
+                    if found is None:
+                        found = _OWNERS[module] = RegionalOwner(site, ModelState(config))
+                return found.model
+    return None
 
 
 class LoneBlockRuntime:
