@@ -99,9 +99,11 @@ def _lone_block(
         return None
     # a regionally compiled block's own compile has a state per block: the owner gets one; a
     # block frame of a whole-model compile shares the model's state (stats() shows both)
-    owner = regional_owner(site, arguments, lambda: ModelState(config) if site.hooked is None else model)
     reason = _lone_refusal(gm, tx, site, config)
     template = _lone_spec(original, example_inputs, site.path) if reason is None else reason
+    if isinstance(template, str) and site.hooked is not None:
+        return None  # a whole-model compile's block frame that cannot be guarded: nothing changes for it
+    owner = regional_owner(site, arguments, lambda: ModelState(config) if site.hooked is None else model)
     if isinstance(template, str):
         reason = template if template.startswith(site.path) else f"{site.path}: {template}"
         owner.model.note(reason)  # stats(owner)["fallbacks"] says why this block is not guarded
