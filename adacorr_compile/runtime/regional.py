@@ -25,6 +25,13 @@ All block graphs of one owner instance share one step, kept by the owner's
   block, as ``chain_regions`` would keep without spans).
 
 A block graph called outside its owner's forward runs plainly.
+
+The same mechanism guards a block whose frame Dynamo compiles alone inside a whole-model
+``torch.compile(owner)`` (graph breaks between blocks): the hooks then go on the
+``OptimizedModule`` and the region joins the model's state, next to the in-graph regions of
+the graphs that hold two or more blocks (each such graph keeps its own leader and probe, as
+before). A block graph that is only a part of its block (a graph break inside the block) is
+never a region: regionally compiled, the reason is in ``stats(owner)["fallbacks"]``.
 """
 
 from __future__ import annotations
