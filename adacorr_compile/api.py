@@ -11,6 +11,7 @@ import torch
 from .config import AdaCorrConfig
 from .runtime import contexts
 from .runtime.graph import GraphRuntime
+from .runtime.regional import owner_from_blocks, owner_state
 from .runtime.owners import STATE_ATTR, compile_wrapper_of, state_on
 from .runtime.state import GenerationState, ModelState, summarize
 
@@ -21,11 +22,18 @@ def _model_state(compiled: Any) -> ModelState:
         return compiled
     if isinstance(compiled, GraphRuntime):
         return compiled.model
+    regional = owner_state(compiled) or owner_state(getattr(compiled, "_orig_mod", None))  # blocks compiled alone in it
+    if regional is not None:
+        return regional
     ctx = getattr(compiled, "dynamo_ctx", None) or getattr(getattr(compiled, "forward", None), "dynamo_ctx", None)
     wrapper = compile_wrapper_of(getattr(ctx, "callback", None))
     for cell in getattr(compiled, "__closure__", None) or ():  # a compiled function: its Dynamo callback
         if wrapper is None:
             wrapper = compile_wrapper_of(cell.cell_contents)
+    if wrapper is None and isinstance(compiled, torch.nn.Module):  # blocks compiled alone, none of them here
+        regional = owner_from_blocks(compiled, _config_or_none)
+        if regional is not None:
+            return regional
     if wrapper is None:
         raise TypeError(
             f"{type(compiled).__name__} is not a model compiled with torch.compile(..., backend='adacorr')"
@@ -34,6 +42,14 @@ def _model_state(compiled: Any) -> ModelState:
         raise TypeError(f"model was compiled with backend={wrapper.compiler_name!r}, not 'adacorr'")
     # not called yet: create it so generation()/reset() work up front
     return state_on(wrapper, lambda: ModelState(AdaCorrConfig.from_options(wrapper.kwargs.get("options"))))
+
+
+def _config_or_none(compiled: Any) -> AdaCorrConfig | None:
+    """The config of a callable compiled with ``backend="adacorr"``, or None."""
+    try:
+        return _model_state(compiled).config
+    except TypeError:
+        return None
 
 
 def stats(compiled: Any) -> dict[str, Any]:
