@@ -27,10 +27,9 @@ from .passes.common import Analysis, example_value
 from .passes.manager import run_passes
 from .runtime import contexts
 from .runtime.graph import GraphRuntime
-from .passes.find_blocks import _is_param, _same
 from .runtime.owners import compiling_wrapper, state_on
-from .runtime.region import RegionSpec
-from .runtime.regional import LoneBlockRuntime, find_site, regional_owner, shape_pairs
+from .passes.lone_block import lone_block
+from .runtime.regional import LoneBlockRuntime
 from .runtime.state import ModelState
 
 logger = logging.getLogger("adacorr_compile")
@@ -79,68 +78,6 @@ def _plain_compile(gm: fx.GraphModule, example_inputs: list[Any], config: AdaCor
     from .compilers import inductor_patches
 
     return compile_fx(gm, example_inputs, config_patches=inductor_patches(config))
-
-
-def _lone_block(
-    gm: fx.GraphModule, original: fx.GraphModule, example_inputs: list[Any], config: AdaCorrConfig, model: ModelState,
-) -> LoneBlockRuntime | str | None:
-    """Regional compilation (``runtime/regional.py``): the runtime of a graph that is the whole
-    forward of a numbered block of an owner module; the reason it cannot be guarded; or None
-    where the graph is not a block's forward (then the passes' reasons stand)."""
-    tx = _current_tx()
-    block = tx.f_locals.get("self") if tx is not None else None
-    if not isinstance(block, torch.nn.Module):
-        return None
-    found = find_site(block)
-    if found is None:
-        return None
-    site, arguments = found
-    if arguments is None:  # no owner call to hook (or Dynamo runs it: a whole-model compile's nested frame)
-        return None
-    # a regionally compiled block's own compile has a state per block: the owner gets one; a
-    # block frame of a whole-model compile shares the model's state (stats() shows both)
-    reason = _lone_refusal(gm, tx, site, config)
-    template = _lone_spec(original, example_inputs, site.path) if reason is None else reason
-    if isinstance(template, str) and site.hooked is not None:
-        return None  # a whole-model compile's block frame that cannot be guarded: nothing changes for it
-    owner = regional_owner(site, arguments, lambda: ModelState(config) if site.hooked is None else model)
-    if isinstance(template, str):
-        reason = template if template.startswith(site.path) else f"{site.path}: {template}"
-        owner.model.note(reason)  # stats(owner)["fallbacks"] says why this block is not guarded
-        return reason
-    placeholders = [n for n in original.graph.nodes if n.op == "placeholder"]
-    params = [i for i, (n, x) in enumerate(zip(placeholders, example_inputs)) if _is_param(n, x)]
-    body = _plain_compile(original, example_inputs, config)
-    logger.info("adacorr: %s compiled alone: a guarded region of %s (%d blocks in its container)",
-                site.path, type(site.owner).__name__, site.count)
-    return LoneBlockRuntime(body, template, params[0] if params else None, None if params else site.path, config)
-
-
-def _lone_refusal(gm: fx.GraphModule, tx: Any, site: Any, config: AdaCorrConfig) -> str | None:
-    """Why a block's graph cannot be its guarded region: it is a part of the block (a graph
-    break inside it), or the block's container is shorter than ``min_blocks``; or None."""
-    reason = getattr(gm, "compile_subgraph_reason", None)
-    if tx.f_code.co_name.startswith("torch_dynamo_resume") or getattr(reason, "graph_break", False):
-        return f"{site.path}: its compiled graph is a part of the block (a graph break inside it)"
-    if site.count < config.min_blocks:
-        return f"{site.path}: its container has {site.count} block(s), fewer than min_blocks={config.min_blocks}"
-    return None
-
-
-def _lone_spec(gm: fx.GraphModule, example_inputs: list[Any], path: str) -> RegionSpec | str:
-    """The region spec of a whole-block graph (inputs: the placeholders, outputs: the graph's),
-    its streams paired by shape (:func:`shape_pairs`), or why there is none."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    output = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-    outs = list(output) if isinstance(output, (tuple, list)) else [output]
-    if not outs or not all(isinstance(o, fx.Node) and isinstance(example_value(o), torch.Tensor) for o in outs):
-        return "the graph returns a value that is not a tensor"
-    params = {i for i, (n, x) in enumerate(zip(placeholders, example_inputs)) if _is_param(n, x)}
-    ins = [example_value(n) for n in placeholders]
-    pairs = shape_pairs(ins, [example_value(o) for o in outs], params, _same)
-    if isinstance(pairs, str):
-        return pairs
-    return RegionSpec(path, 0, tuple(pairs), tuple(sorted({i for i, _ in pairs})), len(outs), f"lone:{path}")
 
 
 def _current_tx() -> Any | None:
@@ -285,7 +222,7 @@ def adacorr_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Any 
         return _fallback(original, example_inputs, config, model, f"a pass failed: {type(exc).__name__}: {exc}")
     if info.stopped or not info.regions:
         reasons = "; ".join(f"{w}: {r}" for w, r in info.skipped) or "no blocks found"
-        lone = _lone_block(gm, original, example_inputs, config, model)
+        lone = lone_block(original, example_inputs, config, model, _current_tx(), _plain_compile)
         if isinstance(lone, LoneBlockRuntime):
             return lone
         return _fallback(original, example_inputs, config, model, lone if lone is not None else reasons)
