@@ -57,9 +57,21 @@ def steady(
     kernel takes it as an input). An infinite ``max_change`` always holds."""
     if not isinstance(max_change, torch.Tensor) and max_change == float("inf"):  # 0 * inf would be NaN
         return torch.ones((), dtype=torch.bool, device=new[0].device)
-    change = torch.stack([(n.float() - o.float()).square().sum() for n, o in zip(new, old)]).sum().sqrt()
-    size = torch.stack([n.float().square().sum() for n in new]).sum().sqrt()
-    holds = change <= size * (gap * max_change)
+    return steady_from_sums(steady_sums(new, old), gap, max_change)
+
+
+def steady_sums(new: list[torch.Tensor], old: list[torch.Tensor]) -> torch.Tensor:
+    """:func:`steady`'s two sums, ``[sum (new - old)^2, sum new^2]`` over all streams
+    (float32): sums over the elements, so the ranks holding shards of the values can add
+    theirs (a decision group's all-reduce) before :func:`steady_from_sums`."""
+    change = torch.stack([(n.float() - o.float()).square().sum() for n, o in zip(new, old)]).sum()
+    size = torch.stack([n.float().square().sum() for n in new]).sum()
+    return torch.stack([change, size])
+
+
+def steady_from_sums(sums: torch.Tensor, gap: float | torch.Tensor, max_change: float | torch.Tensor) -> torch.Tensor:
+    """:func:`steady` from its (summed) :func:`steady_sums`."""
+    holds = sums[0].sqrt() <= sums[1].sqrt() * (gap * max_change)
     return holds | torch.isinf(max_change) if isinstance(max_change, torch.Tensor) else holds
 
 

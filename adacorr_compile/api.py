@@ -56,7 +56,7 @@ def stats(compiled: Any) -> dict[str, Any]:
     """Per-region statistics of the current generation context.
 
     Returns ``{"regions": [...], "totals": {...}, "steps": n, "cache_bytes": b,
-    "generations": k, "fallbacks": [...]}`` (``cache_bytes``: bytes the caches hold now,
+    "generations": k, "fallbacks": [...], "decision_group": {...} | None}`` (``cache_bytes``: bytes the caches hold now,
     each storage once); each region has ``path, calls, reuses, computes, partial,
     nonfinite, last_lambda, mean_lambda, last_score, mean_score`` and per-step traces
     (``lambda_trace``, ``score_trace``, ``reuse_trace``) of the current generation.
@@ -72,6 +72,9 @@ def stats(compiled: Any) -> dict[str, Any]:
         "cache_bytes": state.cache_bytes(),
         "generations": state.generations,
         "fallbacks": list(model.fallbacks),
+        # the ranks that decide together: size, where it came from, all-reduces so far and their
+        # host time; None where each rank (or the one process) decides alone
+        "decision_group": None if model.group is None else model.group.summary(),
     }
 
 

@@ -211,6 +211,10 @@ def adacorr_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Any 
     except ValueError as exc:  # the user reads this ValueError, not Dynamo's BackendCompilerFailed
         raise option_error(exc, inspect.currentframe()) from None
     model = _attach_model_state(config)
+    try:
+        model.resolve_group(_compiled_module())
+    except ValueError as exc:  # a decision_group that cannot be used: the user's option
+        raise option_error(exc, inspect.currentframe()) from None
     reason = _not_guarded_because(example_inputs)
     if reason is not None:
         return _fallback(gm, example_inputs, config, model, reason)

@@ -127,6 +127,19 @@ class AdaCorrConfig:
         about 3 dB of mean PSNR on the reference DiT, is level on Flux and loses on SD3, so it
         is not the default.
 
+    Several processes:
+
+    decision_group: which ranks take one decision together (every rank of the group reuses
+        or computes a block alike; ranks that meet in a block's collectives must be in one
+        group, or the one that computes waits forever for the one that reused). The scores
+        are built from partial sums that one SUM all-reduce per step adds across the group,
+        so the decision is the one a single process would take on the whole sequence.
+        ``"auto"`` (default): the ranks the model is sharded over (diffusers' context or
+        tensor parallelism, DTensor-sharded blocks), else none (one process, data or CFG
+        parallelism: each rank decides for its own batch); ``"world"``: all ranks (e.g. CFG
+        ranks voting jointly); ``"none"``: each rank alone; or a ``ProcessGroup`` or
+        one-dimensional ``DeviceMesh``. See :mod:`adacorr_compile.runtime.distributed`.
+
     Lowering:
 
     lowering: ``"inductor"`` (default), ``"eager"`` (block bodies run as FX graphs,
@@ -165,6 +178,7 @@ class AdaCorrConfig:
     forecast: str = "linear"
     forecast_max_change: float = 0.1
     probe_forecast: bool = False
+    decision_group: Any = "auto"
     lowering: str = "inductor"
     inductor_mode: str = "default"
     timestep_arg: str = "timestep"
@@ -275,12 +289,26 @@ _ALLOWED: dict[str, tuple[Any, str]] = {
     "forecast": (lambda v: v in FORECASTS, " | ".join(FORECASTS)),
     "forecast_max_change": (lambda v: _is_number(v) and v >= 0, "a number >= 0 (float('inf'): always extrapolate)"),
     "probe_forecast": (lambda v: isinstance(v, bool), "True | False"),
+    "decision_group": (lambda v: _is_group(v), "'auto' | 'world' | 'none' | a torch.distributed ProcessGroup | "
+                                              "a one-dimensional DeviceMesh"),
     "lowering": (lambda v: v in LOWERINGS, " | ".join(LOWERINGS)),
     "inductor_mode": (lambda v: v in INDUCTOR_MODES, " | ".join(INDUCTOR_MODES)),
     "timestep_arg": (lambda v: isinstance(v, str) and v.isidentifier(), "a Python identifier (the forward argument name)"),
     "min_blocks": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
     "dump_graphs": (lambda v: isinstance(v, bool), "True | False"),
 }
+
+
+def _is_group(v: Any) -> bool:
+    """A ``decision_group`` value (the distributed types are looked up only for a non-string)."""
+    if isinstance(v, str):
+        return v in ("auto", "world", "none")
+    try:
+        from torch.distributed import ProcessGroup
+        from torch.distributed.device_mesh import DeviceMesh
+    except ImportError:  # pragma: no cover - a torch without distributed
+        return False
+    return isinstance(v, (ProcessGroup, DeviceMesh))
 
 
 def _check_field(name: str, value: Any) -> None:

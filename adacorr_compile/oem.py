@@ -102,3 +102,46 @@ def score(
     if variant == "relative":
         return relative_offset_score(h, h_prev, spatial_weight, per_sample)
     raise ValueError(f"score variant {variant!r}; expected 'paper' or 'relative'")
+
+
+# --------------------------------------------------------------------------- partial sums
+# Under context parallelism each rank holds a shard of the tokens. Every token mean above is a
+# sum over tokens divided by their count, so a rank can give its sums and counts instead, the
+# ranks' sums are added (one SUM all-reduce), and the score is computed from the totals: the
+# exact score of the whole sequence, whatever the shard sizes (not a mean of per-rank means).
+# Ranks that hold the same tokens (tensor parallelism: replicated block inputs) add equal sums
+# and counts alike, which leaves every mean unchanged.
+
+PARTIALS = 5  # per sample: sums of D_temp, of the reference's token norm, of D_spat, of the token RMS; the count
+
+
+def score_partials(h: Streams, h_prev: Streams) -> torch.Tensor:
+    """``[B, PARTIALS]`` float32: per sample, the token sums of the four per-token terms of
+    the scores above (temporal deviation, the reference's token norm, spatial variation,
+    token RMS) and the number of tokens (all streams pooled)."""
+    hs, hp = _as_list(h), _as_list(h_prev)
+    terms = [
+        [torch.linalg.vector_norm(_f32(a) - _f32(b), dim=-1) for a, b in zip(hs, hp, strict=True)],
+        [torch.linalg.vector_norm(_f32(b), dim=-1) for b in hp],
+        [torch.var(_f32(a), dim=-1, unbiased=False).sqrt() for a in hs],
+        [_f32(a).pow(2).mean(-1).sqrt() for a in hs],
+    ]
+    sums = [sum(v.flatten(1).sum(1) for v in per_token) for per_token in terms]
+    count = sum(v[0].numel() for v in terms[0])
+    return torch.stack([*sums, torch.full_like(sums[0], float(count))], dim=1)
+
+
+def score_from_partials(
+    variant: str, partials: torch.Tensor, spatial_weight: float = 1.0, per_sample: bool = False, eps: float = 1e-12
+) -> torch.Tensor:
+    """:func:`score` from (summed) :func:`score_partials`: each token mean is a sum over the
+    count, per sample, then averaged over the batch unless ``per_sample``."""
+    means = partials[:, :4] / partials[:, 4:5]
+    means = means if per_sample else means.mean(0)
+    d_temp, ref_norm, d_spat, rms = means.unbind(-1)
+    if variant == "paper":
+        return offset_score(d_temp, d_spat, spatial_weight)
+    if variant == "relative":
+        delta = d_temp / (ref_norm + eps)
+        return delta.pow(2) + spatial_weight * delta * (d_spat / (rms + eps))
+    raise ValueError(f"score variant {variant!r}; expected 'paper' or 'relative'")

@@ -268,6 +268,18 @@ def relative_change(current: torch.Tensor, reference: torch.Tensor, eps: float =
     return (current.float() - reference.float()).abs().mean() / (reference.float().abs().mean() + eps)
 
 
+def relative_change_sums(current: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """:func:`relative_change` as sums a decision group adds over its ranks:
+    ``[sum|current - reference|, sum|reference|, count]`` (float32)."""
+    diff = (current.float() - reference.float()).abs().sum()
+    return torch.stack([diff, reference.float().abs().sum(), torch.full_like(diff, float(reference.numel()))])
+
+
+def relative_change_from_sums(sums: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """:func:`relative_change` from (summed) :func:`relative_change_sums`."""
+    return (sums[0] / sums[2]) / (sums[1] / sums[2] + eps)
+
+
 def read_to_host(values: Sequence[torch.Tensor]) -> list[float]:
     """The one device-to-host synchronisation of a decision: all values in one read."""
     flat = torch.cat([v.detach().reshape(-1).float() for v in values])

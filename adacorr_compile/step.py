@@ -20,7 +20,7 @@ Nothing here imports the runtime or the export (arrows point down only).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Sequence
 
 import torch
@@ -41,6 +41,21 @@ def measure(
     """``(score, lambda)``: the OEM offset score of ``observed`` against ``reference`` and
     the ACM's correction weight ``clip(gamma * S, 0, 1)`` (paper, eqs. 4-6)."""
     score = oem.score(kind, list(observed), list(reference), spatial_weight, per_sample)
+    return score, acm.correction_weight(score, gamma)
+
+
+def measure_partials(observed: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> torch.Tensor:
+    """:func:`measure`'s score as partial sums (``[B, oem.PARTIALS]``,
+    :func:`adacorr_compile.oem.score_partials`): what a rank of a decision group measures on
+    its shard, for the group's all-reduce."""
+    return oem.score_partials(list(observed), list(reference))
+
+
+def measure_from_partials(
+    kind: str, partials: torch.Tensor, spatial_weight: float, gamma: float, per_sample: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`measure` from partial sums added over the group's ranks."""
+    score = oem.score_from_partials(kind, partials, spatial_weight, per_sample)
     return score, acm.correction_weight(score, gamma)
 
 
@@ -145,6 +160,10 @@ class RegionCache:
     # (a policies.Verdict) and, on a compute, its input until the last region stores the residual
     pending: Verdict | None = None
     span_in: Tensors | None = None
+    # under a decision group: the slope gate's sums of squares on this rank's shard, until the
+    # group has added them (settle_gate), and the gap between the two computes
+    gate_sums: torch.Tensor | None = None
+    gate_gap: float = 0.0
 
     # ------------------------------------------------------------ as export state
     @classmethod
@@ -225,11 +244,24 @@ class RegionCache:
         self.prev_valid = None if self.prev_val is None else self.valid
         self.ref_step = step
 
-    def gate_slope(self, new: Tensors, max_change: float) -> None:
-        """No slope from a fast change (:func:`slope_usable`) to the values just computed."""
+    def gate_slope(self, new: Tensors, max_change: float, deferred: bool = False) -> bool:
+        """No slope from a fast change (:func:`slope_usable`) to the values just computed.
+        ``deferred`` (a decision group): keep this shard's sums of squares for the group to
+        add (:meth:`settle_gate`) before the slope is used. Returns whether a gate waits."""
+        self.gate_sums = None
         if self.prev_val is not None and max_change != float("inf"):
             if same_shapes(new, self.prev_val) and self.ref_step > self.prev_step:
-                self.prev_valid = slope_usable(self.prev_valid, new, self.prev_val, float(self.ref_step - self.prev_step), max_change)
+                gap = float(self.ref_step - self.prev_step)
+                if deferred:
+                    self.gate_sums, self.gate_gap = acm.steady_sums(list(new), list(self.prev_val)), gap
+                    return True
+                self.prev_valid = slope_usable(self.prev_valid, new, self.prev_val, gap, max_change)
+        return False
+
+    def settle_gate(self, sums: torch.Tensor, max_change: float) -> None:
+        """The slope gate from the sums of squares the group added (:meth:`gate_slope`)."""
+        self.gate_sums = None
+        self.prev_valid = self.prev_valid & acm.steady_from_sums(sums, self.gate_gap, max_change)
 
     def store(self, residuals: Tensors, outputs: Tensors | None, ref_in: Tensors | None, prev_in: Tensors | None,
               valid: torch.Tensor) -> None:
@@ -256,6 +288,15 @@ class StepSignals:
     probe_prev_step: int | None = None
     followers_valid: torch.Tensor | None = None
     verdict: Verdict | None = None
+    # under a decision group: the caches whose slope gate waits for the group's sums
+    # (RegionCache.gate_slope), settled by the next all-reduce of the graph's step
+    pending_gates: list[RegionCache] = field(default_factory=list)
+
+    def take_pending_gates(self) -> list[RegionCache]:
+        """The caches whose gate still waits (each once), and none left."""
+        gates, self.pending_gates = self.pending_gates, []
+        unique = {id(c): c for c in gates if c.gate_sums is not None}
+        return list(unique.values())
 
     def move_probe_ref(self, value: Tensors | None, step: int, keep_previous: bool) -> None:
         """The probe's reference becomes ``value`` (the leader's residual of ``step``); with

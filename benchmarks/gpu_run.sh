@@ -23,6 +23,9 @@
 #   benchmarks/gpu_run.sh                          # both models, all methods, ~7 min
 #   benchmarks/gpu_run.sh --smoke --device cuda    # tiny models in bf16 on the GPU: a quick check first
 #   benchmarks/gpu_run.sh --models flux --methods "eager,inductor,adacorr default"
+#   benchmarks/gpu_run.sh --distributed 4          # several GPUs: benchmarks/distributed.py under torchrun,
+#                                                  # NCCL, Flux context parallel over 4 ranks (--size gpu)
+#   benchmarks/gpu_run.sh --distributed 2 --steps 28 --options '{"reuse_threshold": 0.2}'
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -31,4 +34,10 @@ else
     echo "gpu_run.sh: no .whl/*.whl here: diffusers must already be importable" >&2
 fi
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if [[ "${1:-}" == "--distributed" ]]; then
+    ranks="${2:?gpu_run.sh --distributed needs the number of GPUs (ranks)}"
+    shift 2
+    PYTHONUNBUFFERED=1 exec python3 -m torch.distributed.run --standalone --nproc-per-node "$ranks" \
+        benchmarks/distributed.py --size gpu --out "${OUT:-benchmarks/results}" "$@"
+fi
 PYTHONUNBUFFERED=1 exec python3 benchmarks/gpu_bench.py --out "${OUT:-benchmarks/results}" "$@"

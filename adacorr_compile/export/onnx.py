@@ -296,13 +296,24 @@ def _trace_plain(model: torch.nn.Module, example_inputs: Mapping[str, Any], dyna
     return _Traced(ep, kwargs, shapes, model_inputs, model_outputs, model_inputs, model_outputs, [], [])
 
 
+def _config_metadata(cfg: AdaCorrConfig) -> dict[str, Any]:
+    """The options as JSON values: a process group or device mesh (``decision_group``) is
+    named, not stored; an exported model decides in one process."""
+    group = cfg.decision_group
+    named = cfg if isinstance(group, str) else dataclasses.replace(cfg, decision_group="none")
+    out = dataclasses.asdict(named)
+    if not isinstance(group, str):
+        out["decision_group"] = type(group).__name__
+    return out
+
+
 def _metadata(traced: _Traced, cfg: AdaCorrConfig, cache: bool, opset: int) -> dict[str, Any]:
     """The model's ``adacorr`` metadata: what the runner needs to thread the state."""
     model_inputs = traced.model_inputs
     return {
         "format": 1,
         "cached": bool(cache),
-        "config": dataclasses.asdict(cfg),
+        "config": _config_metadata(cfg),
         "regions": traced.regions,
         "model_inputs": model_inputs,
         # non-tensor inputs, fixed at export: the runner accepts them with these values only

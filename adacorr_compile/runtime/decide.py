@@ -142,7 +142,10 @@ class BlockDecider(Decider):
         score = lam = packed = None
         if has_cache:
             reference = cache.prev_in if region.home.plan.keeps is Keeps.PREVIOUS else cache.ref_in
-            score, lam, packed = region.math.measure(observed, reference, cache.valid)
+            if active.group is not None:
+                score, lam, packed = region.math.measure_group(observed, reference, cache.valid, active.group, shared)
+            else:
+                score, lam, packed = region.math.measure(observed, reference, cache.valid)
         return _settle(region, active, shared, guards, forced, packed, lam), score
 
 
@@ -170,7 +173,11 @@ class ProbeDecider(Decider):
             if shared.followers_valid is not None:
                 valid = valid & shared.followers_valid  # a follower's cache is not finite: compute all
             forecast = probe_forecast(plan, shared, active.step)
-            if forecast is None:
+            if active.group is not None:  # one decision on every rank of the group
+                previous = None if forecast is None else shared.probe_prev
+                score, lam, packed = region.math.measure_group(current, reference, valid, active.group, shared,
+                                                               previous, *(forecast or ()))
+            elif forecast is None:
                 score, lam, packed = region.math.measure(current, reference, valid)
             else:
                 score, lam, packed = region.math.measure_forecast(current, reference, shared.probe_prev, valid, *forecast)

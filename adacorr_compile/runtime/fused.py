@@ -31,13 +31,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
+from .. import acm
 from .. import step as rstep
 from ..config import AdaCorrConfig
 from ..policies import ConfigHome, HomeConfig
+
+if TYPE_CHECKING:  # pragma: no cover - types only
+    from ..step import StepSignals
+    from .distributed import DecisionGroup
 
 logger = logging.getLogger("adacorr_compile")
 
@@ -108,6 +113,21 @@ class RegionMath:
         return self._measure(n, *observed, *forecast, valid)
 
     @staticmethod
+    def _partials(n: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """A decision group's measure on this rank's shard: the score's partial sums."""
+        return (rstep.measure_partials(tensors[:n], tensors[n:2 * n]),)
+
+    @staticmethod
+    def _partials_forecast(n: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """:meth:`_partials` against the reference as stored and against its forecast (with
+        the gate held open), and the gate's sums: the group's totals pick one of the two."""
+        observed, reference, previous = tensors[:n], list(tensors[n:2 * n]), list(tensors[2 * n:3 * n])
+        params = tensors[3 * n]
+        forecast = rstep.probe_reference(reference, previous, params[0], params[1], float("inf"))
+        return (rstep.measure_partials(observed, reference), rstep.measure_partials(observed, forecast),
+                acm.steady_sums(reference, previous))
+
+    @staticmethod
     def _refresh(n: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         residuals, valid = rstep.fresh_residuals(tensors[:n], tensors[n:])
         return (*residuals, valid)
@@ -135,6 +155,50 @@ class RegionMath:
         score, lam, host = self._call("measure_forecast", self._measure_forecast, n,
                                       [*observed, *reference, *previous, valid, params])
         return score, lam, host
+
+    def measure_group(
+        self, observed: Sequence[torch.Tensor], reference: Sequence[torch.Tensor], valid: torch.Tensor,
+        group: DecisionGroup, shared: StepSignals | None, previous: Sequence[torch.Tensor] | None = None,
+        k: float = 0.0, gap: float = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`measure` (``previous`` given: :meth:`measure_forecast`) on the ranks of a
+        decision group: this rank's partial sums, the cache-valid flag and the slope gates
+        waiting in ``shared`` packed into one vector, one SUM all-reduce, then the score,
+        lambda and the host vector from the totals: the same on every rank."""
+        n = len(observed)
+        if previous is None:
+            (partials,) = self._call("partials", self._partials, n, [*observed, *reference])
+            parts = [partials]
+        else:
+            params = torch.stack([torch.full((), v, dtype=torch.float32, device=valid.device) for v in (k, gap)])
+            parts = list(self._call("partials_forecast", self._partials_forecast, n,
+                                    [*observed, *reference, *previous, params]))
+        gates = shared.take_pending_gates() if shared is not None else []
+        local = [*parts, (~valid.reshape(())).to(torch.float32), *(c.gate_sums for c in gates)]  # type: ignore[misc]
+        total = group.all_reduce(torch.cat([t.reshape(-1).to(torch.float32) for t in local]))
+        sizes = [t.numel() for t in local]
+        pieces = list(total.split(sizes))
+        cfg = self.config
+        for cache, sums in zip(gates, pieces[len(parts) + 1:]):
+            cache.settle_gate(sums, cfg.forecast_max_change)
+        partials = pieces[0].reshape(parts[0].shape)
+        if previous is not None:  # the forecast where the whole sequence changed steadily
+            steady = acm.steady_from_sums(pieces[2], gap, cfg.forecast_max_change)
+            partials = torch.where(steady, pieces[1].reshape(parts[1].shape), partials)
+        score, lam = rstep.measure_from_partials(cfg.score, partials, cfg.spatial_weight, cfg.gamma,
+                                                 cfg.decision == "sample")
+        valid_all = pieces[len(parts)].reshape(()) < 0.5
+        flags = torch.stack([valid_all.to(torch.float32), torch.isfinite(score).all().to(torch.float32)])
+        return score, lam, torch.cat([lam.reshape(-1).to(torch.float32), flags])
+
+    def settle_gates(self, group: DecisionGroup, shared: StepSignals) -> None:
+        """The slope gates still waiting in ``shared``, settled by an all-reduce of their own
+        (a reuse came before any measure of the step: not the usual order)."""
+        gates = shared.take_pending_gates()
+        if gates:
+            total = group.all_reduce(torch.cat([c.gate_sums.reshape(-1).to(torch.float32) for c in gates]))  # type: ignore[union-attr]
+            for cache, sums in zip(gates, total.split(2)):
+                cache.settle_gate(sums, self.config.forecast_max_change)
 
     def refresh(
         self, fresh: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]

@@ -96,7 +96,7 @@ class GraphRuntime:
             known = self.timestep_index is not None or state.has_boundaries() or (
                 context is not None and context.step_index is not None
             )
-            token = ACTIVE.set(Active(state, key, step, known))
+            token = ACTIVE.set(Active(state, key, step, known, model.group))
             try:
                 out = self.runner(*args)
             finally:

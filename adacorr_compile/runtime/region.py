@@ -39,10 +39,12 @@ from .. import acm
 from .. import step as rstep
 from ..config import AdaCorrConfig
 from ..policies import (
-    ConfigHome, HomeConfig, Role, caches_residuals, probe_forecasts, read_to_host,
+    ConfigHome, HomeConfig, Role, caches_residuals, probe_forecasts, read_to_host, relative_change_from_sums,
+    relative_change_sums,
 )
 from .decide import Decider, Taken as _Step, decider_for
 from .fused import RegionMath
+from .distributed import DecisionGroup
 from .state import GenerationState, StepSignals
 
 
@@ -83,6 +85,7 @@ class Active:
     graph_id: Any  # (owner token, graph id): the module instance and the graph it runs
     step: int
     generation_known: bool = True  # a timestep or the user marks where generations end
+    group: DecisionGroup | None = None  # the ranks that decide together (runtime/distributed.py)
 
 
 ACTIVE: contextvars.ContextVar[Active | None] = contextvars.ContextVar("adacorr_active_step", default=None)
@@ -157,9 +160,12 @@ def _guarded_call(region: GuardedRegion, args: Sequence[Any], active: Active) ->
     return _compute(region, args, observed, active, cache, shared, taken, decider.role)
 
 
-def _reuse_values(region: GuardedRegion, args: Sequence[Any], cache: Any, step: int) -> list[torch.Tensor]:
+def _reuse_values(region: GuardedRegion, args: Sequence[Any], cache: Any, active: Active) -> list[torch.Tensor]:
     """What a reuse returns per stream pair (:func:`adacorr_compile.step.reuse`): the input
     plus the (forecast) cached residual, or a copy of the cached output (``correction=False``)."""
+    step = active.step
+    if cache.gate_sums is not None and active.group is not None:  # the group's gate, before the slope is used
+        region.math.settle_gates(active.group, active.state.signals(active.graph_id))
     residuals = caches_residuals(region.config)
     cached = list(cache.values(residuals))
     previous, k = cache.forecast(step, cached)
@@ -182,7 +188,7 @@ def _reuse(
     stats.count_reuse(active.step, taken.lam, taken.score)
     if not span.last:
         return tuple(_order_outputs(spec, [args[i] for i, _ in spec.stream_pairs]))
-    outs = _order_outputs(spec, _reuse_values(region, args, cache, active.step))
+    outs = _order_outputs(spec, _reuse_values(region, args, cache, active))
     batch = (observed[0].shape[0] if observed else 1) if cfg.decision == "sample" else None
     cache.reused(batch, _kept(region, observed) if role == "block" and cfg.drift_reference == "previous" else None)
     return tuple(outs)
@@ -203,7 +209,7 @@ def _compute(
     outs_paired = by_pair
     blend = cfg.blend and taken.by_policy and lam is not None
     if has_cache and (blend or (mask is not None and any(mask))):
-        cached = _reuse_values(region, args, cache, active.step)
+        cached = _reuse_values(region, args, cache, active)
         if blend:
             outs_paired = [acm.blend(c, f, lam) for c, f in zip(cached, by_pair)]
         if mask is not None and any(mask):
@@ -220,7 +226,7 @@ def _compute(
         keeps = region.decider.keeps(region.home.plan)
         inputs = [args[i] for i, _ in spec.stream_pairs]
         kept = _kept(region, observed) if keeps is not None else observed
-        _refresh(region.math, cfg, cache, inputs, kept, by_pair, mask if has_cache else None, active.step, keeps)
+        _refresh(region.math, cfg, cache, inputs, kept, by_pair, mask if has_cache else None, active, keeps)
     elif span.position == 0:
         cache.hold_span_input([args[i] for i in span.sources])  # the span's input, until its last region
     elif span.last:
@@ -228,14 +234,14 @@ def _compute(
         if inputs is None or not rstep.same_shapes(inputs, by_pair):  # its first region did not compute: no residual
             cache.clear()
         else:
-            _refresh(region.math, cfg, cache, inputs, observed, by_pair, None, active.step, None)
+            _refresh(region.math, cfg, cache, inputs, observed, by_pair, None, active, None)
     if role == "probe":
         shared.move_probe_ref(shared.take_leader_res(), active.step, probe_forecasts(cfg))
         shared.note_followers_valid(None, reset=True)  # the followers refresh after the probe in this step
     elif role == "follower" and span.last:
         shared.note_followers_valid(cache.valid)
     if cfg.policy == "first_block" and spec.order == 0:
-        _first_block_update(cfg, shared, (shared.leader_res if role == "leader" else cache.ref_res)[0])
+        _first_block_update(cfg, shared, (shared.leader_res if role == "leader" else cache.ref_res)[0], active.group)
     stats.computes += 1
     batch = None
     if cfg.decision == "sample":
@@ -263,7 +269,7 @@ def _refresh(
     observed: list[torch.Tensor],
     fresh: list[torch.Tensor],
     keep_mask: list[bool] | None,
-    step: int,
+    active: Active,
     keeps: str | None = "ref",
 ) -> None:
     """Store the fresh residuals ``fresh - inputs`` (:func:`adacorr_compile.step.fresh_residuals`,
@@ -274,12 +280,14 @@ def _refresh(
     second point of the extrapolation (not after a partial, per-sample refresh)."""
     partial = keep_mask is not None and any(keep_mask)
     residual_cache = caches_residuals(cfg)
+    group = active.group
     if cfg.forecast != "none":
-        cache.rotate(partial, residual_cache, step)
+        cache.rotate(partial, residual_cache, active.step)
     residuals, valid = math.refresh(fresh, inputs)
     # correction=False caches the outputs: a copy, the caller may write into what it gets
     outputs = None if residual_cache else rstep.cached_outputs(fresh)
-    cache.gate_slope(residuals if outputs is None else outputs, cfg.forecast_max_change)
+    if cache.gate_slope(residuals if outputs is None else outputs, cfg.forecast_max_change, deferred=group is not None):
+        active.state.signals(active.graph_id).pending_gates.append(cache)  # the group adds the gate's sums in the step's next all-reduce
     new_in = list(observed) if keeps == "ref" else None
     if partial:
         keep = _flags(keep_mask, residuals[0])
@@ -290,12 +298,18 @@ def _refresh(
     cache.store(residuals, outputs, new_in, list(observed) if keeps == "prev" else None, valid)
 
 
-def _first_block_update(cfg: AdaCorrConfig, signals: StepSignals, residual: torch.Tensor) -> None:
-    """FBCache: compare the first block's residual with the one at the last full step."""
+def _first_block_update(cfg: AdaCorrConfig, signals: StepSignals, residual: torch.Tensor,
+                        group: DecisionGroup | None) -> None:
+    """FBCache: compare the first block's residual with the one at the last full step (under a
+    decision group, from the sums of every rank's shard)."""
     ref = signals.fb_ref
     similar = False
     if ref is not None and ref.shape == residual.shape:
-        similar = read_to_host([rstep.first_block_change(residual, ref)])[0] < cfg.first_block_threshold
+        if group is None:
+            change = rstep.first_block_change(residual, ref)
+        else:
+            change = relative_change_from_sums(group.all_reduce(relative_change_sums(residual, ref)))
+        similar = read_to_host([change])[0] < cfg.first_block_threshold
     signals.first_block_update(residual, similar)
 
 

@@ -425,7 +425,7 @@ class LoneBlockRuntime:
             call.state.cache((call.key[0], path)).clear()
             return self.body(*args)
         region = call.owner.region(path, position, self)
-        token = ACTIVE.set(Active(call.state, call.key, call.step, call.known))
+        token = ACTIVE.set(Active(call.state, call.key, call.step, call.known, call.owner.model.group))
         try:
             with call.state.lock:
                 return tuple(region(*args))

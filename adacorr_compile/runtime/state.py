@@ -432,6 +432,9 @@ class ModelState:
         self.graphs: list[Any] = []  # GraphRuntime objects this model has run or compiled, in that order
         self.fallbacks: list[str] = []  # reasons of graphs compiled without regions (or caching)
         self._owners = WeakIdKeyDictionary()  # first parameter -> owner token
+        # the ranks that decide together (runtime/distributed.py), found at the first compile
+        self.group: Any = None
+        self._group_resolved = False
         self._tokens = itertools.count(1)
         self._lock = threading.Lock()
 
@@ -474,6 +477,16 @@ class ModelState:
             with self._lock:
                 if not any(g is graph for g in self.graphs):
                     self.graphs.append(graph)
+
+    def resolve_group(self, module: Any) -> None:
+        """The decision group, from the ``decision_group`` option and the model being compiled
+        (once: every graph of the model votes in the same group)."""
+        if self._group_resolved:
+            return
+        from .distributed import resolve
+
+        self.group = resolve(self.config.decision_group, module)
+        self._group_resolved = True
 
     def note(self, reason: str) -> None:
         """Record why something runs without caching (``stats()["fallbacks"]``), once."""
