@@ -213,3 +213,14 @@ def test_onnx_runner_and_regional_compilation_are_refused():
         model(torch.randn(2, 16, 4), torch.full((2,), 900.0), torch.tensor([1, 2]))
     with pytest.raises(NotImplementedError, match="regional compilation"):
         adacorr_compile.requests(model, ["a", "b"])
+
+
+def test_onnx_export_inside_requests_is_refused(tmp_path):
+    pytest.importorskip("onnx")
+    from adacorr_compile.export import to_onnx
+
+    fast = _compile(CACHING)
+    with adacorr_compile.requests(fast, ["a", "a"]):
+        with pytest.raises(NotImplementedError, match="per-request state .* is not exported yet"):
+            to_onnx(tiny_model(), {}, tmp_path / "m.onnx")
+    adacorr_compile.release(fast, "a")
