@@ -177,6 +177,8 @@ def requests(
     count, or by a call running at the same time, is an error naming it. A call that raises
     ends all its requests. Not for ONNX runners nor regional compilation (an error says so)."""
     model = _requests_model(compiled)
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise ValueError(f"requests(): ids must be a list with one request id per row of the batch, got {ids!r}")
     rows = list(ids)
     steps = _steps_by_id(rows, num_steps)
     return _requests_call(model, rows, steps)

@@ -36,9 +36,11 @@ class Block(torch.nn.Module):
 
 
 class TinyDiT(torch.nn.Module):
-    """Patchified tokens in, noise prediction out; per-row timestep and class label."""
+    """Patchified tokens in, noise prediction out; per-row timestep and class label. Its token
+    and channel counts are odd: under dynamic=True, Dynamo gives equal sizes one symbol, and an
+    even batch equal to one of them would be specialised with it."""
 
-    def __init__(self, dim: int = 32, depth: int = 4, tokens: int = 16, channels: int = 4, classes: int = 10) -> None:
+    def __init__(self, dim: int = 32, depth: int = 4, tokens: int = 9, channels: int = 3, classes: int = 10) -> None:
         super().__init__()
         self.dim, self.channels = dim, channels
         self.embed = torch.nn.Linear(channels, dim)
@@ -84,7 +86,7 @@ class Req:
 
     def start(self) -> None:
         g = torch.Generator().manual_seed(self.seed)
-        self.x = torch.randn(1, 16, 4, generator=g)
+        self.x = torch.randn(1, 9, 3, generator=g)
 
     def timesteps(self) -> list[float]:
         return [1000.0 * (1.0 - k / self.steps) for k in range(self.steps)]

@@ -101,7 +101,7 @@ def test_cancelled_request_frees_its_slot_and_touches_no_other():
 
 def test_release_and_reuse_of_an_id():
     fast = _compile(CACHING)
-    x, t, y = torch.randn(2, 16, 4), torch.full((2,), 900.0), torch.tensor([1, 10])
+    x, t, y = torch.randn(2, 9, 3), torch.full((2,), 900.0), torch.tensor([1, 10])
     with torch.no_grad():
         with adacorr_compile.requests(fast, ["a", "a"], num_steps=4):
             fast(x, t, y)
@@ -120,7 +120,7 @@ def test_release_and_reuse_of_an_id():
 
 def test_duplicated_and_conflicting_ids_are_named():
     fast = _compile(CACHING)
-    x, t, y = torch.randn(2, 16, 4), torch.full((2,), 900.0), torch.tensor([1, 10])
+    x, t, y = torch.randn(2, 9, 3), torch.full((2,), 900.0), torch.tensor([1, 10])
     with torch.no_grad():
         with adacorr_compile.requests(fast, ["a", "a"], num_steps=5):
             fast(x, t, y)
@@ -135,6 +135,8 @@ def test_duplicated_and_conflicting_ids_are_named():
                 adacorr_compile.requests(fast, ["a", "c"]).__enter__()
             with pytest.raises(RuntimeError, match="'a' cannot be released inside its own call"):
                 adacorr_compile.release(fast, "a")
+        with pytest.raises(ValueError, match="one request id per row"):
+            adacorr_compile.requests(fast, "ab")
         with pytest.raises(ValueError, match="request id None"):
             adacorr_compile.requests(fast, [None, "x"])
         with pytest.raises(ValueError, match="4 ids were given"):
@@ -148,7 +150,7 @@ def test_max_requests_option():
     with pytest.raises(ValueError, match="max_requests"):
         AdaCorrConfig.from_options({"max_requests": 0})
     fast = _compile({**CACHING, "max_requests": 2})
-    x, t, y = torch.randn(3, 16, 4), torch.full((3,), 900.0), torch.tensor([1, 2, 3])
+    x, t, y = torch.randn(3, 9, 3), torch.full((3,), 900.0), torch.tensor([1, 2, 3])
     with pytest.raises(RuntimeError, match="max_requests=2"):
         with torch.no_grad(), adacorr_compile.requests(fast, ["a", "b", "c"]):
             fast(x, t, y)
@@ -173,7 +175,7 @@ def test_dynamic_batch_sizes_compile_once():
 def test_one_row_requests_are_padded_and_exact():
     """Requests of one row each (no CFG): a one-row sub-batch runs padded to two rows."""
     fast = _compile(CACHING)
-    xs = [torch.randn(1, 16, 4, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    xs = [torch.randn(1, 9, 3, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     steps = [6, 4, 5]
     starts = [0, 1, 2]
     outs = {}
@@ -210,7 +212,7 @@ def test_onnx_runner_and_regional_compilation_are_refused():
     for block in model.blocks:
         block.compile(backend="adacorr")
     with torch.no_grad():
-        model(torch.randn(2, 16, 4), torch.full((2,), 900.0), torch.tensor([1, 2]))
+        model(torch.randn(2, 9, 3), torch.full((2,), 900.0), torch.tensor([1, 2]))
     with pytest.raises(NotImplementedError, match="regional compilation"):
         adacorr_compile.requests(model, ["a", "b"])
 

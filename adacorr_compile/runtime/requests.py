@@ -394,7 +394,8 @@ class RowsActive:
         """One request's decision on its rows, from its own state (as ``_guarded_call``)."""
         spec, span, rows = region.spec, region.span, self.batch.rows
         own = list(args)
-        for i in {i for i, _ in spec.stream_pairs} | set(spec.observed) | set(span.sources):
+        sources = set(span.sources) if span.position == 0 else set()  # the span's input, held by its first region
+        for i in {i for i, _ in spec.stream_pairs} | set(spec.observed) | sources:
             if _batch_major(args[i], rows):
                 own[i] = group.take(args[i])
         observed = [own[i] for i in spec.observed]
