@@ -243,7 +243,7 @@ def _requests_call(model: ModelState, ids: list[Hashable], steps: dict[Hashable,
     taken = slots.take(order, steps, rows, model.config.max_requests)  # type: ignore[union-attr]
     groups, inverse = _requests.row_groups(ids, dict(zip(order, taken)))
     batch = _requests.RequestBatch(model, slots, groups, len(ids), inverse)  # type: ignore[arg-type]
-    token = _requests.BATCH.set(batch)
+    token = _requests.BATCH.set((*_requests.BATCH.get(), batch))
     failed = True
     try:
         yield batch

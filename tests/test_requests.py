@@ -226,3 +226,15 @@ def test_onnx_export_inside_requests_is_refused(tmp_path):
         with pytest.raises(NotImplementedError, match="per-request state .* is not exported yet"):
             to_onnx(tiny_model(), {}, tmp_path / "m.onnx")
     adacorr_compile.release(fast, "a")
+
+
+def test_requests_of_two_compiled_models_nest():
+    """Each compiled model takes the requests() call opened for it, however they nest."""
+    first, second = _compile(CACHING), torch.compile(tiny_model(1), backend="adacorr", options=CACHING, dynamic=True)
+    x, t, y = torch.randn(2, 9, 3), torch.full((2,), 900.0), torch.tensor([1, 10])
+    with torch.no_grad(), adacorr_compile.requests(first, ["a", "a"], num_steps=3):
+        with adacorr_compile.requests(second, ["b", "b"], num_steps=3):
+            second(x, t, y)
+        first(x, t, y)
+    assert adacorr_compile.stats(first)["requests"]["live"] == ["a"]
+    assert adacorr_compile.stats(second)["requests"]["live"] == ["b"]

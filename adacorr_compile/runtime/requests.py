@@ -210,12 +210,13 @@ class RequestBatch:
     slots: RequestSlots
     groups: tuple[RowGroup, ...]
     rows: int
-    inverse: torch.Tensor | None  # batch row of each row in group order (None: group order is row order)
-    calls: int = 0
+    inverse: torch.Tensor | None  # per batch row, its place in group order (None: group order is row order)
     left: list[Hashable] = field(default_factory=list)  # ids whose slots were freed when the call ended
 
 
-BATCH: contextvars.ContextVar[RequestBatch | None] = contextvars.ContextVar("adacorr_requests", default=None)
+# the requests calls open in this thread or task, innermost last (one per compiled model that runs one: a
+# pipeline with two compiled transformers may hold a requests() context for each)
+BATCH: contextvars.ContextVar[tuple[RequestBatch, ...]] = contextvars.ContextVar("adacorr_requests", default=())
 
 
 def row_groups(ids: Sequence[Hashable], requests: dict[Hashable, Request]) -> tuple[tuple[RowGroup, ...], torch.Tensor | None]:
@@ -238,8 +239,7 @@ def row_groups(ids: Sequence[Hashable], requests: dict[Hashable, Request]) -> tu
 
 def active_batch(model: ModelState) -> RequestBatch | None:
     """The requests call running on ``model`` in this thread or task, if any."""
-    batch = BATCH.get()
-    return batch if batch is not None and batch.model is model else None
+    return next((batch for batch in reversed(BATCH.get()) if batch.model is model), None)
 
 
 # ------------------------------------------------------------------ a graph call
