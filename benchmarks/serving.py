@@ -1,9 +1,10 @@
 """Serving many requests: step-level continuous batching with per-request caches (issue 29).
 
-    python benchmarks/serving.py --requests 16 --rate 6 --steps 20 30 --max-batch 8 --rounds 3 --threads 1
+    python benchmarks/serving.py --requests 16 --rate 40 --steps 20 30 --max-batch 8 --rounds 5 --threads 1
+    python benchmarks/serving.py --model flux --requests 16 --rate 40 --steps 20 30 --guidance 4 --rounds 5 --threads 1
 
-Seeded Poisson arrivals of class-conditional requests for the reference DiT (DDIM, batched
-CFG: two rows per request per call; each request its own step count, guidance, label and
+Seeded Poisson arrivals of class-conditional requests for the reference DiT (DDIM) or Flux
+(Euler on flow times; batched CFG: two rows per request per call; each request its own step count, guidance, label and
 noise), served by one loop on a virtual clock that advances by the CPU time of each step
 (process time: on a shared machine other processes' load is not counted; no sleeping, and
 every variant sees the same arrival times):
@@ -25,7 +26,7 @@ completion), latency p50/p95/p99 (completion - arrival), block evaluations skipp
 blocks that took their cache, of all asked for) and PSNR of each request's image against the
 same request sampled alone by plain ``torch.compile``. Rounds run every variant once on the
 same schedule, in a rotated order; throughput ratios against ``plain-static`` are per round,
-reported as median (min-max). Results in ``benchmarks/results/serving_dit.{json,md}``.
+reported as median (min-max). Results in ``benchmarks/results/serving_<model>.{json,md}``.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ import torch
 
 import adacorr_compile
 from adacorr_compile.lab.reference import load_reference
-from adacorr_compile.lab.sampling import make_dit_scheduler
+from adacorr_compile.lab.sampling import flux_timesteps, make_dit_scheduler
 
 RESULTS = Path(__file__).resolve().parent / "results"
 logger = logging.getLogger("adacorr_compile.benchmarks")
@@ -57,7 +58,8 @@ VARIANTS = ("plain-static", "plain-continuous", "ours-single", "ours-batch", "ou
 
 @dataclass
 class Request:
-    """One request and its sampling state (a DDIM scheduler of its own)."""
+    """One request and its sampling state (a DDIM scheduler of its own; ``flow``: the Flux
+    sampler's Euler steps on its own flow times)."""
 
     id: str
     arrival: float
@@ -69,34 +71,47 @@ class Request:
     x: torch.Tensor | None = None
     done: int = 0
     finish: float | None = None
+    flow: bool = False
 
     def start(self, shape: tuple[int, ...]) -> None:
-        self.sched = make_dit_scheduler()
-        self.sched.set_timesteps(self.steps)
         g = torch.Generator().manual_seed(self.seed)
-        self.x = torch.randn((1, *shape), generator=g) * self.sched.init_noise_sigma
+        if self.flow:
+            self.sched = flux_timesteps(self.steps)
+            self.x = torch.randn((1, *shape), generator=g)
+        else:
+            self.sched = make_dit_scheduler()
+            self.sched.set_timesteps(self.steps)
+            self.x = torch.randn((1, *shape), generator=g) * self.sched.init_noise_sigma
         self.done, self.finish = 0, None
 
     def rows(self, null: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        t = int(self.sched.timesteps[self.done])
-        return torch.cat([self.x, self.x]), torch.full((2,), t, dtype=torch.long), torch.tensor([self.label, null])
+        if self.flow:
+            t = torch.full((2,), float(self.sched[self.done]))
+        else:
+            t = torch.full((2,), int(self.sched.timesteps[self.done]), dtype=torch.long)
+        return torch.cat([self.x, self.x]), t, torch.tensor([self.label, null])
 
     def advance(self, eps: torch.Tensor) -> None:
         cond, uncond = eps[0:1].float(), eps[1:2].float()
         guided = uncond + self.guidance * (cond - uncond)
-        t = self.sched.timesteps[self.done]
-        self.x = self.sched.step(guided, t, self.x, eta=0.0).prev_sample
+        if self.flow:
+            self.x = self.x + (float(self.sched[self.done + 1]) - float(self.sched[self.done])) * guided
+        else:
+            t = self.sched.timesteps[self.done]
+            self.x = self.sched.step(guided, t, self.x, eta=0.0).prev_sample
         self.done += 1
 
 
-def schedule(seed: int, count: int, rate: float, steps: list[int], guidance: list[float], classes: int) -> list[Request]:
+def schedule(seed: int, count: int, rate: float, steps: list[int], guidance: list[float], classes: int,
+             flow: bool = False) -> list[Request]:
     """Poisson arrivals at ``rate`` per second; steps, guidance, label drawn per request."""
     g = torch.Generator().manual_seed(seed)
     out, clock = [], 0.0
     for i in range(count):
         clock += float(torch.empty(1).exponential_(rate, generator=g))
         pick = lambda seq: seq[int(torch.randint(len(seq), (1,), generator=g))]  # noqa: E731
-        out.append(Request(f"r{i}", clock, pick(steps), pick(guidance), int(torch.randint(classes, (1,), generator=g)), 1000 + i))
+        out.append(Request(f"r{i}", clock, pick(steps), pick(guidance), int(torch.randint(classes, (1,), generator=g)), 1000 + i,
+                           flow=flow))
     return out
 
 
@@ -117,7 +132,7 @@ class Server:
         with torch.no_grad():
             if self.variant != "ours-requests":
                 before = _reuses(state)
-                out = self.model(xs, timestep=ts, class_labels=ys).sample
+                out = _output(self.model(xs, timestep=ts, class_labels=ys))
                 if state is not None:
                     self.blocks = self.blocks or len(adacorr_compile.regions(self.model))
                     self.asked += len(xs) * self.blocks
@@ -125,7 +140,7 @@ class Server:
                 return out
             ids = [r.id for r in batch for _ in range(2)]
             with adacorr_compile.requests(self.model, ids, num_steps={r.id: r.steps for r in batch}):
-                out = self.model(xs, timestep=ts, class_labels=ys).sample
+                out = _output(self.model(xs, timestep=ts, class_labels=ys))
                 if self.traces is not None:  # a request's decisions, read before its last call frees its slot
                     for r in batch:
                         if r.done + 1 == r.steps:
@@ -179,6 +194,10 @@ class Server:
         return totals.get("row_evaluations", 0), totals.get("rows_skipped", 0), totals.get("body_rows", 0)
 
 
+def _output(out: Any) -> torch.Tensor:
+    return out.sample if hasattr(out, "sample") else out
+
+
 def _decisions(report: dict[str, Any]) -> tuple[tuple[float, ...], ...]:
     return tuple(tuple(r["reuse_trace"]) for r in report["regions"])
 
@@ -223,14 +242,18 @@ def build(model: torch.nn.Module, options: dict[str, Any]) -> dict[str, Any]:
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    model = load_reference("dit").eval()
-    cfg = model.config
-    shape, null = (cfg.in_channels, cfg.sample_size, cfg.sample_size), cfg.num_embeds_ada_norm - 1
+    model = load_reference(args.model).eval()
+    flow = args.model == "flux"
+    if flow:
+        shape, null = (3, model.image_size, model.image_size), model.num_classes
+    else:
+        cfg = model.config
+        shape, null = (cfg.in_channels, cfg.sample_size, cfg.sample_size), cfg.num_embeds_ada_norm - 1
     options = dict(args.option)
     compiled = build(model, options)
-    reqs = schedule(args.seed, args.requests, args.rate, args.steps, args.guidance, null)
+    reqs = schedule(args.seed, args.requests, args.rate, args.steps, args.guidance, null, flow)
     servers = {v: Server(v, compiled[v], shape, null, args.max_batch) for v in VARIANTS}
-    warm = schedule(args.seed + 1, min(args.requests, 6), args.rate * 4, [min(args.steps)], args.guidance, null)
+    warm = schedule(args.seed + 1, min(args.requests, 6), args.rate * 4, [min(args.steps)], args.guidance, null, flow)
     for v in VARIANTS:  # compile (every batch size shape class) before timing
         logger.info("warming up %s", v)
         servers[v].run(warm)
@@ -289,7 +312,7 @@ def summarize(args: argparse.Namespace, rounds: list[dict[str, Any]]) -> dict[st
 
 def markdown(result: dict[str, Any], args: argparse.Namespace) -> str:
     lines = [
-        "# Serving: continuous batching with per-request caches (reference DiT)", "",
+        f"# Serving: continuous batching with per-request caches (reference {args.model})", "",
         f"`{result['command']}`  ", f"torch {result['torch']}, {result['machine']}, {result['threads']} thread(s); "
         f"{args.requests} requests, Poisson rate {args.rate}/s, steps {args.steps}, guidance {args.guidance}, "
         f"max batch {args.max_batch} requests, {args.rounds} rounds (rotated order).", "",
@@ -341,7 +364,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--option", type=_option, action="append", default=[], help="adacorr option KEY=JSON")
-    parser.add_argument("--out", default="serving_dit")
+    parser.add_argument("--model", choices=["dit", "flux"], default="dit")
+    parser.add_argument("--out", default=None, help="results name (default serving_<model>)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("adacorr_compile").setLevel(logging.WARNING)
@@ -350,6 +374,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     result = measure(args)
     RESULTS.mkdir(exist_ok=True)
+    args.out = args.out or f"serving_{args.model}"
     (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=2))
     (RESULTS / f"{args.out}.md").write_text(markdown(result, args))
     logger.info("%s", markdown(result, args))
