@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import operator
-from typing import Any, Iterator
+from typing import Any, Hashable, Iterator, Mapping, Sequence
 
 import torch
 
 from .config import AdaCorrConfig
 from .runtime import contexts
+from .runtime import requests as _requests
 from .runtime.graph import GraphRuntime
 from .runtime.regional import owner_from_blocks, owner_state
 from .runtime.owners import STATE_ATTR, compile_wrapper_of, state_on
@@ -75,7 +76,13 @@ def stats(compiled: Any) -> dict[str, Any]:
         # the ranks that decide together: size, where it came from, all-reduces so far and their
         # host time; None where each rank (or the one process) decides alone
         "decision_group": None if model.group is None else model.group.summary(),
+        **_requests_report(model),
     }
+
+
+def _requests_report(model: ModelState) -> dict[str, Any]:
+    slots = _requests.slots_of(model, create=False)
+    return {} if slots is None else {"requests": slots.summary()}
 
 
 def regions(compiled: Any) -> list[Any]:
@@ -153,3 +160,97 @@ def cache_context(
         ) from None
     info = contexts.CallContext(name, step_index, total, None if timestep is None else float(timestep))
     return contexts.scoped(module, info)
+
+
+# ------------------------------------------------------------------ many requests in one call
+def requests(
+    compiled: Any, ids: Sequence[Hashable], num_steps: int | Sequence[int | None] | Mapping[Hashable, int | None] | None = None,
+) -> contextlib.AbstractContextManager[_requests.RequestBatch]:
+    """Rows of the next call(s) in the block belong to requests: ``ids`` gives each row's
+    request id (rows with one id are one request: a CFG pair is ``ids=[a, b, a, b]`` for
+    ``[cond; uncond]``). Each request keeps its own clock, caches and statistics in a slot
+    of the compiled model, decides on its own rows, and only the rows of requests that must
+    compute run the block; its output equals its run alone (:func:`generation` with the
+    same ``num_steps``) up to float round-off, whatever shares its batches.
+
+    ``num_steps``: one int for all, one per row (equal within a request) or a mapping id ->
+    int; None: unknown (the request then ends only on :func:`release`). A request joins at its
+    first call, leaves its slot when its ``num_steps`` are done (the id may then start a new
+    request) or on :func:`release`; a live id given again with another ``num_steps`` or row
+    count, or by a call running at the same time, is an error naming it. A call that raises
+    ends all its requests. Not for ONNX runners nor regional compilation (an error says so)."""
+    model = _requests_model(compiled)
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise ValueError(f"requests(): ids must be a list with one request id per row of the batch, got {ids!r}")
+    rows = list(ids)
+    steps = _steps_by_id(rows, num_steps)
+    return _requests_call(model, rows, steps)
+
+
+def release(compiled: Any, *ids: Hashable) -> list[Hashable]:
+    """Cancel live requests of a compiled model (:func:`requests`): their slots, caches and
+    clocks are freed and each id starts a new request next time. Returns the ids that were
+    live (an unknown or finished id is ignored)."""
+    slots = _requests.slots_of(_model_state(compiled))
+    return [rid for rid in ids if slots.release(rid)]  # type: ignore[union-attr]
+
+
+def request_stats(compiled: Any, request_id: Hashable) -> dict[str, Any] | None:
+    """One live request's per-region statistics (``stats()``'s ``regions`` and ``totals``,
+    and its ``steps``), or None where the id is not live."""
+    return _requests.request_stats(_model_state(compiled), request_id)
+
+
+def _requests_model(compiled: Any) -> ModelState:
+    if type(compiled).__module__.startswith("adacorr_compile.export"):
+        raise NotImplementedError("requests(): per-request state is not exported to ONNX yet: an exported step graph "
+                                  "holds one generation's cache; run many requests through the compiled model")
+    if owner_state(compiled) is not None or owner_state(getattr(compiled, "_orig_mod", None)) is not None:
+        raise NotImplementedError("requests(): not supported under regional compilation (compile_repeated_blocks, "
+                                  "blocks compiled alone) yet; compile the whole transformer with backend='adacorr'")
+    return _model_state(compiled)
+
+
+def _steps_by_id(ids: list[Hashable], num_steps: Any) -> dict[Hashable, int | None]:
+    """``num_steps`` per request id, checked (one value per request)."""
+    if not ids:
+        raise ValueError("requests(): ids is empty: give one request id per row of the batch")
+    for rid in ids:
+        if rid is None or not isinstance(rid, Hashable):
+            raise ValueError(f"requests(): request id {rid!r} is not a usable id (a str or int per row)")
+    if num_steps is None or isinstance(num_steps, int):
+        value = check_num_steps(num_steps)
+        return {rid: value for rid in ids}
+    if isinstance(num_steps, Mapping):
+        return {rid: check_num_steps(num_steps.get(rid)) for rid in ids}
+    values = list(num_steps)
+    if len(values) != len(ids):
+        raise ValueError(f"requests(): num_steps has {len(values)} entries for {len(ids)} rows: give one per row, "
+                         "one int, or a mapping id -> steps")
+    steps: dict[Hashable, int | None] = {}
+    for rid, value in zip(ids, values):
+        value = check_num_steps(value)
+        if rid in steps and steps[rid] != value:
+            raise ValueError(f"requests(): request id {rid!r} got num_steps {steps[rid]} and {value} on two of its rows")
+        steps[rid] = value
+    return steps
+
+
+@contextlib.contextmanager
+def _requests_call(model: ModelState, ids: list[Hashable], steps: dict[Hashable, int | None]) -> Iterator[_requests.RequestBatch]:
+    slots = _requests.slots_of(model)
+    rows: dict[Hashable, int] = {}
+    for rid in ids:
+        rows[rid] = rows.get(rid, 0) + 1
+    order = list(rows)
+    taken = slots.take(order, steps, rows, model.config.max_requests)  # type: ignore[union-attr]
+    groups, inverse = _requests.row_groups(ids, dict(zip(order, taken)))
+    batch = _requests.RequestBatch(model, slots, groups, len(ids), inverse)  # type: ignore[arg-type]
+    token = _requests.BATCH.set((*_requests.BATCH.get(), batch))
+    failed = True
+    try:
+        yield batch
+        failed = False
+    finally:
+        _requests.BATCH.reset(token)
+        batch.left = slots.give_back(taken, failed)  # type: ignore[union-attr]

@@ -149,6 +149,11 @@ class AdaCorrConfig:
     timestep_arg: name of the model's forward argument that carries the timestep;
         when the timestep goes up between calls, a new generation starts.
     min_blocks: fewer repeated blocks than this and the model compiles unguarded.
+    max_requests: most requests alive at once in one compiled model under
+        :func:`adacorr_compile.requests` (each holds its own caches and clock in a slot until
+        its ``num_steps`` are done or it is released); one more is refused with an error
+        naming this option, so a serving loop that forgets to release cannot grow memory
+        without bound.
     dump_graphs: log the FX graph before and after each pass (also the environment
         variable ``ADACORR_DUMP_GRAPHS=1``).
     """
@@ -183,6 +188,7 @@ class AdaCorrConfig:
     inductor_mode: str = "default"
     timestep_arg: str = "timestep"
     min_blocks: int = 2
+    max_requests: int = 64
     dump_graphs: bool = field(default_factory=lambda: os.environ.get("ADACORR_DUMP_GRAPHS", "") not in ("", "0"))
 
     def __post_init__(self) -> None:
@@ -295,6 +301,7 @@ _ALLOWED: dict[str, tuple[Any, str]] = {
     "inductor_mode": (lambda v: v in INDUCTOR_MODES, " | ".join(INDUCTOR_MODES)),
     "timestep_arg": (lambda v: isinstance(v, str) and v.isidentifier(), "a Python identifier (the forward argument name)"),
     "min_blocks": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    "max_requests": (lambda v: _is_int(v) and v >= 1, "an int >= 1 (live requests per compiled model)"),
     "dump_graphs": (lambda v: isinstance(v, bool), "True | False"),
 }
 

@@ -129,3 +129,38 @@ def run_sharded(rank: int, world: int, model: str = "flux", layout: str = "conte
             result["single_traces"] = traces(alone)
             result["single_group"] = adacorr_compile.stats(alone)["decision_group"]
     return result
+
+
+def _sample_requests(compiled: Any, steps: int, perturb: float) -> tuple[torch.Tensor, dict[str, list[list[float]]]]:
+    """Two requests in one batched call (rows ``a`` and ``b``) for ``steps`` steps; ``b``'s
+    second half of the tokens jumps by ``perturb`` after step 1. Returns the final latents and
+    each request's reuse traces."""
+    _, make = BUILDERS["flux"]()
+    kw = make(0, 1000.0, batch=2)
+    hidden = kw.pop("hidden_states")
+    with torch.no_grad():
+        for i in range(steps):
+            t = torch.full((2,), 1.0 - i / steps)
+            with adacorr_compile.requests(compiled, ["a", "b"]):
+                out = compiled(hidden_states=hidden, **{**kw, "timestep": t}, return_dict=False)[0]
+            hidden = hidden - out / steps
+            if i == 1:
+                hidden[1:] = perturb_second_half("flux", hidden[1:], perturb)
+    found = {rid: [r["reuse_trace"] for r in adacorr_compile.request_stats(compiled, rid)["regions"]] for rid in "ab"}
+    adacorr_compile.release(compiled, "a", "b")
+    return hidden, found
+
+
+def run_requests(rank: int, world: int, options: dict, steps: int, perturb: float) -> dict[str, Any]:
+    """Tiny Flux under context parallelism serving two requests per call (``requests()``);
+    rank 0 also runs them in one process."""
+    net, _ = BUILDERS["flux"]()
+    _context_parallel(net)
+    out, found = _sample_requests(torch.compile(net, backend="adacorr", options=options), steps, perturb)
+    result: dict[str, Any] = {"out": out, "traces": found}
+    if rank == 0:
+        torch._dynamo.reset()
+        single, _ = BUILDERS["flux"]()
+        result["single"], result["single_traces"] = _sample_requests(
+            torch.compile(single, backend="adacorr", options=options), steps, perturb)
+    return result

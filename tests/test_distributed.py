@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from distributed_harness import RanksFailed, run_ranks
-from distributed_workers import run_sharded
+from distributed_workers import run_requests, run_sharded
 
 pytest.importorskip("diffusers")
 
@@ -124,6 +124,24 @@ def test_cfg_ranks_decide_alone_by_default_and_together_with_world():
     assert joint[0]["traces"] == joint[1]["traces"]
     assert [r["group"]["all_reduces"] for r in joint] == [STEPS - 1] * 2
     assert sum(sum(t) for t in joint[0]["traces"]) > 0
+
+
+def test_requests_in_one_call_under_context_parallelism():
+    """Two requests batched in one call (``requests()``) on Flux under Ulysses context
+    parallelism, request b's shard on rank 1 perturbed: each request's decisions are votes of
+    the ranks (the same on both) and equal its decisions in one process; each rank deciding
+    alone (decision_group="none") hangs there."""
+    options = {**OPTIONS, "lowering": "eager"}
+    r0, r1 = run_ranks(run_requests, 2, options=options, steps=STEPS, perturb=PERTURB)
+    assert r0["traces"] == r1["traces"], "the ranks decided otherwise for a request"
+    np.testing.assert_array_equal(r0["out"], r1["out"])
+    assert r0["traces"] == r0["single_traces"], "the sharded requests decided otherwise than one process"
+    np.testing.assert_allclose(r0["out"], r0["single"], rtol=0, atol=1e-4)
+    assert sum(sum(t) for t in r0["traces"]["b"]) > 0
+    with pytest.raises(RanksFailed) as failed:
+        run_ranks(run_requests, 2, collective_timeout=8.0, options={**options, "decision_group": "none"},
+                  steps=STEPS, perturb=PERTURB)
+    assert failed.value.hung
 
 
 @pytest.mark.slow

@@ -356,8 +356,12 @@ def to_onnx(
     """
     import onnx
 
+    from ..runtime.requests import BATCH
     from .tensorrt import check_tensorrt_patterns
 
+    if BATCH.get():
+        raise NotImplementedError("to_onnx: per-request state (adacorr_compile.requests) is not exported yet: the "
+                                  "ONNX step graph holds one generation's cache; export outside requests()")
     cfg = AdaCorrConfig.from_options(config)
     path = os.fspath(path)
     model = model.eval()

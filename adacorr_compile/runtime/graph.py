@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
-from . import contexts
+from . import contexts, requests
 from .owners import calling_wrapper, state_on
 from .region import ACTIVE, Active, GuardedRegion
 from .state import GenerationState, ModelState
@@ -90,6 +90,9 @@ class GraphRuntime:
             context = found[0]
             owner = (owner, context.name)  # cond and uncond: their own caches and counters
         key = (owner, self.slot)
+        batch = requests.active_batch(model)
+        if batch is not None:  # rows of several requests, each with its own state (runtime/requests.py)
+            return requests.run_graph(self, batch, key, context, args)
         state = model.current()
         with state.lock:
             step = self._begin_step(model, state, key, args, context)

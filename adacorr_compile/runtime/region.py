@@ -138,6 +138,8 @@ class GuardedRegion(torch.nn.Module):
         active = ACTIVE.get()
         if active is None:
             return tuple(self.body_fn(*args))
+        if not isinstance(active, Active):  # a batch of requests (runtime/requests.py): per request rows
+            return active.run(self, args)
         return _guarded_call(self, args, active)
 
 
@@ -196,15 +198,18 @@ def _reuse(
 
 def _compute(
     region: GuardedRegion, args: Sequence[Any], observed: list[torch.Tensor], active: Active, cache: Any,
-    shared: StepSignals, taken: _Step, role: str,
+    shared: StepSignals, taken: _Step, role: str, fresh: list[Any] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """The block runs (for all samples); a lambda blend or per-sample mask applies where the
-    decision asks for one, and the cache is refreshed (a span's by its last region)."""
+    decision asks for one, and the cache is refreshed (a span's by its last region).
+    ``fresh``: the block's outputs where the caller ran it (a batch of requests runs it
+    once for the rows of all requests that compute)."""
     cfg, spec, span, state = region.config, region.spec, region.span, active.state
     stats = state.region_stats(spec.path)
     has_cache, mask, lam = taken.has_cache, taken.mask, taken.lam
-    region.executions += 1
-    fresh = list(region.body_fn(*args))
+    if fresh is None:
+        region.executions += 1
+        fresh = list(region.body_fn(*args))
     by_pair = [fresh[j] for _, j in spec.stream_pairs]
     outs_paired = by_pair
     blend = cfg.blend and taken.by_policy and lam is not None
@@ -353,7 +358,7 @@ class SpanCall(torch.nn.Module):
         last = len(regions) - 1
         first = 1
         active = ACTIVE.get()
-        if self.skip_plan is not None and active is not None:
+        if self.skip_plan is not None and isinstance(active, Active):  # not for a batch of requests
             pending = active.state.cache((active.graph_id[0], regions[0].span.key)).pending
             if pending is not None and pending.step == active.step and pending.reuses_all():
                 # the span reuses: the regions between pass their stream inputs on (what
