@@ -1,0 +1,23 @@
+"""adacorr_compile.serve: an inference service for the reference models on Ray Serve.
+
+``adacorr serve --model reference-dit`` (or :func:`adacorr_compile.serve.app.run_service`) starts
+it. The parts: :mod:`.schema` (request validation, pure), :mod:`.engine` (the compiled model,
+warm-up and batched generation; no Ray), :mod:`.metrics` (Prometheus), :mod:`.app` (the Ray
+Serve deployment and HTTP routes). Nothing here is imported by ``import adacorr_compile``; Ray
+and prometheus_client are imported only by :mod:`.app` and :mod:`.metrics` (the ``serve`` extra).
+"""
+
+SERVE_PACKAGES = ("ray", "prometheus_client", "diffusers", "safetensors")
+SERVE_INSTALL = 'pip install "adacorr_compile[serve]"'
+
+
+def require_serve(feature: str = "adacorr serve") -> None:
+    """Raise :class:`~adacorr_compile.extras.LabMissing` naming the missing packages of the
+    ``serve`` extra and the command that installs them."""
+    import importlib.util
+
+    from ..extras import LabMissing
+
+    absent = [name for name in SERVE_PACKAGES if importlib.util.find_spec(name) is None]
+    if absent:
+        raise LabMissing(f"{feature} needs the serve extra ({', '.join(absent)} not installed): {SERVE_INSTALL}")
