@@ -21,3 +21,19 @@ def require_serve(feature: str = "adacorr serve") -> None:
     absent = [name for name in SERVE_PACKAGES if importlib.util.find_spec(name) is None]
     if absent:
         raise LabMissing(f"{feature} needs the serve extra ({', '.join(absent)} not installed): {SERVE_INSTALL}")
+
+
+_LAZY = {"ServeConfig": "config", "make_config": "config", "Engine": "engine", "Limits": "schema",
+         "build_app": "app", "start": "app", "stop": "app"}
+
+
+def __getattr__(name: str):
+    """``adacorr_compile.serve.start(...)`` and friends, imported on first use (Ray only by ``app``)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["Engine", "Limits", "ServeConfig", "build_app", "make_config", "require_serve", "start", "stop"]
