@@ -1,0 +1,213 @@
+"""The inference service (adacorr_compile.serve, issue 30).
+
+Pure tests of request validation, grouping, logs and config; one engine test (batched rows
+against solo runs, no Ray); and the real service: Ray Serve on 127.0.0.1 with a local Ray (2
+CPUs), the reference DiT compiled with backend="adacorr" (lowering=eager: a short compile),
+started once for the module and shut down at its end. Every network call has a timeout.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import math
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from adacorr_compile.serve.engine import BATCH_EXACT_OPTIONS, batch_exactness, group_requests
+from adacorr_compile.serve.schema import (GenerateRequest, InvalidRequest, Limits, clean_request_id, decode_body,
+                                          parse_request, validate_request)
+
+ROOT = Path(__file__).resolve().parents[1]
+LIMITS = Limits(max_steps=8, default_steps=4, max_images=3, max_body_bytes=2048)
+TIMEOUT = 60  # seconds, any one HTTP call
+
+
+# ----------------------------------------------------------------------------- validation (pure)
+
+
+def test_a_minimal_request_takes_the_defaults():
+    req = parse_request(b'{"class_labels": [3, 9]}', LIMITS, "rid-1")
+    assert req == GenerateRequest((3, 9), seed=0, steps=4, guidance=1.5, size=32, output="png", options=())
+    assert req.request_id == "rid-1" and req.images == 2
+    full = validate_request({"class_labels": [0], "seed": 7, "steps": 8, "guidance": 2, "size": 32, "output": "both",
+                             "options": {"reuse_threshold": 0.1, "warmup_steps": 2}}, LIMITS)
+    assert full.options == (("reuse_threshold", 0.1), ("warmup_steps", 2)) and full.guidance == 2.0
+
+
+BAD = [  # (body, field named, status)
+    ({"class_labels": "3"}, "class_labels", 422),
+    ({"class_labels": []}, "class_labels", 422),
+    ({"class_labels": [1, 2, 3, 4]}, "class_labels", 422),  # more images than max_images
+    ({"class_labels": [10]}, "class_labels[0]", 422),  # the null class is not a class
+    ({"class_labels": [1.5]}, "class_labels[0]", 422),
+    ({"class_labels": [True]}, "class_labels[0]", 422),
+    ({"seed": 1}, "class_labels", 422),  # missing
+    ({"class_labels": [1], "seed": -1}, "seed", 422),
+    ({"class_labels": [1], "seed": "7"}, "seed", 422),
+    ({"class_labels": [1], "steps": 9}, "steps", 422),  # too many steps
+    ({"class_labels": [1], "steps": 0}, "steps", 422),
+    ({"class_labels": [1], "steps": 4.0}, "steps", 422),
+    ({"class_labels": [1], "guidance": "high"}, "guidance", 422),
+    ({"class_labels": [1], "guidance": 21}, "guidance", 422),
+    ({"class_labels": [1], "size": 64}, "size", 422),  # beyond the served sizes
+    ({"class_labels": [1], "size": 16}, "size", 422),
+    ({"class_labels": [1], "output": "jpeg"}, "output", 422),
+    ({"class_labels": [1], "prompt": "a cat"}, "prompt", 422),  # unknown field
+    ({"class_labels": [1], "options": {"lowering": "eager"}}, "options.lowering", 422),  # not per request
+    ({"class_labels": [1], "options": {"reuse_threshold": 2}}, "options.reuse_threshold", 422),
+    ({"class_labels": [1], "options": [1]}, "options", 422),
+]
+
+
+@pytest.mark.parametrize("doc,field,status", BAD, ids=[f"{b[1]}-{i}" for i, b in enumerate(BAD)])
+def test_a_bad_field_is_refused_by_name(doc, field, status):
+    with pytest.raises(InvalidRequest) as info:
+        parse_request(json.dumps(doc).encode(), LIMITS)
+    assert (info.value.field, info.value.status) == (field, status)
+    assert info.value.to_json()["field"] == field and info.value.message
+
+
+@pytest.mark.parametrize("raw,field", [
+    (b'{"class_labels": [1], "guidance": NaN}', "guidance"),
+    (b'{"class_labels": [1], "guidance": Infinity}', "guidance"),
+    (b'{"class_labels": [1], "options": {"reuse_threshold": NaN}}', "options.reuse_threshold"),
+])
+def test_nan_and_infinity_are_refused_by_name(raw, field):
+    with pytest.raises(InvalidRequest) as info:
+        parse_request(raw, LIMITS)
+    assert (info.value.field, info.value.status) == (field, 422)
+
+
+@pytest.mark.parametrize("raw,status", [(b"x" * 2049, 413), (b"{not json", 400), (b"[1, 2]", 400), (b"\xff\xfe", 400)])
+def test_the_body_itself_is_checked_first(raw, status):
+    with pytest.raises(InvalidRequest) as info:
+        decode_body(raw, LIMITS)
+    assert (info.value.field, info.value.status) == ("body", status)
+
+
+def test_request_ids_are_the_clients_when_safe():
+    assert clean_request_id("abc-123_x.y:z", "fb") == "abc-123_x.y:z"
+    assert clean_request_id("a b", "fb") == "fb" and clean_request_id("x" * 65, "fb") == "fb"
+    assert clean_request_id(None, "fb") == "fb"
+
+
+def test_limits_refuse_unsafe_request_options():
+    with pytest.raises(ValueError, match="Limits.safe_options.*lowering"):
+        Limits(safe_options=("reuse_threshold", "lowering"))
+
+
+# ----------------------------------------------------------------------------- the batching layer (pure)
+
+
+def _req(labels=(1,), steps=4, guidance=1.5, options=()):
+    return GenerateRequest(tuple(labels), steps=steps, guidance=guidance, options=options)
+
+
+def test_requests_share_a_generation_only_with_the_same_key_and_within_the_row_cap():
+    reqs = [_req(), _req(steps=6), _req(labels=(1, 2)), _req(guidance=3.0), _req(options=(("reuse_threshold", 0.1),)),
+            _req(labels=(1, 2, 3)), _req()]
+    assert group_requests(reqs, batch_exact=True, max_rows=4) == [[0, 2], [1], [3], [4], [5, 6]]  # 3 + 1 rows fit
+    assert group_requests(reqs, batch_exact=True, max_rows=8) == [[0, 2, 5, 6], [1], [3], [4]]
+    assert group_requests(reqs, batch_exact=False, max_rows=8) == [[i] for i in range(7)]
+
+
+def test_batch_exactness_names_what_breaks_row_equality():
+    assert batch_exactness("adacorr", BATCH_EXACT_OPTIONS) is None
+    assert batch_exactness("inductor", {}) is None
+    assert batch_exactness("adacorr", {"policy": "never"}) is None
+    reason = batch_exactness("adacorr", {})  # the backend's own defaults
+    assert "decision='batch'" in reason and "scope='step'" in reason and "forecast='linear'" in reason
+
+
+# ----------------------------------------------------------------------------- config, logs, metrics, CLI
+
+
+def test_options_come_from_a_file_then_flags(tmp_path):
+    from adacorr_compile.serve.config import make_config
+
+    path = tmp_path / "calib.json"
+    path.write_text(json.dumps({"format": "adacorr-calibration/1", "options": {"reuse_threshold": 0.12, "scope": "step"}}))
+    cfg = make_config(options_file=path, options={"warmup_steps": 3})
+    assert cfg.resolved_options() == {**BATCH_EXACT_OPTIONS, "reuse_threshold": 0.12, "scope": "step", "warmup_steps": 3}
+    assert make_config().resolved_options() == BATCH_EXACT_OPTIONS
+    assert make_config(backend="inductor", options={"reuse_threshold": 0.1}).resolved_options() == {}
+    with pytest.raises(ValueError, match="reuse_threshold"):
+        make_config(options={"reuse_threshold": "high"})
+    with pytest.raises(ValueError, match="model 'reference-sdxl'"):
+        make_config(model="reference-sdxl")
+
+
+def test_json_logs_carry_the_request_id():
+    from adacorr_compile.serve.logs import JsonFormatter
+
+    record = logging.LogRecord("adacorr_compile.serve", logging.INFO, __file__, 1, "request served %s", ("ok",), None)
+    record.request_id, record.status = "rid-9", 200
+    doc = json.loads(JsonFormatter().format(record))
+    assert doc["message"] == "request served ok" and doc["request_id"] == "rid-9" and doc["status"] == 200
+    assert doc["level"] == "INFO" and doc["time"].endswith("Z")
+
+
+def test_metrics_render_in_prometheus_format():
+    pytest.importorskip("prometheus_client")
+    from adacorr_compile.serve.engine import Outcome
+    from adacorr_compile.serve.metrics import ServiceMetrics
+
+    m = ServiceMetrics(replica="r1", model="reference-dit", backend="adacorr")
+    m.answered(200, 0.3)
+    m.answered(422)
+    m.generated(Outcome(_req(labels=(1, 2), steps=4), skipped_share=0.25, mean_lambda=0.1, batch_requests=2), blocks=8)
+    m.compiled("warmup", 2, 7.5)
+    text = m.render().decode()
+    assert _sample(text, "adacorr_serve_requests_total", code="200") == 1.0
+    assert _sample(text, "adacorr_serve_requests_total", code="422") == 1.0
+    assert _sample(text, "adacorr_serve_request_seconds_count") == 1.0
+    assert _sample(text, "adacorr_serve_blocks_total") == 2 * 2 * 4 * 8  # images x CFG x steps x blocks
+    assert _sample(text, "adacorr_serve_blocks_skipped_total") == 0.25 * 128
+    assert _sample(text, "adacorr_serve_compile_events_total", phase="warmup") == 2.0
+    assert _sample(text, "adacorr_serve_warmup_seconds") == 7.5
+
+
+def test_the_core_and_the_cli_import_without_ray():
+    """``import adacorr_compile`` and ``adacorr --help`` work where Ray and prometheus_client are missing."""
+    code = ("import sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in ('ray', 'prometheus_client'):\n"
+            "            raise ImportError('blocked: ' + name)\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "import adacorr_compile, adacorr_compile.serve, adacorr_compile.serve.schema\n"
+            "from adacorr_compile.cli import main\n"
+            "from adacorr_compile.serve import require_serve\n"
+            "try:\n"
+            "    main(['serve', '--help'])\n"
+            "except SystemExit as e:\n"
+            "    assert e.code == 0\n"
+            "assert not any(m.split('.')[0] == 'ray' for m in sys.modules)\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("ok")
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    """The value of the series ``name`` whose labels include ``labels`` (summed over the rest)."""
+    total, found = 0.0, False
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        head, value = line.rsplit(" ", 1)
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            total, found = total + float(value), True
+    assert found, f"no series {name} {labels} in the scrape"
+    return total
