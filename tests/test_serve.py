@@ -211,3 +211,212 @@ def _sample(text: str, name: str, **labels: str) -> float:
             total, found = total + float(value), True
     assert found, f"no series {name} {labels} in the scrape"
     return total
+
+
+# ----------------------------------------------------------------------------- the engine (no Ray)
+
+FAST = {**BATCH_EXACT_OPTIONS, "lowering": "eager"}  # the service's options; eager block bodies compile fast
+
+
+def test_engine_rows_equal_their_solo_runs_and_a_failed_generation_touches_no_other():
+    from adacorr_compile.serve.engine import Engine
+
+    torch.set_num_threads(1)
+    engine = Engine("reference-dit", "adacorr", FAST, LIMITS)
+    assert engine.batch_exact and engine.blocks == 8
+    report = engine.warmup(2)
+    assert report["compiles"] >= 1 and report["seconds"] > 0
+    a, b, c = (GenerateRequest((3,), seed=1, steps=6), GenerateRequest((4,), seed=2, steps=6),
+               GenerateRequest((9,), seed=7, steps=6))
+    ab, ac = engine.generate([a, b]), engine.generate([a, c])
+    assert [o.batch_requests for o in ab] == [2, 2] and all(o.error is None and o.compiles == 0 for o in ab + ac)
+    solo = engine.generate([a])[0]
+    # the same row of a batch of the same shape, with other companions: bit-for-bit (no state crosses rows)
+    assert torch.equal(ab[0].samples, ac[0].samples)
+    # against its solo run (another batch size: float32 round-off of the GEMMs, amplified by DDIM)
+    assert (ab[0].samples - solo.samples).abs().max().item() <= 1e-4
+    # each request's lambda is its own rows' (per-sample decisions), whoever shares its batch
+    assert math.isclose(ab[0].mean_lambda, solo.mean_lambda, rel_tol=1e-4)
+    assert not math.isclose(ab[0].mean_lambda, ab[1].mean_lambda, rel_tol=1e-3)  # not a batch mean
+    assert 0.0 < solo.skipped_share < 1.0
+    # a generation that fails answers its own requests with the error; the others are served, the next call too
+    loop = engine.family.loop
+
+    def failing(model, x, labels, *args):
+        if (labels == 9).any():
+            raise RuntimeError("boom in a block")
+        return loop(model, x, labels, *args)
+
+    engine.family.loop = failing
+    mixed = engine.generate([a, GenerateRequest((9,), seed=7, steps=5)])
+    assert mixed[0].error is None and mixed[1].error == "RuntimeError: boom in a block"
+    assert torch.equal(mixed[0].samples, solo.samples)
+    engine.family.loop = loop
+    assert torch.equal(engine.generate([a])[0].samples, solo.samples)
+
+
+# ----------------------------------------------------------------------------- the real service
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service():
+    pytest.importorskip("ray.serve")
+    pytest.importorskip("prometheus_client")
+    from adacorr_compile.serve import app
+    from adacorr_compile.serve.config import ServeConfig
+
+    config = ServeConfig(options=FAST, limits=LIMITS, max_batch_size=4, batch_wait_s=0.3, warmup_steps=2)
+    try:
+        url = app.start(config, port=_free_port(), num_cpus=2)
+        yield url
+    finally:
+        app.stop()
+
+
+def _get(url: str) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=TIMEOUT) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _post(url: str, body, headers=None):
+    from adacorr_compile.serve.load import post_json
+
+    return post_json(url + "/v1/generate", body, TIMEOUT, headers)
+
+
+def _latents(doc) -> torch.Tensor:
+    lat = doc["latents"]
+    assert lat["dtype"] == "float32"
+    return torch.frombuffer(bytearray(base64.b64decode(lat["data"])), dtype=torch.float32).reshape(lat["shape"])
+
+
+def test_health_and_info(service):
+    status, text = _get(service + "/healthz")
+    assert status == 200 and json.loads(text)["status"] == "ok"
+    info = json.loads(_get(service + "/v1/info")[1])
+    assert info["batching"] is True and info["batching_off_reason"] is None
+    assert info["config"]["options"]["decision"] == "sample" and info["warmup"]["batch"] == "dynamic"
+    assert info["fallbacks"] == []
+
+
+def test_round_trip_returns_pngs_of_the_right_size(service):
+    from PIL import Image
+
+    status, doc, headers = _post(service, {"class_labels": [3, 5], "seed": 11, "steps": 4, "output": "both"},
+                                 {"X-Request-Id": "round-trip-1"})
+    assert status == 200, doc
+    assert doc["request_id"] == "round-trip-1" and {k.lower(): v for k, v in headers.items()}["x-request-id"] == "round-trip-1"
+    assert len(doc["images"]) == 2
+    latents = _latents(doc)
+    assert latents.shape == (2, 3, 32, 32) and torch.isfinite(latents).all()
+    for k, b64 in enumerate(doc["images"]):
+        img = Image.open(io.BytesIO(base64.b64decode(b64)))
+        assert (img.format, img.size, img.mode) == ("PNG", (32, 32), "RGB")
+        expect = ((latents[k].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0)
+        assert torch.equal(torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(32, 32, 3), expect)
+    assert 0.0 <= doc["stats"]["skipped_share"] <= 1.0 and doc["stats"]["compiles"] == 0
+
+
+def test_concurrent_requests_are_batched_and_each_equals_its_solo_run(service):
+    bodies = [{"class_labels": [k % 10], "seed": 100 + k, "steps": 6, "output": "latents"} for k in range(4)]
+    answers: list = [None] * len(bodies)
+    barrier = threading.Barrier(len(bodies))
+
+    def send(k):
+        barrier.wait(timeout=TIMEOUT)
+        answers[k] = _post(service, bodies[k])
+
+    threads = [threading.Thread(target=send, args=(k,)) for k in range(len(bodies))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(TIMEOUT * 2)
+    assert all(a is not None and a[0] == 200 for a in answers), answers
+    assert max(a[1]["stats"]["batch_requests"] for a in answers) >= 2  # they did share a generation
+    for body, (_, batched, _) in zip(bodies, answers):
+        status, solo, _ = _post(service, body)  # alone: one at a time
+        assert status == 200 and solo["stats"]["batch_requests"] == 1
+        # the float32 round-off of another batch size, grown over 6 DDIM steps (the uncached model
+        # shows the same; a shared decision or cache differs by 3e-2 or more)
+        assert (_latents(batched) - _latents(solo)).abs().max().item() <= 2e-3
+        assert math.isclose(batched["stats"]["mean_lambda"], solo["stats"]["mean_lambda"], rel_tol=1e-4)
+
+
+def _bad_requests(base: str):
+    import urllib.request
+
+    def raw(data: bytes, method="POST", path="/v1/generate"):
+        return urllib.request.Request(base + path, data=data, method=method, headers={"Content-Type": "application/json"})
+
+    yield raw(b'{"class_labels": [1], "guidance": NaN}'), 422, "guidance"
+    yield raw(b'{"class_labels": [1], "steps": 9}'), 422, "steps"
+    yield raw(b'{"class_labels": ["cat"]}'), 422, "class_labels[0]"
+    yield raw(b'{"class_labels": [1], "size": 1024}'), 422, "size"
+    yield raw(b'{"class_labels": [1], "options": {"scope": "step"}}'), 422, "options.scope"
+    yield raw(b'{"class_labels": [1], "negative_prompt": "x"}'), 422, "negative_prompt"
+    yield raw(b'{"class_labels": [1], "seed": ' + b"9" * 3000 + b"}"), 413, "body"
+    yield raw(b"{class_labels: 1}"), 400, "body"
+    yield raw(None, method="GET"), 405, "method"
+    yield raw(b"{}", path="/v2/paint"), 404, "path"
+
+
+def test_bad_input_gets_a_4xx_naming_the_field_and_the_service_keeps_serving(service):
+    import urllib.error
+    import urllib.request
+
+    for req, status, field in _bad_requests(service):
+        try:
+            with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:
+                got, doc = resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            got, doc = exc.code, json.loads(exc.read())
+        assert (got, doc.get("field")) == (status, field), doc
+        assert doc["detail"]
+    status, doc, _ = _post(service, {"class_labels": [2], "steps": 4})
+    assert status == 200 and len(doc["images"]) == 1
+
+
+def test_metrics_are_scraped_and_move(service):
+    before = _get(service + "/metrics")[1]
+    status, doc, _ = _post(service, {"class_labels": [6], "steps": 4, "options": {"reuse_threshold": 0.3}})
+    assert status == 200 and doc["options"] == {"reuse_threshold": 0.3}
+    assert _post(service, {"class_labels": [6], "steps": 99})[0] == 422
+    after = _get(service + "/metrics")[1]
+
+    def moved(name, **labels):
+        return _sample(after, name, **labels) - (_sample(before, name, **labels) if f"{name}{{" in before and all(
+            f'{k}="{v}"' in before for k, v in labels.items()) else 0.0)
+
+    assert moved("adacorr_serve_requests_total", code="200") == 1.0
+    assert moved("adacorr_serve_requests_total", code="422") == 1.0
+    assert moved("adacorr_serve_request_seconds_count") == 1.0
+    assert moved("adacorr_serve_skipped_share_count") == 1.0
+    assert moved("adacorr_serve_blocks_total") == 1 * 2 * 4 * 8
+    assert moved("adacorr_serve_mean_lambda_count") == 1.0
+    assert _sample(after, "adacorr_serve_compile_events_total", phase="warmup") >= 1.0
+    assert "phase=\"serving\"" not in after  # no compile after warm-up
+    assert _sample(after, "adacorr_serve_ready") == 1.0 and _sample(after, "adacorr_serve_fallbacks") == 0.0
+    assert _sample(after, "adacorr_serve_warmup_seconds") > 0.0
+
+
+@pytest.mark.slow
+def test_a_bounded_poisson_load_is_served_without_errors(service):
+    from adacorr_compile.serve.load import poisson_load, summarize
+
+    samples, wall = poisson_load(service + "/v1/generate", rate=4.0, n=40, seed=0, timeout=TIMEOUT,
+                                 make_body=lambda k: {"class_labels": [k % 10], "seed": k, "steps": 6})
+    summary = summarize(samples, wall)
+    assert summary["errors"] == 0, summary["first_error"]
+    assert summary["mean_batch"] > 1.0 and summary["p99_s"] < TIMEOUT
