@@ -69,7 +69,11 @@ class AdaCorrService:
                                             "batching_off_reason": self.engine.inexact or ""})
 
     async def __call__(self, request: Request) -> Response:
-        path, method = request.url.path.rstrip("/") or "/", request.method
+        path, method = request.url.path, request.method
+        prefix = request.scope.get("root_path", "")  # the application's route prefix, when not "/"
+        if prefix and path.startswith(prefix):
+            path = path[len(prefix):]
+        path = path.rstrip("/") or "/"
         routes = {"/v1/generate": ("POST", self._generate), "/healthz": ("GET", self._health),
                   "/metrics": ("GET", self._metrics), "/v1/info": ("GET", self._info)}
         if path not in routes:
@@ -172,9 +176,11 @@ def package_root() -> str:
     return str(Path(__file__).resolve().parents[2])
 
 
-def start(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, num_cpus: int | None = None) -> str:
+def start(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, num_cpus: int | None = None,
+          name: str = APP_NAME, route_prefix: str = "/") -> str:
     """Start Ray (locally, unless it is already initialized), Serve's HTTP proxy on
-    ``host:port`` and the application; returns its URL once every replica is warm."""
+    ``host:port`` (the first call's) and the application ``name`` at ``route_prefix``; returns
+    its URL once every replica is compiled and warm."""
     import ray
 
     if not ray.is_initialized():
@@ -183,8 +189,8 @@ def start(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, num_cp
                  runtime_env={"env_vars": {"PYTHONPATH": path}})
     serve.start(http_options={"host": host, "port": port})
     t0 = time.perf_counter()
-    serve.run(build_app(config), name=APP_NAME, route_prefix="/")
-    url = f"http://{host}:{port}"
+    serve.run(build_app(config), name=name, route_prefix=route_prefix)
+    url = f"http://{host}:{port}{route_prefix.rstrip('/')}"
     logger.info("service ready", extra={"url": url, "startup_seconds": round(time.perf_counter() - t0, 3),
                                         "model": config.model, "backend": config.backend})
     return url

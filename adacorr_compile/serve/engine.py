@@ -158,6 +158,19 @@ def dynamo_compiles() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def kernels_compiled(compiled: Any) -> int:
+    """Kernels the adacorr runtime compiled at run time for ``compiled`` (its regions' fused
+    score / reuse / refresh math, compiled for each new signature; a Dynamo counter misses them)."""
+    from ..api import _model_state
+
+    try:
+        graphs = _model_state(compiled).graphs  # every graph Dynamo compiled for it (static and dynamic batch)
+    except TypeError:  # not an adacorr model
+        return 0
+    maths = {id(r.math): r.math for g in graphs for r in g.regions}
+    return sum(int(getattr(m, "compiled_kernels", 0)) for m in maths.values())
+
+
 def _request_lambda(state: Any, rows: list[int]) -> float | None:
     """Mean lambda of ``rows`` over the generation's measured calls (per-sample lambdas)."""
     total, count = 0.0, 0
@@ -220,21 +233,31 @@ class Engine:
     def batch_exact(self) -> bool:
         return self.inexact is None
 
-    def warmup(self, steps: int | None = None) -> dict[str, Any]:
-        """Compile and run every served size with one and with two requests (static size, dynamic
-        batch), so that a request never waits for a compile; returns seconds and graphs compiled."""
-        steps = steps or min(self.limits.default_steps, 4)
-        t0, c0 = time.perf_counter(), dynamo_compiles()
+    def compiles(self) -> int:
+        """Graphs (Dynamo) and run-time kernels (adacorr's region math) compiled so far."""
+        return dynamo_compiles() + (kernels_compiled(self.compiled) if self.backend == "adacorr" else 0)
+
+    def warmup(self, steps: int | None = None, batches: Sequence[int] | None = None) -> dict[str, Any]:
+        """Compile and run every served size with every batch the service can form (1 to
+        ``max_rows`` images; static size, the batch turns dynamic at the second), ``steps``
+        steps each (default: the default step count, so that reuses and partial reuses run
+        too: the runtime compiles their kernels on first use), so that a request never waits
+        for a compile; returns seconds and graphs / kernels compiled."""
+        steps = steps or self.limits.default_steps
+        # the first batch again at the end: once the batch is dynamic, Dynamo serves it with the
+        # dynamic graph, whose regions compile their kernels for that shape on first use
+        batches = list(batches or [*range(1, self.max_rows + 1), 1])
+        t0, c0 = time.perf_counter(), self.compiles()
         for size in self.limits.sizes:
-            for n in (1, 2):
+            for n in batches:
                 reqs = [GenerateRequest((k % self.limits.num_classes,), seed=k, steps=steps, size=size,
                                         guidance=self.limits.default_guidance, request_id=f"warmup-{size}-{n}-{k}")
                         for k in range(n)]
                 for out in self.generate(reqs, group=False):
                     if out.error:
                         raise RuntimeError(f"warm-up failed at size {size}, {n} request(s): {out.error}")
-        self.warmup_report = {"seconds": time.perf_counter() - t0, "compiles": dynamo_compiles() - c0,
-                              "sizes": list(self.limits.sizes), "batch": "dynamic", "steps": steps}
+        self.warmup_report = {"seconds": time.perf_counter() - t0, "compiles": self.compiles() - c0,
+                              "sizes": list(self.limits.sizes), "batch": "dynamic", "batches": list(batches), "steps": steps}
         logger.info("serve: warm-up of %s (backend=%s) took %.1f s, %d graphs compiled", self.family.name, self.backend,
                     self.warmup_report["seconds"], self.warmup_report["compiles"])
         return self.warmup_report
@@ -280,10 +303,10 @@ class Engine:
         x = torch.cat([_noise(r, self.family.channels) for r in reqs])
         labels = torch.tensor([c for r in reqs for c in r.class_labels], dtype=torch.long)
         with self._lock, torch.no_grad(), contextlib.ExitStack() as stack:
-            t0, c0 = time.perf_counter(), dynamo_compiles()
+            t0, c0 = time.perf_counter(), self.compiles()
             state = self._enter_generation(stack, first)
             out = self.family.loop(self.model, x, labels, first.steps, first.guidance, self.family.null_class)
-            seconds, compiles = time.perf_counter() - t0, dynamo_compiles() - c0
+            seconds, compiles = time.perf_counter() - t0, self.compiles() - c0
             skipped = _skipped_share(self.compiled) if state is not None else None
             lambdas = _split_lambda(state, reqs, x.shape[0]) if state is not None else [None] * len(reqs)
         results, offset = [], 0
