@@ -10,8 +10,10 @@ one generation when the backend's options keep every row of a batch equal to its
 (one generation per batch row), only that function changes.
 
 Shapes: each served size is its own static shape (a bucket, compiled at warm-up); the batch
-dimension is dynamic (Dynamo's automatic dynamic shapes: the warm-up runs one and two requests,
-so later batch sizes reuse the dynamic graph without a compile). The step count changes no shape.
+dimension is dynamic (Dynamo's automatic dynamic shapes from the second batch size on). The
+warm-up runs every batch the service can form (1 to ``max_rows`` images, then 1 again), long
+enough for reuses to happen, so that the runtime's fused kernels are compiled too and no
+request waits for a compile (``compiles`` counts both). The step count changes no shape.
 """
 
 from __future__ import annotations
