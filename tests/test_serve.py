@@ -255,6 +255,20 @@ def test_engine_rows_equal_their_solo_runs_and_a_failed_generation_touches_no_ot
     assert torch.equal(engine.generate([a])[0].samples, solo.samples)
 
 
+def test_flux_rows_equal_their_solo_runs():
+    from adacorr_compile.serve.engine import Engine
+
+    torch.set_num_threads(1)
+    engine = Engine("reference-flux", "adacorr", FAST)
+    assert engine.limits.default_guidance == 4.0 and engine.blocks == 8  # 2 double + 6 single blocks
+    engine.warmup(2, batches=[1, 2, 1])
+    a, b = GenerateRequest((3,), seed=1, steps=6, guidance=4.0), GenerateRequest((4,), seed=2, steps=6, guidance=4.0)
+    batched, solo = engine.generate([a, b])[0], engine.generate([a])[0]
+    assert batched.batch_requests == 2 and batched.samples.shape == (1, 3, 32, 32)
+    assert (batched.samples - solo.samples).abs().max().item() <= 1e-4
+    assert math.isclose(batched.mean_lambda, solo.mean_lambda, rel_tol=1e-4)
+
+
 # ----------------------------------------------------------------------------- the real service
 
 
@@ -420,3 +434,22 @@ def test_a_bounded_poisson_load_is_served_without_errors(service):
     summary = summarize(samples, wall)
     assert summary["errors"] == 0, summary["first_error"]
     assert summary["mean_batch"] > 1.0 and summary["p99_s"] < TIMEOUT
+
+
+def test_graceful_shutdown_finishes_the_request_in_flight(service):
+    """Last in the module: deleting the application drains the replica; the request already in
+    it is answered, then nothing is served."""
+    import time
+
+    from ray import serve
+
+    from adacorr_compile.serve.app import APP_NAME
+
+    result = {}
+    th = threading.Thread(target=lambda: result.update(answer=_post(service, {"class_labels": [1], "steps": 8})))
+    th.start()
+    time.sleep(0.15)  # routed to the replica, waiting in its batch queue (batch_wait_s=0.3)
+    serve.delete(APP_NAME)  # blocks until the replica has stopped
+    th.join(TIMEOUT)
+    assert result["answer"][0] == 200 and len(result["answer"][1]["images"]) == 1
+    assert _get(service + "/healthz")[0] != 200
