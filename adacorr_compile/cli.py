@@ -1,4 +1,4 @@
-"""The ``adacorr`` command: inspect, demo, export and calibrate."""
+"""The ``adacorr`` command: inspect, demo, export, calibrate and serve."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.set_defaults(func=cmd_inspect)
     # the subcommands' modules, imported here (not at the top): demo is the lab's (adacorr_compile.lab),
     # whose packages are checked when it runs, so that `adacorr --help` works with the core alone
-    for module in (".lab.demo", ".cli_export", ".cli_calibrate"):
+    for module in (".lab.demo", ".cli_export", ".cli_calibrate", ".cli_serve"):
         importlib.import_module(module, __package__).add_parser(sub)
     try:
         args = parser.parse_args(argv)

@@ -90,7 +90,7 @@ def test_core_dependencies_are_torch_alone_and_the_extras_name_the_lab():
     extras = project["optional-dependencies"]
     lab = {req.split(">")[0].split("=")[0] for req in extras["lab"]}
     assert lab == set(LAB_PACKAGES.values())  # the extra and the names require_lab reports agree
-    assert "adacorr_compile[lab,export,bench]" in extras["test"]
+    assert "adacorr_compile[lab,export,bench,serve]" in extras["test"]
     assert any(req.startswith("onnx>") for req in extras["export"])
     assert "cache-dit>=1.5" in extras["bench"]
 
