@@ -27,19 +27,9 @@ import logging
 import sys
 from typing import Any
 
-from .cli_common import load_factory, parse_option
+from .cli_common import load_factory, parse_option, positive_int
 
 logger = logging.getLogger("adacorr_compile")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
-    return value
 
 
 def add_parser(sub: Any) -> None:
@@ -55,7 +45,7 @@ def add_parser(sub: Any) -> None:
                    "setting must reach (default: %(default)s)")
     p.add_argument("--rule", choices=RULES, default="mean",
                    help="mean: the mean over seeds must reach the target; worst: the worst seed must (default: %(default)s)")
-    p.add_argument("--seeds", type=_positive_int, default=2, help="seeds 0..N-1, one generation each per setting "
+    p.add_argument("--seeds", type=positive_int, default=2, help="seeds 0..N-1, one generation each per setting "
                    "(default: %(default)s)")
     p.add_argument("--thresholds", type=float, nargs="+", default=list(DEFAULT_THRESHOLDS),
                    help="reuse_threshold values to sweep (default: %(default)s)")
@@ -64,11 +54,11 @@ def add_parser(sub: Any) -> None:
                         "e.g. --variant forecast=none --variant scope=block")
     p.add_argument("--option", action="append", default=[], type=parse_option, metavar="KEY=VALUE",
                    help="a base option of every compile (repeatable), e.g. --option lowering=eager")
-    p.add_argument("--steps", type=_positive_int, default=None,
+    p.add_argument("--steps", type=positive_int, default=None,
                    help="denoising steps (default: 50 for the reference models, 20 for a factory)")
-    p.add_argument("--images", type=_positive_int, default=10, help="images per generation, reference models only "
+    p.add_argument("--images", type=positive_int, default=10, help="images per generation, reference models only "
                    "(default: %(default)s)")
-    p.add_argument("--reps", type=_positive_int, default=1, help="timed (uncached, cached) pairs per seed and setting "
+    p.add_argument("--reps", type=positive_int, default=1, help="timed (uncached, cached) pairs per seed and setting "
                    "(default: %(default)s)")
     p.add_argument("--out", default="calib.json", help="the JSON file; the plot goes beside it as .png (default: %(default)s)")
     p.add_argument("--no-plot", action="store_true", help="do not write the Pareto plot")

@@ -97,3 +97,13 @@ def parse_option(text: str) -> tuple[str, Any]:
         return key, ast.literal_eval(raw)
     except (ValueError, SyntaxError):
         return key, raw
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
+    return value

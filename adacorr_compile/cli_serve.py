@@ -18,16 +18,9 @@ import signal
 import threading
 from typing import Any
 
-from .cli_common import CliError, parse_option
+from .cli_common import CliError, parse_option, positive_int
 
 logger = logging.getLogger("adacorr_compile.serve")
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text}")
-    return value
 
 
 def add_parser(sub: Any) -> None:
@@ -43,16 +36,16 @@ def add_parser(sub: Any) -> None:
                    help="a backend option over --options (repeatable)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
-    p.add_argument("--replicas", type=_positive, default=1, help="replicas, each compiled and warmed up (default: 1)")
+    p.add_argument("--replicas", type=positive_int, default=1, help="replicas, each compiled and warmed up (default: 1)")
     p.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs reserved per replica (default: 1)")
-    p.add_argument("--threads", type=_positive, default=1, help="torch threads per replica (default: 1)")
-    p.add_argument("--max-batch-size", type=_positive, default=8, help="requests per @serve.batch call (default: 8)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads per replica (default: 1)")
+    p.add_argument("--max-batch-size", type=positive_int, default=8, help="requests per @serve.batch call (default: 8)")
     p.add_argument("--batch-wait", type=float, default=0.05, help="seconds a batch waits to fill (default: 0.05)")
     p.add_argument("--no-batching", action="store_true", help="one generation per request")
-    p.add_argument("--max-steps", type=_positive, default=50, help="most denoising steps a request may ask (default: 50)")
-    p.add_argument("--default-steps", type=_positive, default=20, help="steps when a request names none (default: 20)")
-    p.add_argument("--max-images", type=_positive, default=4, help="most images (class labels) per request (default: 4)")
-    p.add_argument("--warmup-steps", type=_positive, default=4, help="steps of each warm-up generation (default: 4)")
+    p.add_argument("--max-steps", type=positive_int, default=50, help="most denoising steps a request may ask (default: 50)")
+    p.add_argument("--default-steps", type=positive_int, default=20, help="steps when a request names none (default: 20)")
+    p.add_argument("--max-images", type=positive_int, default=4, help="most images (class labels) per request (default: 4)")
+    p.add_argument("--warmup-steps", type=positive_int, default=4, help="steps of each warm-up generation (default: 4)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs given to a local Ray (default: all)")
     p.set_defaults(func=cmd_serve)
 
