@@ -197,7 +197,7 @@ class RegionMath:
         gates = shared.take_pending_gates()
         if gates:
             total = group.all_reduce(torch.cat([c.gate_sums.reshape(-1).to(torch.float32) for c in gates]))  # type: ignore[union-attr]
-            for cache, sums in zip(gates, total.split(2)):
+            for cache, sums in zip(gates, total.split([c.gate_sums.numel() for c in gates])):  # type: ignore[union-attr]
                 cache.settle_gate(sums, self.config.forecast_max_change)
 
     def refresh(
