@@ -29,7 +29,6 @@ from .runtime import contexts
 from .runtime.graph import GraphRuntime
 from .runtime.owners import compiling_wrapper, state_on
 from .passes.lone_block import lone_block
-from .runtime.regional import LoneBlockRuntime
 from .runtime.state import ModelState
 
 logger = logging.getLogger("adacorr_compile")
@@ -227,7 +226,7 @@ def adacorr_backend(gm: fx.GraphModule, example_inputs: list[Any], options: Any 
     if info.stopped or not info.regions:
         reasons = "; ".join(f"{w}: {r}" for w, r in info.skipped) or "no blocks found"
         lone = lone_block(original, example_inputs, config, model, _current_tx(), _plain_compile)
-        if isinstance(lone, LoneBlockRuntime):
+        if callable(lone):  # a whole block's region, or a plain part of a block guarded at its call
             return lone
         return _fallback(original, example_inputs, config, model, lone if lone is not None else reasons)
     return build_runtime(model, lowered, info, config)

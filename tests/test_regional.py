@@ -5,8 +5,8 @@ or ``torch.compile(block)`` by hand give one graph per block; all of them share 
 step (``runtime/regional.py``). Against whole-model compilation with the same options: the
 same per-region decisions and outputs within round-off; ``policy="never"`` equals plain
 regional compilation; no recompiles across generations; graph breaks between blocks (in the
-owner's forward) leave the blocks guarded, a graph break inside a block leaves that block
-unguarded with a reason, never a wrong result."""
+owner's forward) leave the blocks guarded; a block whose own graph breaks is guarded at its
+call; never a wrong result."""
 
 import copy
 
@@ -14,7 +14,10 @@ import pytest
 import torch
 
 import adacorr_compile
-from adacorr_compile.lab.tiny import PlainDiT, _PlainBlock, tiny_hunyuan_video, tiny_plain
+from adacorr_compile.lab.tiny import (PlainDiT, _PlainBlock, tiny_hidream, tiny_hunyuan_dit, tiny_hunyuan_video, tiny_hunyuan_video15,
+                                      tiny_ltx_video, tiny_mochi, tiny_plain, tiny_qwenimage)
+from adacorr_compile.runtime.call_guard import guarded_at_call
+from adacorr_compile.runtime.fused import RegionMath
 
 EAGER = {"lowering": "eager", "reuse_threshold": 1.0}
 
@@ -165,15 +168,87 @@ def test_graph_break_between_blocks_is_guarded(outer):
     assert adacorr_compile.stats(cached)["totals"]["reuses"] > 0
 
 
-def test_graph_break_inside_a_block_falls_back_with_reason():
+def traces(compiled):
+    return {r["path"]: r["reuse_trace"] for r in adacorr_compile.stats(compiled)["regions"]}
+
+
+@pytest.mark.parametrize("outer", ["whole", "regional"])
+def test_graph_break_inside_a_block_is_guarded_at_its_call(outer, monkeypatch):
+    """A block whose own code breaks (``.item()``) compiles in parts: the block's whole call is
+    its region (``runtime/call_guard.py``). The step in which the guards go on computes plainly;
+    from the next generation on, every decision and output is that of the same model without
+    the break. ``policy="never"`` equals eager; no recompiles in a third generation."""
     _, inputs = tiny_plain()
     model = _variant(block_cls=_BreakInside)
-    ours = compile_blocks(copy.deepcopy(model), backend="adacorr", options=EAGER)
-    for a, b in zip(run(model, inputs, generations=1), run(ours, inputs, generations=1)):
+    unbroken = compile_blocks(_variant(), backend="adacorr", options=EAGER)
+    never = compile_blocks(copy.deepcopy(model), backend="adacorr", options={"policy": "never", "lowering": "eager"})
+    for a, b in zip(run(model, inputs, generations=1), run(never, inputs, generations=1)):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-    s = adacorr_compile.stats(ours)
-    assert s["totals"]["calls"] == 0
-    assert any("a graph break inside it" in r for r in s["fallbacks"])
+    if outer == "whole":
+        cached = torch.compile(copy.deepcopy(model), backend="adacorr", options=EAGER)
+    else:
+        cached = compile_blocks(copy.deepcopy(model), backend="adacorr", options=EAGER)
+    expected, got = run(unbroken, inputs), run(cached, inputs)
+    for a, b in zip(expected[6:], got[6:]):  # the second generation
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert traces(cached) == traces(unbroken)
+    assert sorted(traces(cached)) == [f"blocks.{i}" for i in range(4)]
+    s = adacorr_compile.stats(cached)
+    assert s["fallbacks"] == [] and s["totals"]["reuses"] > 0
+    assert all(guarded_at_call(b) for b in (cached._orig_mod if outer == "whole" else cached).blocks)
+    measures = []  # the runtime's host reads: one OEM measurement per step (scope="step"), as unbroken
+    original = RegionMath.measure
+    monkeypatch.setattr(RegionMath, "measure", lambda self, *a, **k: measures.append(1) or original(self, *a, **k))
+    with torch.compiler.set_stance("fail_on_recompile"):
+        run(cached, inputs, generations=1)
+    per_generation = len(measures)
+    run(unbroken, inputs, generations=1)
+    assert per_generation == len(measures) - per_generation == 5  # every step after the first
+
+
+FAMILIES = {  # tiny model -> the block containers it must guard
+    "mochi": (tiny_mochi, ("transformer_blocks",)),  # nonzero over the text mask in its attention
+    "hidream": (tiny_hidream, ("double_stream_blocks", "single_stream_blocks")),  # MoE routing, wrapped blocks
+    "hunyuan_video15": (tiny_hunyuan_video15, ("transformer_blocks",)),
+    "qwenimage": (tiny_qwenimage, ("transformer_blocks",)),
+    "hunyuan_dit": (tiny_hunyuan_dit, ("blocks",)),  # a skip input shaped as its stream: paired by name
+    "ltx_video": (tiny_ltx_video, ("transformer_blocks",)),  # text as long as the video tokens: paired by name
+}
+
+
+def _regionally(model, **kwargs):
+    if getattr(model, "_repeated_blocks", None):
+        model.compile_repeated_blocks(**kwargs)
+        return model
+    return compile_blocks(model, **kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_family_regional_equals_whole_and_never_equals_eager(name):
+    """Models whose blocks break (Mochi, HiDream) or not (HunyuanVideo 1.5, QwenImage, HunyuanDiT, LTX),
+    regionally compiled (``compile_repeated_blocks`` where the class names its blocks, else
+    block by block) and whole: every block of the named containers guarded, the same
+    decisions and outputs both ways, caching off equal to eager."""
+    build, containers = FAMILIES[name]
+    model, inputs = build()
+
+    def generation(m, steps=5):
+        with torch.no_grad():
+            return [m(**inputs(k, 900.0 - 150.0 * k), return_dict=False)[0] for k in range(steps)]
+
+    never = _regionally(copy.deepcopy(model), backend="adacorr", options={"policy": "never", "lowering": "eager"})
+    for a, b in zip(generation(model), generation(never)):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    whole = torch.compile(copy.deepcopy(model), backend="adacorr", options=EAGER)
+    regional = _regionally(copy.deepcopy(model), backend="adacorr", options=EAGER)
+    a, b = generation(whole) + generation(whole), generation(regional) + generation(regional)
+    for x, y in zip(a[5:], b[5:]):
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5)
+    assert traces(regional) == traces(whole)
+    paths = sorted(traces(regional))
+    blocks = sorted(f"{c}.{i}" for c in containers for i in range(len(model.get_submodule(c))))
+    assert paths == blocks
+    assert adacorr_compile.stats(regional)["totals"]["reuses"] > 0
 
 
 class _Reorder(PlainDiT):
@@ -221,17 +296,18 @@ def test_hunyuan_video_regional_reuses_and_never_equals_eager():
     assert adacorr_compile.stats(cached)["totals"]["reuses"] > 0
 
 
-@pytest.mark.parametrize("name", ["flux", "wan"])
+@pytest.mark.parametrize("name", ["flux", "wan", "sd3"])
 def test_pipeline_compile_repeated_blocks_caches_like_whole_model(name):
     """``pipe.transformer.compile_repeated_blocks(backend="adacorr")`` on a tiny diffusers
-    pipeline (Flux and Wan: CFG as two calls in ``cache_context``), two generations."""
-    from pipelines import build_flux, build_wan
+    pipeline (Flux; Wan and SD3: CFG as two calls in ``cache_context``, and as one batch), two
+    generations."""
+    from pipelines import build_flux, build_sd3, build_wan
 
-    build = {"flux": build_flux, "wan": build_wan}[name]
+    build = {"flux": build_flux, "wan": build_wan, "sd3": build_sd3}[name]
     options = {"lowering": "eager", "reuse_threshold": 0.5}
     whole, regional = build(0), build(0)
     whole.pipe.transformer = torch.compile(whole.pipe.transformer, backend="adacorr", options=options)
-    regional.pipe.transformer.compile_repeated_blocks(backend="adacorr", options=options)
+    _regionally(regional.pipe.transformer, backend="adacorr", options=options)  # SD3's class names no repeated blocks
     with torch.no_grad():
         for _ in range(2):
             a = whole.pipe(**whole.kwargs(steps=6))[0]
@@ -243,10 +319,12 @@ def test_pipeline_compile_repeated_blocks_caches_like_whole_model(name):
     assert adacorr_compile.stats(regional.pipe.transformer)["steps"] == 6
 
 
-def test_dynamic_shapes_two_resolutions():
-    """``dynamic=True``: one graph per block class for both resolutions (no recompile in the
-    second), a new generation at the new size, the same decisions as whole-model compilation."""
-    model, _ = tiny_plain(depth=4)
+@pytest.mark.parametrize("block_cls", [None, _BreakInside], ids=["whole_blocks", "break_inside"])
+def test_dynamic_shapes_two_resolutions(block_cls):
+    """``dynamic=True``: one graph per block class (or per part of it) for both resolutions (no
+    recompile in the second), a new generation at the new size, the same decisions as
+    whole-model compilation; also for blocks guarded at their calls."""
+    model = _variant(block_cls=block_cls)
 
     def inputs(size):
         def make(step, t, batch=2):

@@ -420,3 +420,76 @@ TRUST_FAMILIES = {
     "mochi": (tiny_mochi, []),
     "plain_inplace": (tiny_plain_inplace, ["blocks.%d" % i for i in range(3)]),
 }
+
+
+def tiny_hidream(num_layers: int = 2, num_single_layers: int = 2):
+    """HiDream-I1: dual- then single-stream blocks, each wrapped (``HiDreamBlock``), with a
+    mixture-of-experts feed-forward whose data-dependent routing breaks the block's graph."""
+    from diffusers import HiDreamImageTransformer2DModel
+
+    torch.manual_seed(0)
+    blocks = num_layers + num_single_layers
+    model = HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=8, num_attention_heads=2, caption_channels=[12, 20], text_emb_dim=16,
+        num_routed_experts=4, num_activated_experts=2, axes_dims_rope=(4, 2, 2), max_resolution=(16, 16),
+        llama_layers=list(range(blocks)),
+    ).eval()
+
+    def inputs(step: int, t: float, batch: int = 2):
+        g = torch.Generator().manual_seed(1)
+        return dict(
+            hidden_states=torch.randn(batch, 4, 8, 8, generator=g) + 0.01 * step, timesteps=torch.full((batch,), t),
+            encoder_hidden_states_t5=torch.randn(batch, 6, 12, generator=g),
+            encoder_hidden_states_llama3=torch.randn(blocks, batch, 6, 20, generator=g),
+            pooled_embeds=torch.randn(batch, 16, generator=g),
+        )
+
+    return model, inputs
+
+
+def tiny_hunyuan_video15(num_layers: int = 3):
+    """HunyuanVideo 1.5: dual-stream blocks over video tokens, with a token refiner and
+    three text/image condition streams joined before the blocks."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    torch.manual_seed(0)
+    model = HunyuanVideo15Transformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=num_layers,
+        num_refiner_layers=1, mlp_ratio=2.0, text_embed_dim=16, text_embed_2_dim=12, image_embed_dim=20,
+        rope_axes_dim=(2, 2, 4), target_size=16, task_type="t2v",
+    ).eval()
+
+    def inputs(step: int, t: float, batch: int = 2):
+        g = torch.Generator().manual_seed(1)
+        return dict(
+            hidden_states=torch.randn(batch, 4, 2, 8, 8, generator=g) + 0.01 * step, timestep=torch.full((batch,), t),
+            encoder_hidden_states=torch.randn(batch, 6, 16, generator=g),
+            encoder_attention_mask=torch.ones(batch, 6, dtype=torch.bool),
+            encoder_hidden_states_2=torch.randn(batch, 4, 12, generator=g),
+            encoder_attention_mask_2=torch.ones(batch, 4, dtype=torch.bool),
+            image_embeds=torch.zeros(batch, 3, 20),
+        )
+
+    return model, inputs
+
+
+def tiny_qwenimage(num_layers: int = 3):
+    """QwenImage: dual-stream MMDiT blocks with a text mask and 3-axis rotary embeddings."""
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(0)
+    model = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=num_layers, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(2, 2, 4),
+    ).eval()
+
+    def inputs(step: int, t: float, batch: int = 2):
+        g = torch.Generator().manual_seed(1)
+        return dict(
+            hidden_states=torch.randn(batch, 16, 16, generator=g) + 0.01 * step, timestep=torch.full((batch,), t / 1000.0),
+            encoder_hidden_states=torch.randn(batch, 6, 16, generator=g),
+            encoder_hidden_states_mask=torch.ones(batch, 6, dtype=torch.bool), img_shapes=[[(1, 4, 4)]] * batch,
+        )
+
+    return model, inputs

@@ -30,8 +30,15 @@ The same mechanism guards a block whose frame Dynamo compiles alone inside a who
 ``torch.compile(owner)`` (graph breaks between blocks): the hooks then go on the
 ``OptimizedModule`` and the region joins the model's state, next to the in-graph regions of
 the graphs that hold two or more blocks (each such graph keeps its own leader and probe, as
-before). A block graph that is only a part of its block (a graph break inside the block) is
-never a region: regionally compiled, the reason is in ``stats(owner)["fallbacks"]``.
+before). A block graph that is only a part of its block (a graph break inside the block, or
+in a module the block calls) is never a region: the block's whole call is, guarded at its call
+(:mod:`.call_guard`).
+
+A block is found as the numbered child of a container of its owner (:func:`find_site`), or,
+for a frame that runs inside a block (a wrapper's inner block, an MoE inside it), as the module
+on the stack that is such a child of an owner that takes a timestep
+(:func:`find_enclosing_site`). Each output pairs with the input of its shape and dtype; where
+several are alike, with the one argument named as a main stream (:func:`shape_pairs`).
 """
 
 from __future__ import annotations
@@ -129,6 +136,51 @@ def find_site(block: torch.nn.Module) -> tuple[BlockSite, tuple[tuple, dict] | N
         del frame
 
 
+def find_enclosing_site(module: torch.nn.Module) -> tuple[torch.nn.Module, BlockSite, tuple[tuple, dict] | None] | None:
+    """The block a part of whose code is compiling: among the modules on the call stack,
+    ``module`` and those whose forward encloses it, the numbered children of a container of a
+    module further out, the innermost whose owner's forward takes a timestep (else the
+    outermost): a wrapper such as HiDream's ``HiDreamBlock`` around its block, not the MoE
+    experts (numbered children too) inside it. With its site and the arguments of its owner's
+    call; or None."""
+    frame = sys._getframe(1)
+    inner: list[torch.nn.Module] = []  # modules on the stack so far, innermost first
+    found: tuple[torch.nn.Module, BlockSite, Any] | None = None
+    try:
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, torch._dynamo.eval_frame.OptimizedModule):
+                owner = owner._orig_mod  # torch.compile(block) by hand: the block itself
+            if isinstance(owner, torch.nn.Module) and not isinstance(owner, _CONTAINERS) and all(owner is not m for m in inner):
+                if not inner and owner is not module:
+                    frame = frame.f_back
+                    continue  # frames of the runtime and Dynamo below the compiling module's
+                for m in reversed(inner):  # the outermost first: a block, not the experts inside it
+                    site = _site_in(owner, m)
+                    if site is not None:
+                        found = (m, site, frame)
+                        break
+                if found is not None and found[1].owner is owner and _takes_timestep(owner):
+                    break
+                inner.append(owner)
+            frame = frame.f_back
+        if found is None:
+            return None
+        block, site, owner_frame = found
+        site, arguments = _outside_dynamo(site, owner_frame)
+        return block, site, arguments
+    finally:
+        del frame
+
+
+def _takes_timestep(owner: torch.nn.Module) -> bool:
+    try:
+        names = inspect.signature(owner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return any(n in names for n in TIMESTEP_NAMES)
+
+
 def _outside_dynamo(site: BlockSite, frame: Any) -> tuple[BlockSite, tuple[tuple, dict] | None]:
     """The site with the arguments of the owner's call. Where Dynamo runs the owner's forward
     (``torch.compile(owner)`` whose graphs break between blocks, so that a block's frame
@@ -161,6 +213,8 @@ class OwnerCall:
 
 
 CALL: contextvars.ContextVar[OwnerCall | None] = contextvars.ContextVar("adacorr_owner_call", default=None)
+# set while a block guarded at its call runs its own forward (CallGuard): nothing in it is a region of its own
+IN_GUARDED_CALL: contextvars.ContextVar[bool] = contextvars.ContextVar("adacorr_in_guarded_call", default=False)
 _OWNERS: "weakref.WeakKeyDictionary[torch.nn.Module, RegionalOwner]" = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
@@ -219,17 +273,22 @@ class RegionalOwner:
     @staticmethod
     def _param_paths(owner: torch.nn.Module) -> dict[int, tuple[torch.Tensor, str]]:
         """id(parameter) -> (parameter, block path) for the numbered children of the owner's
-        containers; a parameter of several blocks (tied weights) names none."""
+        containers, the outermost where they nest (a block's ``adaLN_modulation`` Sequential);
+        a parameter of several blocks (tied weights) names none."""
         found: dict[int, tuple[torch.Tensor, str]] = {}
         shared: set[int] = set()
-        for name, container in owner.named_modules():
+        for name, container in owner.named_modules():  # outer containers come first
             if not isinstance(container, _CONTAINERS):
                 continue
             for i, child in enumerate(container):
+                path = f"{name}.{i}" if name else str(i)
                 for p in child.parameters():
-                    if id(p) in found and found[id(p)][1] != f"{name}.{i}":
+                    known = found.get(id(p))
+                    if known is not None and path.startswith(known[1] + "."):
+                        continue  # inside a block already named
+                    if known is not None and known[1] != path:
                         shared.add(id(p))
-                    found[id(p)] = (p, f"{name}.{i}" if name else str(i))
+                    found[id(p)] = (p, path)
         return {k: v for k, v in found.items() if k not in shared}
 
     def path_of(self, param: Any) -> str | None:
@@ -414,6 +473,8 @@ class LoneBlockRuntime:
 
     def __call__(self, *args: Any) -> Any:
         call = CALL.get()
+        if call is not None and IN_GUARDED_CALL.get():  # inside a block guarded at its call (CallGuard): that is the region
+            return self.body(*args)
         path = None if call is None else self._path(call.owner, args)
         if path is None:
             call = self._adopt(args)
@@ -450,13 +511,24 @@ def _innermost_module_with(param: Any) -> torch.nn.Module | None:
         del frame
 
 
-def shape_pairs(ins: Sequence[Any], outs: Sequence[Any], params: set[int], same: Callable[[Any, Any], bool]) -> list[tuple[int, int]] | str:
+STREAM_NAMES = ("hidden_states", "x", "hidden", "h")  # an argument of one of these names is a block's main stream
+
+
+def shape_pairs(ins: Sequence[Any], outs: Sequence[Any], params: set[int], same: Callable[[Any, Any], bool],
+                names: Sequence[str | None] | None = None) -> list[tuple[int, int]] | str:
     """(input, output) stream pairs of a whole-block graph by shape and dtype: each output
     pairs with the one non-parameter token-shaped input like it, or the reason there is none
-    or several (then which input it updates is not known: no guard)."""
+    or several (then which input it updates is not known: no guard). Where several are alike
+    and exactly one of them is the block's argument named as a main stream (``names``: each
+    input's argument name; :data:`STREAM_NAMES`), that one: HunyuanDiT's ``skip`` beside its
+    ``hidden_states``, a text stream as long as the image's. Two outputs still never pair
+    with one input."""
     pairs = []
     for j, out in enumerate(outs):
         cands = [i for i, v in enumerate(ins) if i not in params and same(v, out)]
+        if len(cands) > 1 and names is not None:
+            named = [i for i in cands if names[i] in STREAM_NAMES]
+            cands = named if len(named) == 1 else cands
         if len(cands) != 1:
             shape = tuple(getattr(out, "shape", ()))
             return (f"output {j} (shape {shape}) has {len(cands)} inputs of its shape and dtype to be its residual stream "
@@ -465,3 +537,11 @@ def shape_pairs(ins: Sequence[Any], outs: Sequence[Any], params: set[int], same:
     if len({i for i, _ in pairs}) != len(pairs):
         return "two outputs pair with one input"
     return pairs
+
+
+def argument_name(placeholder: str) -> str:
+    """The block argument a Dynamo placeholder stands for: ``L_hidden_states_`` and
+    ``L_kwargs_hidden_states_`` -> ``hidden_states``, ``L_args_0_`` -> ``args_0``."""
+    name = placeholder[2:] if placeholder.startswith(("L_", "l_")) else placeholder
+    name = name[len("kwargs_"):] if name.startswith("kwargs_") else name
+    return name[:-1] if name.endswith("_") else name
