@@ -67,7 +67,8 @@ def write(result: CalibrationResult, path: str | Path, command: str | None = Non
     doc = {
         "format": FORMAT,
         "options": _options_json(result.options),
-        "target_psnr": result.target_psnr,
+        "target_psnr": result.target_psnr if result.target_speed is None else None,
+        "target_speed": result.target_speed,
         "rule": result.rule,
         "met": result.met,
         "chosen": result.chosen["setting"] if result.chosen is not None else None,
