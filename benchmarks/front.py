@@ -63,8 +63,7 @@ OUR_SETTINGS: list[tuple[str, dict[str, Any]]] = [
     ("thr=0.15, cap=4", {"reuse_threshold": 0.15, "max_consecutive_reuses": 4}),
     ("thr=0.25, cap=6", {"reuse_threshold": 0.25, "max_consecutive_reuses": 6}),
     ("thr=0.4, cap=8", {"reuse_threshold": 0.4, "max_consecutive_reuses": 8}),
-    ("thr=0.4, cap=8, forecast_max_change=inf",
-     {"reuse_threshold": 0.4, "max_consecutive_reuses": 8, "forecast_max_change": float("inf")}),
+    ("thr=0.6, cap=10", {"reuse_threshold": 0.6, "max_consecutive_reuses": 10}),
     ("thr=0.25, cap=6, late_phase=None", {"reuse_threshold": 0.25, "max_consecutive_reuses": 6, "late_phase": None}),
     ("thr=0.25, cap=6, forecast=none", {"reuse_threshold": 0.25, "max_consecutive_reuses": 6, "forecast": "none"}),
     ("thr=0.25, cap=6, probe_forecast", {"reuse_threshold": 0.25, "max_consecutive_reuses": 6, "probe_forecast": True}),
@@ -139,7 +138,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["dit", "flux", "sd3"], default="flux")
     # fewer images and seeds than peers.py's defaults (10 images, 5 seeds): 18 methods on a CPU budget
-    rounds.add_run_arguments(parser, images=8, steps=50, rounds=7, quality_seeds=4)
+    rounds.add_run_arguments(parser, images=8, steps=50, rounds=9, quality_seeds=4)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     rounds.setup_process(args.threads)
