@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import adacorr_compile
-from adacorr_compile.calibrate import RUNTIME_FIELDS, _swap_config, choose, choose_at_speed, swapped_config
+from adacorr_compile.calibrate import (RUNTIME_FIELDS, _swap_config, choose, choose_at_speed, fitted_speeds,
+                                       swapped_config)
 from adacorr_compile.cli import main
 from adacorr_compile.lab.tiny import PlainDiT, tiny_plain
 
@@ -96,8 +97,8 @@ def test_choice_skips_most_among_settings_that_meet_the_target(calibrated):
 
 
 def _row(setting, speedup, psnr_mean, psnr_worst_seed, skipped=0.5):
-    return {"setting": setting, "speedup": speedup, "psnr_mean": psnr_mean, "psnr_worst_seed": psnr_worst_seed,
-            "skipped": skipped}
+    return {"setting": setting, "speedup": speedup, "speed_fitted": speedup, "psnr_mean": psnr_mean,
+            "psnr_worst_seed": psnr_worst_seed, "skipped": skipped}
 
 
 def test_choice_at_a_target_speed_is_the_best_psnr_among_the_fast_enough():
@@ -115,6 +116,26 @@ def test_choice_at_a_target_speed_is_the_best_psnr_among_the_fast_enough():
     for bad in (1.0, 0.5, float("nan"), float("inf"), "2", True):
         with pytest.raises(ValueError, match="target_speed got"):
             choose_at_speed(table, bad)
+    # "median" reads each row's own median, "fitted" the cost model's speed
+    table[1]["speed_fitted"] = 1.9
+    assert choose_at_speed(table, 2.0)["setting"] == "mid2"
+    assert choose_at_speed(table, 2.0, speed_measure="median")["setting"] == "mid"
+    with pytest.raises(ValueError, match="speed_measure got 'mean'"):
+        choose_at_speed(table, 2.0, speed_measure="mean")
+
+
+def test_fitted_speeds_pool_every_pair_and_shrug_off_a_slowed_one():
+    # time ratio cached / uncached = 0.1 + 0.9 * computed share, exactly, except one pair slowed by load
+    def pairs(skipped):
+        return [1.0 / (0.1 + 0.9 * (1.0 - skipped))] * 3
+
+    table = [{"skipped": k, "speedup_pairs": pairs(k), "speedup": pairs(k)[0]} for k in (0.0, 0.3, 0.5, 0.6, 0.7)]
+    table[3]["speedup_pairs"][0] = 1.2  # one pair of 0.6 skipped measured at 1.2x instead of 2.17x
+    expected = [1.0 / (0.1 + 0.9 * (1.0 - row["skipped"])) for row in table]
+    assert fitted_speeds(table) == pytest.approx(expected, rel=1e-9)
+    # one computed share only: no fit, each row's own median
+    flat = [{"skipped": 0.5, "speedup_pairs": [1.5, 2.5], "speedup": 2.0}, {"skipped": 0.5, "speedup": 1.8}]
+    assert fitted_speeds(flat) == [2.0, 1.8]
 
 
 def test_calibrate_by_speed_records_the_target_and_falls_back_to_caching_off(tmp_path, caplog):
@@ -122,10 +143,11 @@ def test_calibrate_by_speed_records_the_target_and_falls_back_to_caching_off(tmp
     result = adacorr_compile.calibrate(sample, model, target_speed=1000.0, seeds=[0], thresholds=[0.5], options=EAGER,
                                        out=tmp_path / "c.json", plot=False, progress=False)
     assert not result.met and result.options == {"lowering": "eager", "policy": "never"}
-    assert "no setting reached a measured speed >= 1000x" in caplog.text
+    assert "no setting reached a speed >= 1000x (fitted;" in caplog.text
     doc = json.loads((tmp_path / "c.json").read_text())
     assert doc["target_speed"] == 1000.0 and doc["target_psnr"] is None
-    assert "meets speed >= 1000x (measured)" in result.format_table()
+    assert "meets speed >= 1000x (fitted)" in result.format_table()
+    assert doc["speed_measure"] == "fitted" and doc["table"][0]["speed_fitted"] == doc["table"][0]["speedup"]
 
     def never(compiled, seed):  # pragma: no cover - must not be called
         raise AssertionError("ran")
@@ -446,15 +468,15 @@ def test_cli_calibrate_by_speed_end_to_end(tmp_path, monkeypatch, capsys):
                  "--steps", "8", "--option", "lowering=eager", "--target-speed", "1.05", "--out", str(out), "--no-plot",
                  "--threads", "1"])
     text = capsys.readouterr().out
-    assert "target speed 1.05x (measured; highest PSNR mean)" in text
+    assert "target speed 1.05x (fitted; highest PSNR mean)" in text
     doc = json.loads(out.read_text())
-    assert doc["target_speed"] == 1.05
-    fast = [row for row in doc["table"] if row["speedup"] >= 1.05]
+    assert doc["target_speed"] == 1.05 and doc["speed_measure"] == "fitted"
+    fast = [row for row in doc["table"] if row["speed_fitted"] >= 1.05]
     if fast:
-        assert code == 0 and doc["chosen"] == max(fast, key=lambda r: (r["psnr_mean"], r["speedup"]))["setting"]
-        assert "x measured)" in text
+        assert code == 0 and doc["chosen"] == max(fast, key=lambda r: (r["psnr_mean"], r["speed_fitted"]))["setting"]
+        assert "x fitted)" in text
     else:
-        assert code == 1 and "NO SETTING MET THE TARGET (speed >= 1.05x (measured)" in text
+        assert code == 1 and "NO SETTING MET THE TARGET (speed >= 1.05x (fitted)" in text
 
 
 def test_export_options_file_with_option_overrides(tmp_path, capsys):
