@@ -134,7 +134,7 @@ def _levels_table(levels: list[dict[str, Any]]) -> list[str]:
 
     lines = ["| at least | ours: best PSNR mean / worst (setting, speed) | peers: best PSNR mean / worst (setting, speed) "
              "| ours vs peers |", "| ---: | --- | --- | --- |"]
-    lines += [f"| {e['level']:.1f}x | {side(e['ours'])} | {side(e['peer'])} | {e['verdict']} |" for e in levels]
+    lines += [f"| {e['level']:g}x | {side(e['ours'])} | {side(e['peer'])} | {e['verdict']} |" for e in levels]
     return lines
 
 
