@@ -31,7 +31,8 @@ LPIPS is not reported: both CPU implementations (the ``lpips`` package and torch
 need pretrained backbone weights (AlexNet / VGG from torchvision) downloaded at first use, which
 this machine cannot do; PSNR and SSIM are what the table has.
 
-Writes benchmarks/results/front_<model>.{json,md,png}.
+Writes benchmarks/results/front_<model>.{json,md,png}; ``--render front_<model>.json`` rewrites them from
+the saved rows (after a change of how the fronts are compared), running nothing.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def peer_settings() -> list[tuple[str, str, Any]]:
     ]
 
 
-def _table(rows: list[dict[str, Any]], failed: dict[str, str], families: dict[str, tuple[str, str]]) -> list[str]:
+def _table(rows: list[dict[str, Any]], failed: list[dict[str, str]]) -> list[str]:
     lines = ["| method | setting | skipped | speed vs plain Inductor, median (min-max) | PSNR mean / worst image (dB) "
              "| per-seed mean PSNR (min-max) | SSIM |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for row in sorted(rows, key=lambda r: (r["family"] != OURS, r["family"], r["speedup"])):
@@ -120,9 +121,7 @@ def _table(rows: list[dict[str, Any]], failed: dict[str, str], families: dict[st
         lines.append(f"| {row['family']} | {row['setting']} | {sk} | {row['speedup']:.2f}x ({row['speedup_min']:.2f}-"
                      f"{row['speedup_max']:.2f}) | {row['psnr_mean']:.1f} / {row['psnr_worst']:.1f} | "
                      f"{min(sm):.1f}-{max(sm):.1f} | {row['ssim']:.3f} |")
-    for name, reason in failed.items():
-        family, setting = families.get(name, (name, ""))
-        lines.append(f"| {family} | {setting} | could not run: {reason} | | | | |")
+    lines += [f"| {f['family']} | {f['setting']} | could not run: {f['reason']} | | | | |" for f in failed]
     return lines
 
 
@@ -144,7 +143,12 @@ def main() -> int:
     # fewer images and seeds than peers.py's defaults (10 images, 5 seeds): 21 methods on a CPU budget
     rounds.add_run_arguments(parser, images=8, steps=50, rounds=9, quality_seeds=4)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--render", type=Path, default=None, metavar="FRONT.json",
+                        help="run nothing: recompute the fronts and levels of a saved run's rows, rewrite its .json/.md/.png")
     args = parser.parse_args()
+    if args.render is not None:
+        print(render(json.loads(args.render.read_text()), args.render.with_suffix("")))
+        return 0
     rounds.setup_process(args.threads)
     model = load_reference(args.model)
     sampler = reference_sampler(args.model)
@@ -182,40 +186,46 @@ def main() -> int:
         rows.append({**rounds.score(name, by_seed, base_name, times), "family": family, "setting": setting,
                      "skipped": skipped.get(name), "options": run.built[name][0].options,
                      "recompiles_timed": recompiles[name]})
+    device = f"CPU ({platform.machine()}), {torch.get_num_threads()} threads"
+    failed = [{"method": name, "family": families[name][0], "setting": families[name][1], "reason": reason}
+              for name, reason in run.failed.items()]
+    result = {"model": args.model, "images": args.images, "steps": args.steps, "rounds": args.rounds, "seeds": seeds,
+              "methods": len(run.built), "device": device, "torch": torch.__version__,
+              "command": f"python benchmarks/{Path(__file__).name} {shlex.join(sys.argv[1:])}",
+              "baseline_seconds": times[base_name], "rows": rows, "could_not_run": failed, "lpips": LPIPS_NOTE}
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(render(result, args.out / f"front_{args.model}"))
+    return 0
+
+
+def render(result: dict[str, Any], stem: Path) -> str:
+    """The fronts of a run's ``result`` (its rows): each family's Pareto front, the per-level
+    comparison, written to ``stem``.json (with them), .md and .png; returns the markdown."""
+    rows = result["rows"]
     ours = [r for r in rows if r["family"] == OURS]
     peers = [r for r in rows if r["family"] != OURS]
     top = max((r["speedup"] for r in peers), default=float("nan"))
-    levels = fronts.compare_levels(ours, peers, fronts.speed_levels(top))
-    fronts_by_family = {f: [r["method"] for r in fronts.pareto([r for r in rows if r["family"] == f])]
-                        for f in dict.fromkeys(r["family"] for r in rows)}
-
-    device = f"CPU ({platform.machine()}), {torch.get_num_threads()} threads"
-    sizes = (f"{args.images} images x {args.steps} steps, {args.rounds} timed rounds, {len(seeds)} quality seeds "
-             f"({len(seeds) * args.images} images)")
-    command = f"python benchmarks/{Path(__file__).name} {shlex.join(sys.argv[1:])}"
-    result = {"model": args.model, "images": args.images, "steps": args.steps, "rounds": args.rounds, "seeds": seeds,
-              "device": device, "torch": torch.__version__, "command": command, "baseline_seconds": times[base_name],
-              "rows": rows, "could_not_run": run.failed, "pareto_by_family": fronts_by_family, "levels": levels,
-              "lpips": LPIPS_NOTE}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"front_{args.model}"
+    result["levels"] = levels = fronts.compare_levels(ours, peers, fronts.speed_levels(top))
+    result["pareto_by_family"] = {f: [r["method"] for r in fronts.pareto([r for r in rows if r["family"] == f])]
+                                  for f in dict.fromkeys(r["family"] for r in rows)}
     Path(f"{stem}.json").write_text(json.dumps(result, indent=1))
-    plots.front_plot(rows, f"{stem}.png", f"reference {args.model}: {args.images} images x {args.steps} steps, "
-                                           f"{len(seeds)} seeds, {device}; lines: each family's Pareto front")
-    lines = [f"### Quality/speed front, reference {args.model}, {sizes}, {device}", "",
-             f"Command: `{command}` (reduced from peers.py's 10 images and 5 seeds to fit a CPU budget). "
-             f"{len(run.built)} methods, all compiled (cache-dit's `set_compile_configs()`), timed round-robin in one "
+    n_seeds, device = len(result["seeds"]), result["device"]
+    plots.front_plot(rows, f"{stem}.png", f"reference {result['model']}: {result['images']} images x {result['steps']} "
+                                          f"steps, {n_seeds} seeds, {device}; lines: each family's Pareto front")
+    sizes = (f"{result['images']} images x {result['steps']} steps, {result['rounds']} timed rounds, {n_seeds} quality "
+             f"seeds ({n_seeds * result['images']} images)")
+    lines = [f"### Quality/speed front, reference {result['model']}, {sizes}, {device}", "",
+             f"Command: `{result['command']}` (reduced from peers.py's 10 images and 5 seeds to fit a CPU budget). "
+             f"{result['methods']} methods, all compiled (cache-dit's `set_compile_configs()`), timed round-robin in one "
              "process, every other round in reverse; speed = plain Inductor's time / the method's per round (median, "
              "min-max); PSNR and SSIM against plain Inductor's images of the same seeds. Skipped share of a compiled "
-             "peer: its eager twin's (one untimed generation).", "", *_table(rows, run.failed, families), "",
+             "peer: its eager twin's (one untimed generation).", "", *_table(rows, result["could_not_run"]), "",
              f"Ours vs the peers' best at each speed level (1.5x up to the fastest peer, {top:.2f}x): the best mean PSNR "
              "among the settings whose median speed is at least the level. The medians carry the load of a shared "
              "machine (see each row's min-max): a setting a few percent under a level is not slower in a way this "
-             "run can tell.", "", *_levels_table(levels), "",
-             LPIPS_NOTE, ""]
+             "run can tell.", "", *_levels_table(levels), "", result["lpips"], ""]
     Path(f"{stem}.md").write_text("\n".join(lines))
-    print("\n".join(lines))
-    return 0
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

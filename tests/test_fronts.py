@@ -21,6 +21,7 @@ def test_pareto_keeps_the_undominated_rows_by_rising_speed():
 def test_speed_levels_run_from_one_and_a_half_to_the_fastest_peer():
     assert speed_levels(3.2) == [1.5, 2.0, 2.5, 3.0, 3.2]
     assert speed_levels(3.04) == [1.5, 2.0, 2.5, 3.0]
+    assert speed_levels(2.9198) == [1.5, 2.0, 2.5, 2.91]  # rounded down: the fastest row still counts
     assert speed_levels(2.0) == [1.5, 2.0]
     assert speed_levels(1.4) == [] and speed_levels(float("nan")) == []
 

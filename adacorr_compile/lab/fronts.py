@@ -23,11 +23,12 @@ def pareto(rows: Sequence[Row], speed: str = "speedup", quality: str = "psnr_mea
 
 def speed_levels(top: float, start: float = 1.5, step: float = 0.5) -> list[float]:
     """``start, start + step, ...`` up to ``top`` (the highest speed reached), then ``top`` itself
-    (rounded to 0.01) where it is more than 0.05 past the last level; empty below ``start``."""
+    (rounded down to 0.01, so that the row that reached it counts) where it is more than 0.05 past
+    the last level; empty below ``start``."""
     if not math.isfinite(top) or top < start:
         return []
     levels = [start + step * k for k in range(int((top - start) / step + 1e-9) + 1)]
-    return levels + ([round(top, 2)] if top - levels[-1] > 0.05 else [])
+    return levels + ([math.floor(top * 100) / 100] if top - levels[-1] > 0.05 else [])
 
 
 def best_at(rows: Sequence[Row], level: float, quality: str = "psnr_mean") -> Row | None:
