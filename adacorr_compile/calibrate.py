@@ -35,8 +35,14 @@ What it does, in one process:
    both sides; the median of these per-pair ratios and their min-max spread are reported.
 4. **choose**: among the settings whose PSNR (``rule="mean"``: mean over seeds; ``"worst"``:
    the worst seed) is at least ``target_psnr``, the one that skips most (ties: the higher
-   PSNR). If none meets the target, the result is caching off (``{"policy": "never"}``,
-   ``result.met`` False, a warning): a safe setting, never a silent miss.
+   PSNR); or, given ``target_speed`` instead, among the settings whose speed is at least
+   ``target_speed``, the one with the highest PSNR by ``rule`` (ties: the faster). The speed is
+   measured (step 3); ``speed_measure="fitted"`` (the default) reads it from one cost model fitted
+   to every timed pair of the sweep (:func:`fitted_speeds`: a generation's time is linear in the
+   share of blocks it computes), ``"median"`` takes each setting's own median; with a few pairs
+   per setting on a loaded machine the median of one setting moves by 20-40%, the fit pools all. If none meets
+   the target, the result is caching off (``{"policy": "never"}``, ``result.met`` False, a
+   warning): a safe setting, never a silent miss.
 5. **write** (``out=...``): a JSON file (the chosen options, target, rule, the whole table,
    the command and environment; :func:`load_options` reads it back) and a Pareto plot PNG
    beside it (blocks skipped vs PSNR, speedup vs PSNR; the chosen point marked).
@@ -76,6 +82,8 @@ logger = logging.getLogger("adacorr_compile")
 
 DEFAULT_THRESHOLDS = (0.04, 0.06, 0.08, 0.1, 0.12, 0.15, 0.2, 0.3)
 RULES = ("mean", "worst")
+SPEED_MEASURES = ("fitted", "median")
+SPEED_KEYS = {"fitted": "speed_fitted", "median": "speedup"}  # the table column each speed measure reads
 
 # Options the guarded regions read from their config at every call (policies.py, region.py):
 # changing them on a compiled model changes its decisions and nothing it compiled. The others
@@ -250,8 +258,12 @@ class CalibrationResult:
     ``psnr_worst_image``, ``ssim_mean``, ``ssim_worst_seed``, ``speedup`` (median of the
     per-pair ratios uncached / cached), ``speedup_min``, ``speedup_max``, ``seconds_cached``,
     ``seconds_uncached``, ``mean_lambda``, ``meets``, and the per-seed values). ``chosen``: the
-    chosen row (None: none met). ``compiles_in_sweep``: graphs Dynamo compiled during the sweep
-    (0: the sweep ran under ``fail_on_recompile``)."""
+    chosen row (None: none met). ``target_speed``: the speed target when the choice was by
+    speed (:func:`choose_at_speed`; ``target_psnr`` is then not a target), else None;
+    ``speed_measure``: which speed it was compared with (``"fitted"``: each row's
+    ``speed_fitted``, ``"median"``: its ``speedup``).
+    ``compiles_in_sweep``: graphs Dynamo compiled during the sweep (0: the sweep ran under
+    ``fail_on_recompile``)."""
 
     options: dict[str, Any]
     table: list[dict[str, Any]]
@@ -265,13 +277,21 @@ class CalibrationResult:
     compiles_in_sweep: int = 0
     seconds: float = 0.0
     paths: dict[str, str] = field(default_factory=dict)
+    target_speed: float | None = None
+    speed_measure: str = "fitted"
+
+    @property
+    def target(self) -> str:
+        """The target in words: ``"PSNR mean >= 30 dB"`` or ``"speed >= 2.5x (fitted), ..."``."""
+        if self.target_speed is not None:
+            return f"speed >= {self.target_speed:g}x ({self.speed_measure}), highest PSNR {self.rule}"
+        return f"PSNR {self.rule} >= {self.target_psnr:g} dB"
 
     def format_table(self) -> str:
         """The table as text (what ``adacorr calibrate`` prints)."""
-        metric = "PSNR mean" if self.rule == "mean" else "PSNR worst seed"
         width = max([len("setting")] + [len(r["setting"]) for r in self.table]) + 1
         header = (f" {'setting':<{width}} {'skipped':>8} {'PSNR mean':>10} {'worst seed':>10} {'worst img':>9} "
-                  f"{'SSIM':>6} {'speedup (min-max)':>18} {'lambda':>7}  meets {metric} >= {self.target_psnr:g}")
+                  f"{'SSIM':>6} {'speedup (min-max)':>18} {'fitted':>7} {'lambda':>7}  meets {self.target}")
         lines = [header, "-" * len(header)]
         for row in self.table:
             mark = "*" if self.chosen is not None and row["setting"] == self.chosen["setting"] else " "
@@ -280,9 +300,11 @@ class CalibrationResult:
             lines.append(
                 f"{mark}{row['setting']:<{width}} {row['skipped']:>8.1%} {_db(row['psnr_mean']):>10} "
                 f"{_db(row['psnr_worst_seed']):>10} {_db(row['psnr_worst_image']):>9} {row['ssim_mean']:>6.3f} "
-                f"{speed:>18} {lam:>7}  {'yes' if row['meets'] else 'no'}"
+                f"{speed:>18} {row.get('speed_fitted', row['speedup']):>6.2f}x {lam:>7}  {'yes' if row['meets'] else 'no'}"
             )
-        lines.append("(* chosen; lambda: mean over steps of the measured lambda; PSNR/SSIM against the uncached outputs)")
+        lines.append("(* chosen; speedup: the setting's median of its pairs; fitted: from one cost model fitted to every "
+                     "pair of the table; lambda: mean over steps of the measured lambda; PSNR/SSIM against the uncached "
+                     "outputs)")
         return "\n".join(lines)
 
 
@@ -349,6 +371,8 @@ def calibrate(
     value_range: tuple[float, float] | None = None,
     *,
     target_psnr: float = 30.0,
+    target_speed: float | None = None,
+    speed_measure: str = "fitted",
     rule: str = "mean",
     seeds: Sequence[int] = (0, 1),
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
@@ -361,7 +385,9 @@ def calibrate(
     command: str | None = None,
 ) -> CalibrationResult:
     """Measure settings of the adacorr backend on ``model`` with ``run`` and pick the one that
-    skips most while meeting ``target_psnr`` (see the module docstring).
+    skips most while meeting ``target_psnr``, or (``target_speed`` given: ``target_psnr`` is then
+    ignored) the one with the highest PSNR among those at least ``target_speed`` fast by
+    ``speed_measure`` (``"fitted"`` or ``"median"``, see the module docstring).
 
     ``run(compiled_model, seed)``: one whole generation with the compiled model it is given,
     returning its outputs (a tensor; images or latents). ``model``: the module to compile.
@@ -376,6 +402,9 @@ def calibrate(
     ``command``: recorded in the JSON (default: ``sys.argv``).
     """
     seeds = _checked_seeds(target_psnr, rule, seeds, reps)
+    _check_target_speed(target_speed)
+    if speed_measure not in SPEED_MEASURES:
+        raise ValueError(f"calibrate: speed_measure got {speed_measure!r}; expected one of {', '.join(SPEED_MEASURES)}")
     base = dict(options or {})
     AdaCorrConfig.from_options(base)
     settings = _settings(base, thresholds, variants)
@@ -391,11 +420,14 @@ def calibrate(
     reference = _reference_outputs(run, uncached, seeds)
     rows, compiles = _sweep(run, model, uncached, base, settings, seeds, reps, reference, value_range, progress)
     table = [rows[s.label] for s in settings]
-    chosen, chosen_options = _choice(table, base, target_psnr, rule)
+    for row, speed in zip(table, fitted_speeds(table)):
+        row["speed_fitted"] = speed
+    chosen, chosen_options = _choice(table, base, target_psnr, rule, target_speed, speed_measure)
     result = CalibrationResult(
         options=chosen_options, table=table, chosen=chosen, target_psnr=float(target_psnr), rule=rule,
         met=chosen is not None, seeds=seeds, uncached=uncached_name, base_options=base, compiles_in_sweep=compiles,
-        seconds=time.perf_counter() - t_start,
+        seconds=time.perf_counter() - t_start, target_speed=None if target_speed is None else float(target_speed),
+        speed_measure=speed_measure,
     )
     if out is not None:
         write(result, out, command=command, plot=plot)
@@ -414,6 +446,16 @@ def _checked_seeds(target_psnr: float, rule: str, seeds: Sequence[int], reps: in
     if reps < 1:
         raise ValueError(f"calibrate: reps got {reps!r}; expected an int >= 1")
     return seeds
+
+
+def _check_target_speed(target_speed: float | None) -> None:
+    """A ``ValueError`` for a speed target that is not a finite number above 1 (None: no speed target)."""
+    if target_speed is None:
+        return
+    if isinstance(target_speed, bool) or not isinstance(target_speed, (int, float)) or not math.isfinite(target_speed) \
+            or target_speed <= 1:
+        raise ValueError(f"calibrate: target_speed got {target_speed!r}; expected a number > 1 (times faster than "
+                         "uncached)")
 
 
 def _reference_outputs(run: Run, uncached: Any, seeds: Sequence[int]) -> dict[int, torch.Tensor]:
@@ -457,19 +499,23 @@ def _sweep(run: Run, model: torch.nn.Module, uncached: Any, base: Mapping[str, A
 
 
 def _choice(table: Sequence[dict[str, Any]], base: Mapping[str, Any], target_psnr: float,
-            rule: str) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+            rule: str, target_speed: float | None = None,
+            speed_measure: str = "fitted") -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """(the chosen row or None, the options to compile with): the base options plus the chosen
     setting, or caching off (``policy="never"``, the base's compile options kept) with a warning."""
-    chosen = choose(table, target_psnr, rule)
+    by_speed = target_speed is not None
+    chosen = choose_at_speed(table, target_speed, rule, speed_measure) if by_speed else choose(table, target_psnr, rule)
+    key = SPEED_KEYS[speed_measure]
     if chosen is not None:
         chosen_options = {**base, **chosen["options"]}
-        logger.info("calibrate: chose %s: %.1f%% skipped, PSNR %s (%s)", chosen["setting"], 100 * chosen["skipped"],
-                    _db(psnr_by_rule(chosen, rule)), rule)
+        logger.info("calibrate: chose %s: %.1f%% skipped, PSNR %s (%s), %.2fx (%s)", chosen["setting"],
+                    100 * chosen["skipped"], _db(psnr_by_rule(chosen, rule)), rule, chosen[key], speed_measure)
     else:
         chosen_options = {**{k: v for k, v in base.items() if k in _COMPILE_FIELDS}, "policy": "never"}
-        logger.warning("calibrate: no setting reached PSNR %s >= %g dB (best: %s dB); the result is caching off "
-                       "(policy='never'): try lower thresholds or another variant", rule, target_psnr,
-                       _db(max(psnr_by_rule(r, rule) for r in table)))
+        missed = (f"a speed >= {target_speed:g}x ({speed_measure}; fastest: {max(r[key] for r in table):.2f}x)" if by_speed
+                  else f"PSNR {rule} >= {target_psnr:g} dB (best: {_db(max(psnr_by_rule(r, rule) for r in table))} dB)")
+        logger.warning("calibrate: no setting reached %s; the result is caching off (policy='never'): try %s", missed,
+                       "higher thresholds or caps" if by_speed else "lower thresholds or another variant")
     AdaCorrConfig.from_options(chosen_options)
     return chosen, chosen_options
 
@@ -483,6 +529,46 @@ def choose(table: Sequence[dict[str, Any]], target_psnr: float, rule: str = "mea
         row["meets"] = psnr_by_rule(row, rule) >= target_psnr
     meeting = [r for r in table if r["meets"]]
     return max(meeting, key=lambda r: (r["skipped"], psnr_by_rule(r, rule))) if meeting else None
+
+
+def choose_at_speed(table: Sequence[dict[str, Any]], target_speed: float, rule: str = "mean",
+                    speed_measure: str = "fitted") -> dict[str, Any] | None:
+    """Set each row's ``"meets"`` (its speed >= ``target_speed``: ``speed_fitted`` for
+    ``speed_measure="fitted"``, see :func:`fitted_speeds`; ``speedup``, the median of its own
+    interleaved pairs' ratios uncached / cached, for ``"median"``) and return the row with the
+    highest PSNR by ``rule`` among those that meet it (ties: the faster), or None if none does."""
+    if rule not in RULES:
+        raise ValueError(f"calibrate: rule got {rule!r}; expected one of {', '.join(RULES)}")
+    if speed_measure not in SPEED_MEASURES:
+        raise ValueError(f"calibrate: speed_measure got {speed_measure!r}; expected one of {', '.join(SPEED_MEASURES)}")
+    _check_target_speed(target_speed)
+    key = SPEED_KEYS[speed_measure]
+    for row in table:
+        row["meets"] = row[key] >= target_speed
+    meeting = [r for r in table if r["meets"]]
+    return max(meeting, key=lambda r: (psnr_by_rule(r, rule), r[key])) if meeting else None
+
+
+def fitted_speeds(table: Sequence[Mapping[str, Any]]) -> list[float]:
+    """Each row's speed over the uncached model from one cost model fitted to all the table's
+    timed pairs: a cached generation's time over the uncached one's is ``a + b * c``, ``c`` the
+    share of block evaluations it computed (``1 - skipped``: the blocks computed cost ``b``, the
+    sampler, the guards and the reuses ``a``). Theil-Sen (the median of the slopes between every
+    two pairs, then the median intercept): a pair that load slowed moves it little. Where the
+    table cannot carry a fit (one computed share only, or a fit that predicts a time <= 0) each
+    row keeps its own median (``speedup``), logged."""
+    points = [(1.0 - row["skipped"], 1.0 / s) for row in table for s in (row.get("speedup_pairs") or [row["speedup"]])]
+    slopes = [(y2 - y1) / (x2 - x1) for i, (x1, y1) in enumerate(points) for x2, y2 in points[i + 1:]
+              if abs(x2 - x1) > 1e-9]
+    if slopes:
+        b = statistics.median(slopes)
+        a = statistics.median(y - b * x for x, y in points)
+        ratios = [a + b * (1.0 - row["skipped"]) for row in table]
+        if min(ratios) > 0:
+            return [1.0 / r for r in ratios]
+    logger.info("calibrate: the timed pairs carry no cost model (one computed share, or a fit <= 0): each setting's "
+                "fitted speed is its own median")
+    return [float(row["speedup"]) for row in table]
 
 
 class _NoBar:
@@ -591,5 +677,6 @@ def _measure(run: Run, uncached: Any, compiled: Any, setting: _Setting, seeds: S
 
 __all__ = [
     "DEFAULT_THRESHOLDS", "FORMAT", "RUNTIME_FIELDS", "CalibrationResult", "Workload", "calibrate", "choose",
+    "choose_at_speed", "fitted_speeds",
     "factory_workload", "load_options", "pipeline_workload", "psnr_by_rule", "swapped_config", "write",
 ]

@@ -67,7 +67,9 @@ def write(result: CalibrationResult, path: str | Path, command: str | None = Non
     doc = {
         "format": FORMAT,
         "options": _options_json(result.options),
-        "target_psnr": result.target_psnr,
+        "target_psnr": result.target_psnr if result.target_speed is None else None,
+        "target_speed": result.target_speed,
+        "speed_measure": result.speed_measure,
         "rule": result.rule,
         "met": result.met,
         "chosen": result.chosen["setting"] if result.chosen is not None else None,
@@ -80,7 +82,8 @@ def write(result: CalibrationResult, path: str | Path, command: str | None = Non
         "command": command if command is not None else " ".join(sys.argv),
         "environment": _environment(),
         "notes": ("psnr_* in dB against the uncached outputs of the same seeds (null: identical); speedup: median "
-                  "of per-pair ratios uncached/cached, timed interleaved in one process"),
+                  "of per-pair ratios uncached/cached, timed interleaved in one process; speed_fitted: the speed from one cost "
+                  "model (time linear in the share of blocks computed) fitted to every pair of the table"),
     }
     path.write_text(json.dumps(_json_safe(doc), indent=2))
     result.paths["json"] = str(path)

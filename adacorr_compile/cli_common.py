@@ -107,3 +107,14 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
     return value
+
+
+def speed_factor(text: str) -> float:
+    """A speed target: a finite number > 1 (times faster than uncached)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a speed factor > 1 (e.g. 2.5), got {text!r}") from None
+    if not value > 1 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a speed factor > 1 (e.g. 2.5), got {text}")
+    return value

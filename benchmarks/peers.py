@@ -37,7 +37,8 @@ Compiling a peer's cached Flux transformer makes Dynamo give up on the code obje
 compiled earlier (ours, plain Inductor) then recompiles block by block (ours falls back to plain
 compilation, logged "no repeated sibling modules"). A user runs one of these tools per process;
 here the copies of plain Inductor and ours get a forward with code objects of their own
-(``adacorr_compile.lab.methods.own_forward``), so that all methods share one process and are timed round-robin.
+(``adacorr_compile.lab.methods.own_forward``), so that all methods share one process and are timed round-robin
+(the harness: :mod:`adacorr_compile.lab.rounds`, shared with ``benchmarks/front.py``).
 ``--group eager|compiled`` runs a part of the table.
 
 Skipped blocks of a compiled peer are those of its eager twin (same decisions; the block hooks
@@ -47,20 +48,17 @@ that count them are not traced). Writes benchmarks/results/peers_<model>_<group>
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import platform
 import shlex
-import statistics
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from adacorr_compile.lab import bench, metrics, peer_caches
+from adacorr_compile.lab import peer_caches, rounds
 from adacorr_compile.lab import methods as lab_methods
 from adacorr_compile.lab.reference import load_reference
 from adacorr_compile.lab.sampling import reference_sampler
@@ -68,12 +66,6 @@ from adacorr_compile.lab.sampling import reference_sampler
 RESULTS = Path(__file__).resolve().parent / "results"
 logger = logging.getLogger("adacorr_compile.bench")
 F1B0 = {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "max_warmup_steps": 2}
-
-
-def _per_round(reference: list[float], own: list[float]) -> tuple[float, float, float]:
-    """Median, min and max over the rounds of ``reference``'s time / ``own``'s in the same round."""
-    ratios = [r / t for r, t in zip(reference, own)]
-    return statistics.median(ratios), min(ratios), max(ratios)
 
 
 def methods(group: str) -> list[lab_methods.Method]:
@@ -112,122 +104,36 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", default=None,
                         help="run only the methods whose name contains one of these (plain Inductor always runs): one "
                              "compiled peer per process keeps the baseline clean (see the module docstring)")
-    parser.add_argument("--images", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quality-seeds", type=int, default=5,
-                        help="seeds (from --seed on) whose images score PSNR: the first is the timed rounds' own, each "
-                             "further one is one more untimed generation per method (default 5)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    rounds.add_run_arguments(parser, images=10, steps=50, rounds=3, quality_seeds=5)
     parser.add_argument("--versus", default=None,
                         help="a method (the first whose name contains this): every row also gets its speed against that "
                              "method's, as the per-round ratio of their two adjacent timings (median, min-max)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("torch", "diffusers", "cache_dit"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    import cache_dit
-
-    cache_dit.set_compile_configs()  # the peer's recommended compile settings (process-wide, see docstring)
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    rounds.setup_process(args.threads)  # cache-dit's compile settings, process-wide (see the docstring)
     model = load_reference(args.model)
-    sampler = reference_sampler(args.model)
     labels = [i % 10 for i in range(args.images)]
-    blocks = len(lab_methods.block_modules(lab_methods.transformer_of(model)))
-    built, failed, counters = {}, {}, {}
-    failed_tools: dict[str, str] = {}
     chosen = [m for m in methods(args.group)
               if m.kind == "baseline" or args.only is None or any(word in m.name for word in args.only)]
-    for method in chosen:
-        if method.lowering != "eager" and method.policy in failed_tools:
-            # a compile that raises inside the model's forward makes Dynamo skip that code object for
-            # every instance of the class, ours included: a tool that fails eagerly is not compiled
-            failed[method.name] = f"as eager: {failed_tools[method.policy]}"
-            continue
-        own = copy.deepcopy(model)
-        if method.kind in ("baseline", "ours"):
-            lab_methods.own_forward(lab_methods.transformer_of(own))  # see the module docstring
-        try:
-            fn = method.build(own)
-            # compile / warm up with a whole generation: compiled peers whose hooks keep Python
-            # state (step counters) recompile as that state changes; they do it here
-            sampler(fn, labels, num_steps=args.steps, seed=args.seed)
-        except Exception as exc:  # noqa: BLE001 - a peer that cannot run this model: say why
-            failed[method.name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-            if not isinstance(exc, peer_caches.PeerUnsupported):  # refused before anything ran: the tool's other rows may run
-                failed_tools.setdefault(method.policy, failed[method.name])
-            logger.info("%s: cannot run: %s", method.name, failed[method.name])
-            continue
-        built[method.name] = (method, fn)
-        if method.kind == "peer" and method.lowering == "eager":
-            counters[method.name] = lab_methods.BlockCounter(lab_methods.transformer_of(own))
-        logger.info("ready: %s", method.name)
-    times: dict[str, list[float]] = {name: [] for name in built}
-    images, skipped = {}, {}
-    graphs = torch._dynamo.utils.counters["stats"]
-    recompiles = {name: 0 for name in built}
+    run = rounds.build(model, chosen, reference_sampler(args.model), labels, args.steps, args.seed)
+    built, failed = run.built, run.failed
     # graphs compiled during the timed rounds are counted per method (a column), not forbidden:
     # a compiled peer that recompiles as its hooks' state changes is what its users get
-    order = list(built.items())
-    for r in range(args.rounds):
-        # every other round runs the methods in reverse (A, B, C, C, B, A, ...): load that rises or
-        # falls over a round then favours no method
-        for name, (method, fn) in (order if r % 2 == 0 else order[::-1]):
-            if method.kind == "ours":
-                bench._reset(fn)
-            if name in counters:
-                counters[name].count = 0
-            before = graphs["unique_graphs"]
-            t0 = time.perf_counter()
-            out = sampler(fn, labels, num_steps=args.steps, seed=args.seed)
-            times[name].append(time.perf_counter() - t0)
-            recompiles[name] += graphs["unique_graphs"] - before
-            if r == 0:
-                images[name] = out.detach().float().cpu()
-                calls = blocks * args.steps
-                if method.kind == "ours":
-                    totals = bench._stats_of(fn)["totals"]
-                    skipped[name] = totals["reuses"] / max(1, totals["calls"])
-                elif name in counters:
-                    skipped[name] = 1.0 - counters[name].count / calls
-                elif method.kind == "peer":
-                    skipped[name] = skipped.get(name.replace(", compiled", ", eager"))
-                else:
-                    skipped[name] = 0.0
-        logger.info("round %d of %d done", r + 1, args.rounds)
+    times, images, skipped, recompiles = rounds.timed_rounds(run, args.rounds)
     base_name = lab_methods.inductor_baseline().name
     seeds = [args.seed + i for i in range(max(1, args.quality_seeds))]
-    by_seed = {name: [images[name]] for name in built}
-    for seed in seeds[1:]:  # quality only, untimed: the PSNR's spread over seeds
-        for name, (method, fn) in built.items():
-            if method.kind == "ours":
-                bench._reset(fn)
-            by_seed[name].append(sampler(fn, labels, num_steps=args.steps, seed=seed).detach().float().cpu())
-        logger.info("quality seed %d done", seed)
+    by_seed = rounds.quality_images(run, images, seeds)  # quality only, untimed: the PSNR's spread over seeds
     versus = None if args.versus is None else next((n for n in built if args.versus in n), None)
     if args.versus is not None and versus is None:
         logger.info("--versus %r: no method of this run has it in its name; no head-to-head column", args.versus)
     rows = []
     for name in built:
-        psnr, ssim, seed_means = [], [], []
-        for got, reference in zip(by_seed[name], by_seed[base_name]):
-            p, s_ = metrics.psnr_ssim(got, reference)
-            psnr, ssim = psnr + p, ssim + s_
-            finite_seed = [x for x in p if x != float("inf")]
-            seed_means.append(statistics.mean(finite_seed) if finite_seed else float("inf"))
-        speedup = _per_round(times[base_name], times[name])
-        finite = [p for p in psnr if p != float("inf")]
-        rows.append({"method": name, "skipped": skipped.get(name), "psnr_mean": statistics.mean(finite) if finite else float("inf"),
-                     "psnr_worst": min(psnr), "psnr_seed_means": seed_means, "ssim": statistics.mean(ssim),
-                     **dict(zip(("speedup", "speedup_min", "speedup_max"), speedup)),
-                     "seconds": times[name], "recompiles_timed": recompiles[name]})
+        row = rounds.score(name, by_seed, base_name, times)
+        rows.append({"method": name, "skipped": skipped.get(name), **{k: v for k, v in row.items() if k != "method"},
+                     "recompiles_timed": recompiles[name]})
         if versus is not None:
             rows[-1].update(versus=versus, **dict(zip(("speed_vs", "speed_vs_min", "speed_vs_max"),
-                                                      _per_round(times[versus], times[name]))))
+                                                      rounds.per_round(times[versus], times[name]))))
     device = f"CPU ({platform.machine()}), {torch.get_num_threads()} threads"
     result = {"model": args.model, "images": args.images, "steps": args.steps, "rounds": args.rounds, "seeds": seeds, "device": device,
               "torch": torch.__version__, "command": shlex.join(sys.argv), "rows": rows, "could_not_run": failed}

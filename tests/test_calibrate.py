@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import adacorr_compile
-from adacorr_compile.calibrate import RUNTIME_FIELDS, _swap_config, choose, swapped_config
+from adacorr_compile.calibrate import (RUNTIME_FIELDS, _swap_config, choose, choose_at_speed, fitted_speeds,
+                                       swapped_config)
 from adacorr_compile.cli import main
 from adacorr_compile.lab.tiny import PlainDiT, tiny_plain
 
@@ -93,6 +94,66 @@ def test_choice_skips_most_among_settings_that_meet_the_target(calibrated):
     assert choose(table, 1e9, "mean") is None
     with pytest.raises(ValueError, match="rule"):
         choose(table, 30.0, "median")
+
+
+def _row(setting, speedup, psnr_mean, psnr_worst_seed, skipped=0.5):
+    return {"setting": setting, "speedup": speedup, "speed_fitted": speedup, "psnr_mean": psnr_mean,
+            "psnr_worst_seed": psnr_worst_seed, "skipped": skipped}
+
+
+def test_choice_at_a_target_speed_is_the_best_psnr_among_the_fast_enough():
+    table = [_row("slow", 1.4, 45.0, 44.0), _row("mid", 2.1, 38.0, 30.0), _row("mid2", 2.3, 36.0, 35.0),
+             _row("fast", 3.2, 28.0, 27.0)]
+    # the slow row has the best PSNR but is not fast enough: among >= 2x, mid wins in the mean, mid2 in the worst seed
+    assert choose_at_speed(table, 2.0)["setting"] == "mid"
+    assert [r["meets"] for r in table] == [False, True, True, True]
+    assert choose_at_speed(table, 2.0, "worst")["setting"] == "mid2"
+    assert choose_at_speed(table, 2.2)["setting"] == "mid2"
+    assert choose_at_speed(table, 3.2)["setting"] == "fast"  # at least: equal counts
+    assert choose_at_speed(table, 3.3) is None and not any(r["meets"] for r in table)
+    # ties in PSNR: the faster
+    assert choose_at_speed([_row("a", 2.0, 30.0, 30.0), _row("b", 2.5, 30.0, 30.0)], 1.5)["setting"] == "b"
+    for bad in (1.0, 0.5, float("nan"), float("inf"), "2", True):
+        with pytest.raises(ValueError, match="target_speed got"):
+            choose_at_speed(table, bad)
+    # "median" reads each row's own median, "fitted" the cost model's speed
+    table[1]["speed_fitted"] = 1.9
+    assert choose_at_speed(table, 2.0)["setting"] == "mid2"
+    assert choose_at_speed(table, 2.0, speed_measure="median")["setting"] == "mid"
+    with pytest.raises(ValueError, match="speed_measure got 'mean'"):
+        choose_at_speed(table, 2.0, speed_measure="mean")
+
+
+def test_fitted_speeds_pool_every_pair_and_shrug_off_a_slowed_one():
+    # time ratio cached / uncached = 0.1 + 0.9 * computed share, exactly, except one pair slowed by load
+    def pairs(skipped):
+        return [1.0 / (0.1 + 0.9 * (1.0 - skipped))] * 3
+
+    table = [{"skipped": k, "speedup_pairs": pairs(k), "speedup": pairs(k)[0]} for k in (0.0, 0.3, 0.5, 0.6, 0.7)]
+    table[3]["speedup_pairs"][0] = 1.2  # one pair of 0.6 skipped measured at 1.2x instead of 2.17x
+    expected = [1.0 / (0.1 + 0.9 * (1.0 - row["skipped"])) for row in table]
+    assert fitted_speeds(table) == pytest.approx(expected, rel=1e-9)
+    # one computed share only: no fit, each row's own median
+    flat = [{"skipped": 0.5, "speedup_pairs": [1.5, 2.5], "speedup": 2.0}, {"skipped": 0.5, "speedup": 1.8}]
+    assert fitted_speeds(flat) == [2.0, 1.8]
+
+
+def test_calibrate_by_speed_records_the_target_and_falls_back_to_caching_off(tmp_path, caplog):
+    model, _ = tiny_plain(4)
+    result = adacorr_compile.calibrate(sample, model, target_speed=1000.0, seeds=[0], thresholds=[0.5], options=EAGER,
+                                       out=tmp_path / "c.json", plot=False, progress=False)
+    assert not result.met and result.options == {"lowering": "eager", "policy": "never"}
+    assert "no setting reached a speed >= 1000x (fitted;" in caplog.text
+    doc = json.loads((tmp_path / "c.json").read_text())
+    assert doc["target_speed"] == 1000.0 and doc["target_psnr"] is None
+    assert "meets speed >= 1000x (fitted)" in result.format_table()
+    assert doc["speed_measure"] == "fitted" and doc["table"][0]["speed_fitted"] == doc["table"][0]["speedup"]
+
+    def never(compiled, seed):  # pragma: no cover - must not be called
+        raise AssertionError("ran")
+
+    with pytest.raises(ValueError, match="target_speed got 1"):
+        adacorr_compile.calibrate(never, model, target_speed=1)
 
 
 def test_json_and_plot_written_and_options_load_into_torch_compile(calibrated):
@@ -384,6 +445,38 @@ def test_cli_calibrate_rejects_bad_input(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["calibrate", "--seeds", "0"])
     assert exc.value.code == 2 and "--seeds" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--target-speed", "1"], "argument --target-speed: expected a speed factor > 1 (e.g. 2.5), got 1"),
+    (["--target-speed", "fast"], "argument --target-speed: expected a speed factor > 1 (e.g. 2.5), got 'fast'"),
+    (["--target-speed", "2", "--target-psnr", "30"], "argument --target-psnr: not allowed with argument --target-speed"),
+])
+def test_cli_calibrate_rejects_a_bad_speed_target(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        main(["calibrate", "--model", "plain", *argv])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_calibrate_by_speed_end_to_end(tmp_path, monkeypatch, capsys):
+    """A speed target on a factory model: whatever the machine's load makes of the measured speeds,
+    the chosen row is at least that fast and the best in PSNR among those that are."""
+    (tmp_path / "adacorr_calib_factory.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "calib.json"
+    code = main(["calibrate", "--model", "adacorr_calib_factory:make", "--seeds", "1", "--thresholds", "0.1", "1",
+                 "--steps", "8", "--option", "lowering=eager", "--target-speed", "1.05", "--out", str(out), "--no-plot",
+                 "--threads", "1"])
+    text = capsys.readouterr().out
+    assert "target speed 1.05x (fitted; highest PSNR mean)" in text
+    doc = json.loads(out.read_text())
+    assert doc["target_speed"] == 1.05 and doc["speed_measure"] == "fitted"
+    fast = [row for row in doc["table"] if row["speed_fitted"] >= 1.05]
+    if fast:
+        assert code == 0 and doc["chosen"] == max(fast, key=lambda r: (r["psnr_mean"], r["speed_fitted"]))["setting"]
+        assert "x fitted)" in text
+    else:
+        assert code == 1 and "NO SETTING MET THE TARGET (speed >= 1.05x (fitted)" in text
 
 
 def test_export_options_file_with_option_overrides(tmp_path, capsys):

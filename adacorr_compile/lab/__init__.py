@@ -5,7 +5,9 @@ The reference models and their weights (:mod:`~adacorr_compile.lab.reference`), 
 ``adacorr inspect`` use (:mod:`~adacorr_compile.lab.tiny`), the measurement harness
 (:mod:`~adacorr_compile.lab.bench`, :mod:`~adacorr_compile.lab.methods`,
 :mod:`~adacorr_compile.lab.peer_caches`, :mod:`~adacorr_compile.lab.metrics`,
-:mod:`~adacorr_compile.lab.plots`), the reference workloads of ``adacorr calibrate``
+:mod:`~adacorr_compile.lab.plots`; the head-to-head rounds of ``benchmarks/peers.py`` and
+``benchmarks/front.py``, :mod:`~adacorr_compile.lab.rounds`, and the fronts' comparison,
+:mod:`~adacorr_compile.lab.fronts`), the reference workloads of ``adacorr calibrate``
 (:mod:`~adacorr_compile.lab.workloads`) and ``adacorr demo`` (:mod:`~adacorr_compile.lab.demo`).
 
 They need the ``lab`` extra (``pip install "adacorr_compile[lab]"``: diffusers, safetensors,

@@ -230,6 +230,7 @@ def cache_dit_cache(
     setting: float | None = None,
     taylorseer: dict[str, Any] | None = None,
     compiled: bool = False,
+    calibrator: str = "TaylorSeer",
 ) -> Method:
     """cache-dit's DBCache (``cache_dit.enable_cache``, https://github.com/vipshop/cache-dit) on the
     DiT, SD3 or Flux transformer, eager or (``compiled``) under ``torch.compile`` as its guide runs it
@@ -237,7 +238,9 @@ def cache_dit_cache(
     (``Fn_compute_blocks``, ``Bn_compute_blocks``, ``residual_diff_threshold``, ``max_warmup_steps``,
     ...); ``taylorseer``: ``cache_dit.TaylorSeerCalibratorConfig`` fields to add its TaylorSeer
     calibrator (``{}`` for its defaults; on SD3 without its encoder calibrator, see
-    :func:`_encoder_calibrator_off`), None for plain residual reuse.
+    :func:`_encoder_calibrator_off`), None for plain residual reuse. ``calibrator``: which of
+    cache-dit's calibrators those fields configure (``cache_dit.<calibrator>CalibratorConfig``:
+    ``"TaylorSeer"``, ``"FoCa"``, ``"DMD"``).
 
     cache-dit keeps one persistent cache context per transformer that it would carry from one
     generation into the next (no warmup, stale residuals); the samplers in
@@ -249,8 +252,9 @@ def cache_dit_cache(
     # the sampler runs CFG as one batched call: one transformer call per step
     options = {"enable_separate_cfg": False, **cache_options}
     cache_dit.DBCacheConfig(**options)  # unknown fields fail here, not in the middle of a benchmark
+    calibrator_config = getattr(cache_dit, f"{calibrator}CalibratorConfig")
     if taylorseer is not None:
-        cache_dit.TaylorSeerCalibratorConfig(**taylorseer)
+        calibrator_config(**taylorseer)
     adapters: dict[int, Any] = {}
     patched: dict[int, tuple[dict[str, Any], list[str], list[str]]] = {}
 
@@ -262,10 +266,10 @@ def cache_dit_cache(
             # what the functor added (DiT: forward, _is_patched; the module _norm1_emb)
             patched[id(transformer)] = (attrs, [k for k in transformer.__dict__ if k not in attrs],
                                         [k for k in transformer._modules if k not in modules])
-        calibrator = None
+        enabled = None
         if taylorseer is not None:
-            calibrator = cache_dit.TaylorSeerCalibratorConfig(**_encoder_calibrator_off(transformer, taylorseer))
-        cache_dit.enable_cache(adapter, cache_config=cache_dit.DBCacheConfig(**options), calibrator_config=calibrator)
+            enabled = calibrator_config(**_encoder_calibrator_off(transformer, taylorseer))
+        cache_dit.enable_cache(adapter, cache_config=cache_dit.DBCacheConfig(**options), calibrator_config=enabled)
         adapters[id(transformer)] = adapter
         return _peer_compiled(model, compiled)
 
@@ -289,6 +293,7 @@ def cache_dit_cache(
             if "forward" in attrs:  # the forward it replaced was the instance's own
                 transformer.__dict__["forward"] = attrs["forward"]
 
-    recorded = dict(options, **({"taylorseer": dict(taylorseer)} if taylorseer is not None else {}))
+    recorded = dict(options, **({"taylorseer": dict(taylorseer)} if taylorseer is not None else {}),
+                    **({"calibrator": calibrator} if calibrator != "TaylorSeer" else {}))
     return Method(name, "peer", build, "inductor" if compiled else "eager", "cache-dit", None, setting, recorded,
                   cleanup=cleanup)

@@ -76,11 +76,48 @@ def pareto_plot(result: CalibrationResult, path: str | Path) -> None:
         if result.chosen is not None:
             ax.plot([x_of(result.chosen)], [result.chosen[key]], marker="*", markersize=18, color="red",
                     linestyle="none", label=f"chosen: {result.chosen['setting']}")
-        ax.axvline(result.target_psnr, color="grey", linestyle="--", label=f"target {result.target_psnr:g} dB")
+        if result.target_speed is None:
+            ax.axvline(result.target_psnr, color="grey", linestyle="--", label=f"target {result.target_psnr:g} dB")
+        elif key == "speedup":
+            ax.axhline(result.target_speed, color="grey", linestyle="--", label=f"target {result.target_speed:g}x")
         ax.set_xlabel(f"PSNR vs uncached ({result.rule} over seeds, dB, capped at 60)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.suptitle(f"adacorr calibration: seeds {result.seeds}; numbers: reuse_threshold")
+    fig.savefig(str(path), dpi=100)
+    plt.close(fig)
+
+
+def front_plot(rows: list[Mapping[str, Any]], path: str | Path, title: str) -> None:
+    """Speed against plain Inductor (median over rounds; bars: min-max) vs mean PSNR (capped at
+    60 dB), one marker series per ``row["family"]``, each family's Pareto front
+    (:func:`adacorr_compile.lab.fronts.pareto`) drawn as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .fronts import pareto
+
+    families: dict[str, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        families.setdefault(row["family"], []).append(row)
+    markers = "o^sDvP*Xh<>"
+    fig, ax = plt.subplots(figsize=(9, 6), constrained_layout=True)
+    for k, (family, members) in enumerate(families.items()):
+        xs = [r["speedup"] for r in members]
+        ys = [min(r["psnr_mean"], 60.0) for r in members]
+        err = [[r["speedup"] - r["speedup_min"] for r in members], [r["speedup_max"] - r["speedup"] for r in members]]
+        bars = ax.errorbar(xs, ys, xerr=err, marker=markers[k % len(markers)], linestyle="none", capsize=2,
+                           markersize=8, alpha=0.85, label=family)
+        front = pareto(members)
+        ax.plot([r["speedup"] for r in front], [min(r["psnr_mean"], 60.0) for r in front], color=bars[0].get_color(),
+                alpha=0.7)
+    ax.set_xlabel("speed vs plain Inductor (median over interleaved rounds; bars: min-max)")
+    ax.set_ylabel("PSNR vs plain Inductor's images (mean over images and seeds, dB)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
     fig.savefig(str(path), dpi=100)
     plt.close(fig)
