@@ -164,6 +164,9 @@ class RegionCache:
     # group has added them (settle_gate), and the gap between the two computes
     gate_sums: torch.Tensor | None = None
     gate_gap: float = 0.0
+    # regional compilation: the slope gate waits to be judged on the sum of the step's chain of
+    # block caches, as one span's cache would be (settle_joint_gates)
+    gate_joint: bool = False
 
     # ------------------------------------------------------------ as export state
     @classmethod
@@ -258,6 +261,15 @@ class RegionCache:
                 self.prev_valid = slope_usable(self.prev_valid, new, self.prev_val, gap, max_change)
         return False
 
+    def defer_gate(self, new: Tensors, max_change: float) -> bool:
+        """:meth:`gate_slope` left for :func:`settle_joint_gates` (regional compilation): the
+        gap kept, the gate waiting. Returns whether it waits."""
+        self.gate_sums, self.gate_joint = None, False
+        if self.prev_val is not None and max_change != float("inf"):
+            if same_shapes(new, self.prev_val) and self.ref_step > self.prev_step:
+                self.gate_gap, self.gate_joint = float(self.ref_step - self.prev_step), True
+        return self.gate_joint
+
     def settle_gate(self, sums: torch.Tensor, max_change: float) -> None:
         """The slope gate from the sums of squares the group added (:meth:`gate_slope`)."""
         self.gate_sums = None
@@ -295,8 +307,9 @@ class StepSignals:
     def take_pending_gates(self) -> list[RegionCache]:
         """The caches whose gate still waits (each once), and none left."""
         gates, self.pending_gates = self.pending_gates, []
-        unique = {id(c): c for c in gates if c.gate_sums is not None}
+        unique = {id(c): c for c in gates if c.gate_sums is not None or c.gate_joint}
         return list(unique.values())
+
 
     def move_probe_ref(self, value: Tensors | None, step: int, keep_previous: bool) -> None:
         """The probe's reference becomes ``value`` (the leader's residual of ``step``); with
@@ -337,3 +350,36 @@ class StepSignals:
         self.similar = similar
         if not similar:
             self.fb_ref = residual
+
+
+def settle_joint_gates(gates: Sequence[RegionCache], residuals: bool, max_change: float) -> None:
+    """The slope gates of block caches that one span's cache would hold (regional compilation:
+    each block graph keeps its own cache, but a whole-model graph chains the blocks after its
+    leader into one span and gates its forecast on their summed values). Consecutive caches
+    with the same gap whose streams (by shape) are among the previous one's are one chain (SD3's
+    last block keeps only the image stream of the joint blocks before it; Flux's single-stream
+    blocks start a chain of their own), judged on its last cache's streams summed over the
+    chain: ``||sum new - sum old|| <= max_change * gap * ||sum new||``; each cache keeps its
+    slope only where its chain's is steady. With ``forecast_max_change=inf`` nothing waits here."""
+
+    def shapes(cache: RegionCache) -> list[tuple]:
+        return [tuple(v.shape) for v in cache.values(residuals) or ()]
+
+    chains: list[list[RegionCache]] = []
+    for cache in gates:
+        last = chains[-1][-1] if chains else None
+        if (last is not None and last.gate_gap == cache.gate_gap and shapes(cache)
+                and set(shapes(cache)) <= set(shapes(last))):
+            chains[-1].append(cache)
+        else:
+            chains.append([cache])
+    for chain in chains:
+        new, old = [], []
+        for shape in shapes(chain[-1]):  # each stream of the chain's end, summed over the chain's caches
+            at = [shapes(c).index(shape) for c in chain]
+            new.append(torch.stack([c.values(residuals)[i] for c, i in zip(chain, at)]).sum(0))  # type: ignore[index]
+            old.append(torch.stack([c.prev_val[i] for c, i in zip(chain, at)]).sum(0))  # type: ignore[index]
+        steady = acm.steady(new, old, chain[0].gate_gap, max_change)
+        for cache in chain:
+            cache.gate_joint = False
+            cache.prev_valid = cache.prev_valid & steady

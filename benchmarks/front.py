@@ -69,6 +69,9 @@ OUR_SETTINGS: list[tuple[str, dict[str, Any]]] = [
     ("thr=0.4, cap=8", {"reuse_threshold": 0.4, "max_consecutive_reuses": 8}),
     ("thr=0.6, cap=10", {"reuse_threshold": 0.6, "max_consecutive_reuses": 10}),
     ("thr=1.0, cap=16", {"reuse_threshold": 1.0, "max_consecutive_reuses": 16}),
+    ("late cap +3", {"late_extra_reuses": 3}),  # the reuse cap grows where the path is smooth (late phase) only
+    ("thr=0.12, late cap +4", {"reuse_threshold": 0.12, "late_extra_reuses": 4}),
+    ("thr=0.2, cap=4, late cap +4", {"reuse_threshold": 0.2, "max_consecutive_reuses": 4, "late_extra_reuses": 4}),
     ("thr=0.25, cap=6, late_phase=None", {"reuse_threshold": 0.25, "max_consecutive_reuses": 6, "late_phase": None}),
     ("thr=0.25, cap=6, forecast=none", {"reuse_threshold": 0.25, "max_consecutive_reuses": 6, "forecast": "none"}),
     ("thr=0.25, cap=6, probe_forecast", {"reuse_threshold": 0.25, "max_consecutive_reuses": 6, "probe_forecast": True}),

@@ -363,3 +363,27 @@ def test_api_before_the_first_call():
     assert sum(r for _, r, _ in seen[1]) > 0
     with pytest.raises(TypeError, match="not a model compiled"):
         adacorr_compile.stats(compile_blocks(copy.deepcopy(model)))  # Inductor blocks: no adacorr state
+
+
+def test_reference_dit_regional_equals_whole_with_the_forecast_gate():
+    """With the default forecast (``forecast="linear"`` and its slope gate), the blocks after the
+    leader are one span in the whole-model graph, gated on their summed residuals; regionally,
+    each block keeps its own cache and their gates wait to be judged on the same sums
+    (``step.settle_joint_gates``): the same decisions and images as whole-model compilation on
+    the reference DiT, where judging each block alone changes them."""
+    from adacorr_compile.lab import methods
+    from adacorr_compile.lab.reference import load_reference
+    from adacorr_compile.lab.sampling import reference_sampler
+
+    model, sampler = load_reference("dit"), reference_sampler("dit")
+    whole = torch.compile(copy.deepcopy(model), backend="adacorr", options={"lowering": "eager"})
+    regional = copy.deepcopy(model)
+    transformer = methods.transformer_of(regional)
+    for block in methods.block_modules(transformer):
+        block.compile(backend="adacorr", options={"lowering": "eager"})
+    with torch.no_grad():
+        a, b = sampler(whole, [0, 1], num_steps=20), sampler(regional, [0, 1], num_steps=20)
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    expected = {r["path"].rpartition("transformer_blocks.")[2]: r["reuse_trace"] for r in adacorr_compile.stats(whole)["regions"]}
+    got = {r["path"].rpartition("transformer_blocks.")[2]: r["reuse_trace"] for r in adacorr_compile.stats(transformer)["regions"]}
+    assert got == expected and sum(map(sum, got.values())) > 0

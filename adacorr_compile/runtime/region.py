@@ -86,6 +86,7 @@ class Active:
     step: int
     generation_known: bool = True  # a timestep or the user marks where generations end
     group: DecisionGroup | None = None  # the ranks that decide together (runtime/distributed.py)
+    joint_gates: bool = False  # regional blocks under scope="step": slope gates judged per chain (step.settle_joint_gates)
 
 
 ACTIVE: contextvars.ContextVar[Active | None] = contextvars.ContextVar("adacorr_active_step", default=None)
@@ -168,6 +169,9 @@ def _reuse_values(region: GuardedRegion, args: Sequence[Any], cache: Any, active
     step = active.step
     if cache.gate_sums is not None and active.group is not None:  # the group's gate, before the slope is used
         region.math.settle_gates(active.group, active.state.signals(active.graph_id))
+    if cache.gate_joint:  # the chain's gate (regional), before the slope is used
+        rstep.settle_joint_gates(active.state.signals(active.graph_id).take_pending_gates(), caches_residuals(region.config),
+                                 region.config.forecast_max_change)
     residuals = caches_residuals(region.config)
     cached = list(cache.values(residuals))
     previous, k = cache.forecast(step, cached)
@@ -291,7 +295,11 @@ def _refresh(
     residuals, valid = math.refresh(fresh, inputs)
     # correction=False caches the outputs: a copy, the caller may write into what it gets
     outputs = None if residual_cache else rstep.cached_outputs(fresh)
-    if cache.gate_slope(residuals if outputs is None else outputs, cfg.forecast_max_change, deferred=group is not None):
+    values = residuals if outputs is None else outputs
+    if active.joint_gates and group is None:
+        if cache.defer_gate(values, cfg.forecast_max_change):  # judged with the step's other blocks at the next reuse
+            active.state.signals(active.graph_id).pending_gates.append(cache)
+    elif cache.gate_slope(values, cfg.forecast_max_change, deferred=group is not None):
         active.state.signals(active.graph_id).pending_gates.append(cache)  # the group adds the gate's sums in the step's next all-reduce
     new_in = list(observed) if keeps == "ref" else None
     if partial:

@@ -22,7 +22,10 @@ All block graphs of one owner instance share one step, kept by the owner's
   rest of that call compute plainly (its caches dropped), logged once: never a wrong result;
 - each block keeps its own cache (a span of one): nothing proves that no other code runs
   between two block graphs, so no cache is shared across graphs (memory: one residual per
-  block, as ``chain_regions`` would keep without spans).
+  block, as ``chain_regions`` would keep without spans). Under ``scope="step"`` the
+  forecast's slope gate of the blocks after the leader waits until the step's next reuse and
+  is judged on their summed values (:func:`adacorr_compile.step.settle_joint_gates`), as the
+  whole-model graph's span cache over the same blocks is: the same decisions and outputs.
 
 A block graph called outside its owner's forward runs plainly.
 
@@ -486,7 +489,9 @@ class LoneBlockRuntime:
             call.state.cache((call.key[0], path)).clear()
             return self.body(*args)
         region = call.owner.region(path, position, self)
-        token = ACTIVE.set(Active(call.state, call.key, call.step, call.known, call.owner.model.group))
+        model = call.owner.model
+        token = ACTIVE.set(Active(call.state, call.key, call.step, call.known, model.group,
+                                  joint_gates=model.config.scope == "step"))
         try:
             with call.state.lock:
                 return tuple(region(*args))
