@@ -96,6 +96,20 @@ def _site_in(owner: torch.nn.Module, block: torch.nn.Module) -> BlockSite | None
     return None
 
 
+def _numbered_children(owner: torch.nn.Module) -> dict[int, BlockSite]:
+    """id(module) -> its site, for the numbered children of ``owner``'s containers (a
+    ``torch.compile``d child under its module's id too): :func:`_site_in` for many modules at once."""
+    found: dict[int, BlockSite] = {}
+    for name, container in owner.named_modules():
+        if isinstance(container, _CONTAINERS):
+            for i, child in enumerate(container):
+                site = BlockSite(owner, f"{name}.{i}" if name else str(i), len(container))
+                for module in (child, getattr(child, "_orig_mod", None)):
+                    if isinstance(module, torch.nn.Module):
+                        found.setdefault(id(module), site)
+    return found
+
+
 def _dynamo_runs(frame: Any) -> bool:
     """The frame runs code that Dynamo compiled (the owner is itself inside a compiled
     model: then its blocks are the whole model's business, not regional ones)."""
@@ -158,8 +172,9 @@ def find_enclosing_site(module: torch.nn.Module) -> tuple[torch.nn.Module, Block
                 if not inner and owner is not module:
                     frame = frame.f_back
                     continue  # frames of the runtime and Dynamo below the compiling module's
+                numbered = _numbered_children(owner) if inner else {}
                 for m in reversed(inner):  # the outermost first: a block, not the experts inside it
-                    site = _site_in(owner, m)
+                    site = numbered.get(id(m))
                     if site is not None:
                         found = (m, site, frame)
                         break
