@@ -87,18 +87,12 @@ class BlockSite:
 def _site_in(owner: torch.nn.Module, block: torch.nn.Module) -> BlockSite | None:
     """``block``'s site as a numbered child of a container of ``owner`` (a ``torch.compile``d
     child counts as its module), or None."""
-    for name, container in owner.named_modules():
-        if not isinstance(container, _CONTAINERS):
-            continue
-        for i, child in enumerate(container):
-            if child is block or getattr(child, "_orig_mod", None) is block:
-                return BlockSite(owner, f"{name}.{i}" if name else str(i), len(container))
-    return None
+    return _numbered_children(owner).get(id(block))
 
 
 def _numbered_children(owner: torch.nn.Module) -> dict[int, BlockSite]:
     """id(module) -> its site, for the numbered children of ``owner``'s containers (a
-    ``torch.compile``d child under its module's id too): :func:`_site_in` for many modules at once."""
+    ``torch.compile``d child under its module's id too), the first where several hold it."""
     found: dict[int, BlockSite] = {}
     for name, container in owner.named_modules():
         if isinstance(container, _CONTAINERS):
