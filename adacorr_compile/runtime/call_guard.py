@@ -95,6 +95,7 @@ class CallGuard:
     def __init__(self, inner: Callable[..., Any]) -> None:
         self.inner = inner  # the block's own forward (a bound method, or diffusers' hooked forward)
         self._layouts: dict[Any, _Layout | str] = {}
+        self._exhausted: str | None = None  # more than MAX_LAYOUTS layouts: the block runs plainly from then on
         self._lock = threading.Lock()
 
     def __deepcopy__(self, memo: dict) -> "CallGuard":  # a copied model's block: its own forward, no layouts
@@ -133,7 +134,7 @@ class CallGuard:
     def _guarded(self, args: tuple, kwargs: dict) -> Any:
         call = CALL.get()
         block = self.block
-        if call is None or IN_GUARDED_CALL.get() or block is None:
+        if call is None or IN_GUARDED_CALL.get() or block is None or self._exhausted is not None:
             return self._plain(args, kwargs)
         first = next(block.parameters(), None)
         path = call.owner.path_of(first) if first is not None else None
@@ -141,7 +142,7 @@ class CallGuard:
             return self._plain(args, kwargs)
         leaves, in_spec = pytree.tree_flatten((args, kwargs))
         tensor_at = tuple(i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor))
-        key = (in_spec, tuple(None if i in tensor_at else _hashable(leaf) for i, leaf in enumerate(leaves)))
+        key = (in_spec, tuple(None if isinstance(leaf, torch.Tensor) else _hashable(leaf) for leaf in leaves))
         layout = self._layouts.get(key)
         if layout is None or call.broken:
             out = self._plain(args, kwargs)
@@ -167,8 +168,8 @@ class CallGuard:
         reason it has none. The rest of this owner call computes plainly: its order of blocks
         is not the one the next calls will take positions in."""
         call.broken = True
-        if len(self._layouts) >= MAX_LAYOUTS:
-            self._layouts[key] = reason = f"{path}: more than {MAX_LAYOUTS} layouts of its call's arguments"
+        if len(self._layouts) >= MAX_LAYOUTS:  # not kept: a new object among the arguments at every call would grow them
+            self._exhausted = reason = f"{path}: more than {MAX_LAYOUTS} layouts of its call's arguments"
             call.owner.model.note(reason)
             return
         out_leaves, out_spec = pytree.tree_flatten(out)
