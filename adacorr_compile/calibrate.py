@@ -95,6 +95,43 @@ RUNTIME_FIELDS = frozenset({
     "late_extra_reuses", "final_steps", "forecast", "forecast_max_change",
     "probe_forecast", "interval", "first_block_threshold",
 })
+# The front grid: our settings measured on the quality/speed front of the three reference models
+# (benchmarks/front.py, benchmarks/results/front_*.md), from the default (about 2x) to the most
+# aggressive (about 3.5x on the reference DiT), each a label and its options. Every option is a
+# RUNTIME_FIELDS one, so the whole grid runs on one compile. ``adacorr calibrate --target-speed X``
+# sweeps it (``--front``) and keeps the best PSNR among the settings at least X fast: calibration
+# picks from the front. Each entry earned its place on a front (the comment says where).
+FRONT_SETTINGS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("default (thr=0.08, cap=3)", {}),
+    ("late cap +3", {"late_extra_reuses": 3}),  # Flux, SD3 at 2x
+    ("thr=0.12, cap=4", {"reuse_threshold": 0.12, "max_consecutive_reuses": 4}),
+    ("thr=0.15, cap=4", {"reuse_threshold": 0.15, "max_consecutive_reuses": 4}),
+    ("thr=0.12, late cap +4", {"reuse_threshold": 0.12, "late_extra_reuses": 4}),
+    ("thr=0.12, cap=6", {"reuse_threshold": 0.12, "max_consecutive_reuses": 6}),  # DiT at 2.5x
+    ("thr=0.2, cap=4, late cap +4", {"reuse_threshold": 0.2, "max_consecutive_reuses": 4, "late_extra_reuses": 4}),
+    # one threshold throughout, no forced last compute: Flux and SD3 at about 68% skipped
+    ("thr=0.2, cap=6, late_phase=None, final_steps=0",
+     {"reuse_threshold": 0.2, "max_consecutive_reuses": 6, "late_phase": None, "final_steps": 0}),
+    ("thr=0.22, cap=6, late_phase=None, final_steps=0",
+     {"reuse_threshold": 0.22, "max_consecutive_reuses": 6, "late_phase": None, "final_steps": 0}),
+    ("thr=0.25, cap=6", {"reuse_threshold": 0.25, "max_consecutive_reuses": 6}),
+    ("thr=0.25, cap=8", {"reuse_threshold": 0.25, "max_consecutive_reuses": 8}),  # SD3 at 70%
+    ("thr=0.4, cap=8", {"reuse_threshold": 0.4, "max_consecutive_reuses": 8}),  # DiT, Flux at 3x
+    ("thr=0.4, cap=8, final_steps=0", {"reuse_threshold": 0.4, "max_consecutive_reuses": 8, "final_steps": 0}),
+    ("thr=0.4, cap=12, final_steps=0", {"reuse_threshold": 0.4, "max_consecutive_reuses": 12, "final_steps": 0}),
+    ("thr=0.25, cap=16, final_steps=0", {"reuse_threshold": 0.25, "max_consecutive_reuses": 16, "final_steps": 0}),
+    ("thr=1.0, cap=16", {"reuse_threshold": 1.0, "max_consecutive_reuses": 16}),
+    ("thr=1.0, cap=16, final_steps=0", {"reuse_threshold": 1.0, "max_consecutive_reuses": 16, "final_steps": 0}),
+)
+
+
+def front_variants() -> list[dict[str, Any]]:
+    """:data:`FRONT_SETTINGS` as :func:`calibrate`'s ``variants`` (each sets its own threshold:
+    one setting each; the default's threshold written out)."""
+    default = AdaCorrConfig().reuse_threshold
+    return [{"reuse_threshold": default, **options} for _, options in FRONT_SETTINGS]
+
+
 # options kept when the result falls back to caching off (how to compile, not what to decide)
 _COMPILE_FIELDS = ("lowering", "inductor_mode", "timestep_arg", "min_blocks")
 

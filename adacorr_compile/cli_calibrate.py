@@ -4,6 +4,7 @@
 
     adacorr calibrate --model reference-dit --target-psnr 30 --seeds 2 --out calib.json
     adacorr calibrate --model mypkg.models:make --steps 30 --thresholds 0.04 0.08 0.15 --rule worst
+    adacorr calibrate --model reference-flux --target-speed 3 --reps 2      # picks from the front grid
     adacorr calibrate --model reference-flux --target-speed 2.5 --variant max_consecutive_reuses=6 --reps 2
     torch.compile(model, backend="adacorr", options=adacorr_compile.load_options("calib.json"))
 
@@ -18,7 +19,11 @@ models, the tiny families, the scoring and the plot need the ``lab`` extra
 ``--target-psnr`` (the setting that skips most at that PSNR) and ``--target-speed`` (the setting
 with the highest PSNR among those whose measured speed reaches it: by default read from one cost
 model fitted to all the timed interleaved (uncached, cached) pairs of the sweep, ``--speed-measure
-median`` for each setting's own median) are exclusive. Prints the table and the chosen options; writes the JSON and a Pareto plot beside it
+median`` for each setting's own median) are exclusive. With ``--target-speed`` and neither
+``--thresholds`` nor ``--variant`` (or with ``--front``) the sweep is the front grid
+(:data:`adacorr_compile.calibrate.FRONT_SETTINGS`, one compile): the settings of ours on the measured
+quality/speed fronts, from the default to the most aggressive, so a speed target up to about 3.5x
+has settings that reach it. Prints the table and the chosen options; writes the JSON and a Pareto plot beside it
 (``calib.png``). Exit code 0 when a setting met the target, 1 when none did (the file then
 holds caching off, ``policy="never"``).
 """
@@ -60,8 +65,13 @@ def add_parser(sub: Any) -> None:
                    help="mean: the mean over seeds must reach the target; worst: the worst seed must (default: %(default)s)")
     p.add_argument("--seeds", type=positive_int, default=2, help="seeds 0..N-1, one generation each per setting "
                    "(default: %(default)s)")
-    p.add_argument("--thresholds", type=float, nargs="+", default=list(DEFAULT_THRESHOLDS),
-                   help="reuse_threshold values to sweep (default: %(default)s)")
+    p.add_argument("--thresholds", type=float, nargs="+", default=None,
+                   help=f"reuse_threshold values to sweep (default: {' '.join(map(str, DEFAULT_THRESHOLDS))}; with "
+                        "--target-speed alone: the front grid, see --front)")
+    p.add_argument("--front", action="store_true",
+                   help="sweep the front grid (adacorr_compile.calibrate.FRONT_SETTINGS: the settings of ours on the "
+                        "measured quality/speed fronts, from the default to about 3.5x) instead of thresholds; the "
+                        "default with --target-speed when neither --thresholds nor --variant is given")
     p.add_argument("--variant", action="append", default=[], type=parse_option, metavar="KEY=VALUE",
                    help="also sweep the thresholds with this option changed (repeatable: each is its own variant), "
                         "e.g. --variant forecast=none --variant scope=block")
@@ -82,7 +92,7 @@ def add_parser(sub: Any) -> None:
 def run_calibrate(args: argparse.Namespace) -> int:
     import torch
 
-    from .calibrate import calibrate, factory_workload
+    from .calibrate import DEFAULT_THRESHOLDS, calibrate, factory_workload, front_variants
     from .config import AdaCorrConfig
     from .extras import require_lab
     from .lab.workloads import REFERENCE_MODELS, reference_workload
@@ -91,7 +101,14 @@ def run_calibrate(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     options = dict(args.option)
     AdaCorrConfig.from_options(options)  # a bad option fails here, named
-    variants = [{}] + [{key: value} for key, value in args.variant]
+    front = args.front or (args.target_speed is not None and args.thresholds is None and not args.variant)
+    if front and (args.thresholds is not None or args.variant):
+        print("adacorr calibrate: error: argument --front: it sweeps its own grid of settings; drop --thresholds and "
+              "--variant (or --front)", file=sys.stderr)
+        return 2
+    thresholds = list(DEFAULT_THRESHOLDS) if args.thresholds is None else args.thresholds
+    variants = front_variants() if front else [{}] + [{key: value} for key, value in args.variant]
+    n_settings = len(variants) if front else len(thresholds) * len(variants)
     if args.model in REFERENCE_MODELS:
         require_lab(f"adacorr calibrate --model {args.model}")
         steps = args.steps or 50
@@ -106,10 +123,11 @@ def run_calibrate(args: argparse.Namespace) -> int:
     target = (f"target speed {args.target_speed:g}x ({args.speed_measure}; highest PSNR {args.rule})"
               if args.target_speed is not None
               else f"target PSNR {target_psnr:g} dB ({args.rule})")
-    print(f"calibrating {what}; {args.seeds} seeds, {len(args.thresholds) * len(variants)} settings, "
+    grid = "the front grid" if front else "thresholds x variants"
+    print(f"calibrating {what}; {args.seeds} seeds, {n_settings} settings ({grid}), "
           f"{target}, {torch.get_num_threads()} threads", flush=True)
     result = calibrate(
-        *work, target_psnr=target_psnr, target_speed=args.target_speed, speed_measure=args.speed_measure, rule=args.rule, seeds=range(args.seeds), thresholds=args.thresholds,
+        *work, target_psnr=target_psnr, target_speed=args.target_speed, speed_measure=args.speed_measure, rule=args.rule, seeds=range(args.seeds), thresholds=thresholds,
         variants=variants, options=options, reps=args.reps, out=args.out, plot=not args.no_plot,
         command=" ".join(["adacorr", *getattr(args, "argv", sys.argv[1:])]),
     )

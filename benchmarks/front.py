@@ -11,8 +11,10 @@ the method's within each round (median and min-max over the rounds), PSNR (mean 
 of all seeds, the worst image, the per-seed means) and SSIM against plain Inductor's images of the
 same seeds. All methods compile under cache-dit's ``set_compile_configs()``.
 
-Swept: ours (``reuse_threshold``, ``max_consecutive_reuses``, ``late_phase`` on / None,
-``forecast`` linear / none, ``probe_forecast``) and the peers at their stronger settings:
+Swept: ours (the front grid ``adacorr_compile.calibrate.FRONT_SETTINGS`` that ``adacorr calibrate
+--target-speed`` picks from: ``reuse_threshold``, ``max_consecutive_reuses``, ``late_phase`` on /
+None, ``late_extra_reuses``, ``final_steps``; and, as levers measured against one of its points,
+``forecast`` none and ``probe_forecast``) and the peers at their stronger settings:
 cache-dit DBCache (F1B0 and F1B1, ``residual_diff_threshold`` 0.12 to 0.4) plain and with its
 TaylorSeer (orders 1 and 2) and FoCa calibrators, diffusers' FirstBlockCache at a larger
 threshold (not on SD3: its last block drops the text stream). The reference models have 6 to 8
@@ -48,6 +50,7 @@ from typing import Any
 
 import torch
 
+from adacorr_compile.calibrate import FRONT_SETTINGS
 from adacorr_compile.lab import fronts, peer_caches, plots, rounds
 from adacorr_compile.lab import methods as lab_methods
 from adacorr_compile.lab.reference import load_reference
@@ -59,19 +62,11 @@ LPIPS_NOTE = ("LPIPS: not reported. The `lpips` package and torchmetrics' LPIPS 
               "weights (torchvision downloads them at first use); this machine has no network and no such weights, "
               "and an LPIPS with untrained weights would not be LPIPS.")
 
-# our settings: (label, options); the default first
+# our settings: (label, options); the default first. The front grid that `adacorr calibrate
+# --target-speed` sweeps (adacorr_compile.calibrate.FRONT_SETTINGS), then the levers measured
+# against its "thr=0.25, cap=6" point: one threshold and cap throughout, no forecast, the probe's forecast.
 OUR_SETTINGS: list[tuple[str, dict[str, Any]]] = [
-    ("default (thr=0.08, cap=3)", {}),
-    ("thr=0.12, cap=4", {"reuse_threshold": 0.12, "max_consecutive_reuses": 4}),
-    ("thr=0.15, cap=4", {"reuse_threshold": 0.15, "max_consecutive_reuses": 4}),
-    ("thr=0.12, cap=6", {"reuse_threshold": 0.12, "max_consecutive_reuses": 6}),
-    ("thr=0.25, cap=6", {"reuse_threshold": 0.25, "max_consecutive_reuses": 6}),
-    ("thr=0.4, cap=8", {"reuse_threshold": 0.4, "max_consecutive_reuses": 8}),
-    ("thr=0.6, cap=10", {"reuse_threshold": 0.6, "max_consecutive_reuses": 10}),
-    ("thr=1.0, cap=16", {"reuse_threshold": 1.0, "max_consecutive_reuses": 16}),
-    ("late cap +3", {"late_extra_reuses": 3}),  # the reuse cap grows where the path is smooth (late phase) only
-    ("thr=0.12, late cap +4", {"reuse_threshold": 0.12, "late_extra_reuses": 4}),
-    ("thr=0.2, cap=4, late cap +4", {"reuse_threshold": 0.2, "max_consecutive_reuses": 4, "late_extra_reuses": 4}),
+    *FRONT_SETTINGS,
     ("thr=0.25, cap=6, late_phase=None", {"reuse_threshold": 0.25, "max_consecutive_reuses": 6, "late_phase": None}),
     ("thr=0.25, cap=6, forecast=none", {"reuse_threshold": 0.25, "max_consecutive_reuses": 6, "forecast": "none"}),
     ("thr=0.25, cap=6, probe_forecast", {"reuse_threshold": 0.25, "max_consecutive_reuses": 6, "probe_forecast": True}),

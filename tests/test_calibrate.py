@@ -505,3 +505,47 @@ def test_export_onnx_reads_options_file(tmp_path, capsys):
     config = read_metadata(path)["config"]
     assert config["reuse_threshold"] == 0.15 and config["warmup_steps"] == 1
     assert json.loads(capsys.readouterr().out)["regions"]
+
+
+def test_front_grid_is_runtime_options_only_and_each_setting_is_valid():
+    """The front grid runs on one compile (every option swapped at run time) and every entry
+    is a valid, distinct setting of the backend."""
+    from adacorr_compile.calibrate import FRONT_SETTINGS, RUNTIME_FIELDS, _settings, front_variants
+
+    variants = front_variants()
+    assert len(variants) == len(FRONT_SETTINGS) and FRONT_SETTINGS[0][1] == {}
+    assert all(set(v) <= RUNTIME_FIELDS for v in variants)
+    settings = _settings({}, [0.5], variants)  # the thresholds are the variants' own, not 0.5
+    assert len(settings) == len(variants) and not any(s.structural for s in settings)
+    assert settings[0].options == {"reuse_threshold": adacorr_compile.AdaCorrConfig().reuse_threshold}
+    assert len({tuple(sorted(s.options.items(), key=str)) for s in settings}) == len(settings)
+
+
+def test_cli_target_speed_alone_sweeps_the_front_grid_on_one_compile(tmp_path, monkeypatch, capsys):
+    from adacorr_compile.calibrate import FRONT_SETTINGS
+
+    (tmp_path / "adacorr_calib_factory.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "calib.json"
+    code = main(["calibrate", "--model", "adacorr_calib_factory:make", "--seeds", "1", "--steps", "12", "--option",
+                 "lowering=eager", "--target-speed", "1.05", "--out", str(out), "--no-plot", "--threads", "1"])
+    text = capsys.readouterr().out
+    assert f"{len(FRONT_SETTINGS)} settings (the front grid)" in text
+    doc = json.loads(out.read_text())
+    assert len(doc["table"]) == len(FRONT_SETTINGS) and doc["compiles_in_sweep"] <= 1
+    settings = [row["setting"] for row in doc["table"]]
+    assert "thr=0.25, final_steps=0, max_consecutive_reuses=16" in settings
+    # the aggressive end of the grid skips more than the default on this model too
+    skipped = {row["setting"]: row["skipped"] for row in doc["table"]}
+    assert skipped["thr=1, final_steps=0, max_consecutive_reuses=16"] > skipped["thr=0.08"]
+    fast = [row for row in doc["table"] if row["speed_fitted"] >= 1.05]
+    assert code == (0 if fast else 1)
+    if fast:
+        assert doc["chosen"] == max(fast, key=lambda r: (r["psnr_mean"], r["speed_fitted"]))["setting"]
+
+
+@pytest.mark.parametrize("extra", [["--thresholds", "0.1"], ["--variant", "forecast=none"]])
+def test_cli_front_refuses_thresholds_and_variants(capsys, extra):
+    assert main(["calibrate", "--model", "plain", "--front", "--target-speed", "2", *extra]) == 2
+    assert "argument --front: it sweeps its own grid of settings; drop --thresholds and --variant" in \
+        capsys.readouterr().err
