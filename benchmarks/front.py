@@ -25,9 +25,10 @@ A compiled peer's skipped share is its eager twin's (the same cache on a copy of
 untimed generation with hooks on the blocks; compiled code runs no Python hooks).
 
 Speed levels: from 1.5x in steps of 0.5x up to the highest median speed a peer reaches (and that
-speed itself), our best
-mean PSNR among our settings at least that fast against the peers' best (mean and worst image;
-"within spread" where ours is below the peer's mean but not below its worst per-seed mean).
+speed itself), our best mean PSNR among our settings at least that fast against the peers' best
+(mean and worst image; where our best mean is behind on the worst image, the best of ours at
+least as good as the peer in both, if one is; "within spread" where ours is below the peer's
+mean but not below its worst per-seed mean).
 
 LPIPS is not reported: both CPU implementations (the ``lpips`` package and torchmetrics' LPIPS)
 need pretrained backbone weights (AlexNet / VGG from torchvision) downloaded at first use, which
@@ -219,7 +220,8 @@ def render(result: dict[str, Any], stem: Path) -> str:
              "min-max); PSNR and SSIM against plain Inductor's images of the same seeds. Skipped share of a compiled "
              "peer: its eager twin's (one untimed generation).", "", *_table(rows, result["could_not_run"]), "",
              f"Ours vs the peers' best at each speed level (1.5x up to the fastest peer, {top:.2f}x): the best mean PSNR "
-             "among the settings whose median speed is at least the level. The medians carry the load of a shared "
+             "among the settings whose median speed is at least the level (ours: where that one is behind on the "
+             "worst image and another of ours at the level is at least as good as the peer in both, that one). The medians carry the load of a shared "
              "machine (see each row's min-max): a setting a few percent under a level is not slower in a way this "
              "run can tell.", "", *_levels_table(levels), "", result["lpips"], ""]
     Path(f"{stem}.md").write_text("\n".join(lines))

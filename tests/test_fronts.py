@@ -40,3 +40,14 @@ def test_compare_levels_names_where_ours_is_ahead_within_spread_or_behind():
         "ahead: no peer setting this fast"
     assert compare_levels([_row("o", 2.0, 30, 10)], [_row("p", 2.0, 29, 20)], [2.0])[0]["verdict"] == \
         "ahead in mean, behind in worst image"
+
+
+def test_a_level_takes_the_setting_of_ours_ahead_in_both_where_the_best_mean_is_behind_on_the_worst_image():
+    ours = [_row("sharp", 2.6, 27.5, 16.6), _row("safe", 2.8, 22.4, 17.8), _row("slow", 2.0, 40.0, 30.0)]
+    peer = [_row("p", 2.9, 20.1, 17.3)]
+    entry = compare_levels(ours, peer, [2.5])[0]
+    assert entry["ours"]["method"] == "safe" and entry["verdict"] == "ahead"
+    # none of ours is ahead in both: the best in the mean stays, with its verdict
+    entry = compare_levels(ours[:1], peer, [2.5])[0]
+    assert entry["ours"]["method"] == "sharp" and entry["verdict"] == "ahead in mean, behind in worst image"
+
