@@ -139,8 +139,9 @@ def _levels_table(levels: list[dict[str, Any]]) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["dit", "flux", "sd3"], default="flux")
-    # fewer images and seeds than peers.py's defaults (10 images, 5 seeds): 21 methods on a CPU budget
-    rounds.add_run_arguments(parser, images=8, steps=50, rounds=9, quality_seeds=4)
+    # fewer images than peers.py's default (10): 30 methods on a CPU budget; 8 quality seeds (64 images), as the
+    # verdicts at a level moved with the seeds at 4 (a quality seed costs one untimed generation per method)
+    rounds.add_run_arguments(parser, images=8, steps=50, rounds=9, quality_seeds=8)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--render", type=Path, default=None, metavar="FRONT.json",
                         help="run nothing: recompute the fronts and levels of a saved run's rows, rewrite its .json/.md/.png")
@@ -214,7 +215,7 @@ def render(result: dict[str, Any], stem: Path) -> str:
     sizes = (f"{result['images']} images x {result['steps']} steps, {result['rounds']} timed rounds, {n_seeds} quality "
              f"seeds ({n_seeds * result['images']} images)")
     lines = [f"### Quality/speed front, reference {result['model']}, {sizes}, {device}", "",
-             f"Command: `{result['command']}` (reduced from peers.py's 10 images and 5 seeds to fit a CPU budget). "
+             f"Command: `{result['command']}` ({result['images']} images per generation, peers.py's 10, to fit a CPU budget). "
              f"{result['methods']} methods, all compiled (cache-dit's `set_compile_configs()`), timed round-robin in one "
              "process, every other round in reverse; speed = plain Inductor's time / the method's per round (median, "
              "min-max); PSNR and SSIM against plain Inductor's images of the same seeds. Skipped share of a compiled "
