@@ -6,8 +6,8 @@
 Speed on these models follows the share of block evaluations skipped (``benchmarks/front.py``
 times it; ``adacorr calibrate`` fits time as linear in the share computed), so a lever is judged
 here by PSNR at a skipped share, without timing: every setting runs with ``lowering="eager"``
-(the same decisions and outputs as Inductor up to float round-off; the front's compiled rows
-of the same settings match these to 0.1 dB), 8 images x 50 steps, 4 seeds, PSNR (mean over the
+(the same decisions and outputs as Inductor up to float round-off; a compiled front run of the
+same settings on the same 4 seeds matched these to 0.1 dB), 8 images x 50 steps, 4 seeds, PSNR (mean over the
 32 images, worst image) against the uncached model's images of the same seeds, skipped share
 from the runtime's counts. The peers' rows are their eager runs (hooks count the blocks they run).
 
