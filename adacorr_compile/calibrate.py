@@ -97,10 +97,12 @@ RUNTIME_FIELDS = frozenset({
 })
 # The front grid: our settings measured on the quality/speed front of the three reference models
 # (benchmarks/front.py, benchmarks/results/front_*.md), from the default (about 2x) to the most
-# aggressive (about 3.5x on the reference DiT), each a label and its options. Every option is a
-# RUNTIME_FIELDS one, so the whole grid runs on one compile. ``adacorr calibrate --target-speed X``
+# aggressive (about 3.5x on the reference DiT), each a label and its options. Every option but the
+# first_block entries' ``policy`` is a RUNTIME_FIELDS one, so the whole grid runs on two compiles. ``adacorr calibrate --target-speed X``
 # sweeps it (``--front``) and keeps the best PSNR among the settings at least X fast: calibration
 # picks from the front. Each entry earned its place on a front (the comment says where).
+FIRST_BLOCK_RULE = {"policy": "first_block", "reuse_threshold": 1.0, "max_consecutive_reuses": 1000, "late_phase": None,
+                    "final_steps": 0}
 FRONT_SETTINGS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("default (thr=0.08, cap=3)", {}),
     ("late cap +3", {"late_extra_reuses": 3}),  # Flux, SD3 at 2x
@@ -122,6 +124,11 @@ FRONT_SETTINGS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("thr=0.25, cap=16, final_steps=0", {"reuse_threshold": 0.25, "max_consecutive_reuses": 16, "final_steps": 0}),
     ("thr=1.0, cap=16", {"reuse_threshold": 1.0, "max_consecutive_reuses": 16}),
     ("thr=1.0, cap=16, final_steps=0", {"reuse_threshold": 1.0, "max_consecutive_reuses": 16, "final_steps": 0}),
+    # FBCache's decision rule (the first block's relative L1 change) in our runtime, with our forecast and no cap:
+    # where its schedule places the computes better than our probe's (benchmarks/results/README.md, "Quality/speed
+    # front": our runtime given the peer's compute steps reproduces the peer); SD3 at 2x, Flux at 3x
+    ("first_block 0.12", FIRST_BLOCK_RULE | {"first_block_threshold": 0.12}),
+    ("first_block 0.35", FIRST_BLOCK_RULE | {"first_block_threshold": 0.35}),
 )
 
 
