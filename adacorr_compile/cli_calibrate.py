@@ -21,7 +21,7 @@ with the highest PSNR among those whose measured speed reaches it: by default re
 model fitted to all the timed interleaved (uncached, cached) pairs of the sweep, ``--speed-measure
 median`` for each setting's own median) are exclusive. With ``--target-speed`` and neither
 ``--thresholds`` nor ``--variant`` (or with ``--front``) the sweep is the front grid
-(:data:`adacorr_compile.calibrate.FRONT_SETTINGS`, one compile): the settings of ours on the measured
+(:data:`adacorr_compile.calibrate.FRONT_SETTINGS`, two compiles): the settings of ours on the measured
 quality/speed fronts, from the default to the most aggressive, so a speed target up to about 3.5x
 has settings that reach it. Prints the table and the chosen options; writes the JSON and a Pareto plot beside it
 (``calib.png``). Exit code 0 when a setting met the target, 1 when none did (the file then

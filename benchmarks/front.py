@@ -13,7 +13,8 @@ same seeds. All methods compile under cache-dit's ``set_compile_configs()``.
 
 Swept: ours (the front grid ``adacorr_compile.calibrate.FRONT_SETTINGS`` that ``adacorr calibrate
 --target-speed`` picks from: ``reuse_threshold``, ``max_consecutive_reuses``, ``late_phase`` on /
-None, ``late_extra_reuses``, ``final_steps``; and, as levers measured against one of its points,
+None, ``late_extra_reuses``, ``final_steps``, and ``policy="first_block"``: FBCache's decision rule
+with our forecast; and, as levers measured against one of its points,
 ``forecast`` none and ``probe_forecast``) and the peers at their stronger settings:
 cache-dit DBCache (F1B0 and F1B1, ``residual_diff_threshold`` 0.12 to 0.4) plain and with its
 TaylorSeer (orders 1 and 2) and FoCa calibrators, diffusers' FirstBlockCache at a larger
