@@ -51,3 +51,15 @@ def test_a_level_takes_the_setting_of_ours_ahead_in_both_where_the_best_mean_is_
     entry = compare_levels(ours[:1], peer, [2.5])[0]
     assert entry["ours"]["method"] == "sharp" and entry["verdict"] == "ahead in mean, behind in worst image"
 
+
+def test_the_same_psnr_within_a_hundredth_of_a_db_is_level():
+    # the same algorithm in two runtimes: equal to float round-off
+    peer = [_row("p", 2.15, 41.150932, 30.675899)]
+    ours = [_row("best mean", 2.06, 41.7, 29.8), _row("same rule", 2.12, 41.150931, 30.675644)]
+    entry = compare_levels(ours, peer, [2.0])[0]
+    assert entry["ours"]["method"] == "same rule" and entry["verdict"] == "level (within 0.01 dB in both)"
+    assert compare_levels([_row("o", 2.0, 41.15, 31.5)], peer, [2.0])[0]["verdict"] == \
+        "level in mean (within 0.01 dB), ahead on the worst image"
+    # 0.02 dB under in the mean is past the tie (and under the peer's one per-seed mean here)
+    assert compare_levels([_row("o", 2.0, 41.13, 30.7)], peer, [2.0])[0]["verdict"] == "behind"
+
