@@ -98,9 +98,9 @@ RUNTIME_FIELDS = frozenset({
 # The front grid: our settings measured on the quality/speed front of the three reference models
 # (benchmarks/front.py, benchmarks/results/front_*.md), from the default (about 2x) to the most
 # aggressive (about 3.5x on the reference DiT), each a label and its options. Every option but the
-# first_block entries' ``policy`` is a RUNTIME_FIELDS one, so the whole grid runs on two compiles. ``adacorr calibrate --target-speed X``
-# sweeps it (``--front``) and keeps the best PSNR among the settings at least X fast: calibration
-# picks from the front. Each entry earned its place on a front (the comment says where).
+# first_block entries' ``policy`` is a RUNTIME_FIELDS one, so the whole grid runs on two compiles.
+# ``adacorr calibrate --target-speed X`` sweeps it (``--front``) and keeps the best PSNR among the
+# settings at least X fast: calibration picks from the front. The comments say where an entry leads.
 FIRST_BLOCK_RULE = {"policy": "first_block", "reuse_threshold": 1.0, "max_consecutive_reuses": 1000, "late_phase": None,
                     "final_steps": 0}
 FRONT_SETTINGS: tuple[tuple[str, dict[str, Any]], ...] = (
