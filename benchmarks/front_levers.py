@@ -122,40 +122,53 @@ def second_order_forecast() -> Iterator[None]:
         cache_cls.rotate, region._reuse_values = rotate, reuse_values
 
 
+def _score_seeds(generate: Any, skipped_share: Any, seeds: list[int], reference: list[torch.Tensor]) -> dict[str, Any]:
+    """PSNR (mean over all images, worst image, per-seed means) of ``generate(seed)`` against the
+    uncached ``reference`` of each seed, and the mean of ``skipped_share()`` read after each."""
+    psnr, skipped, seed_means = [], [], []
+    for seed, ref in zip(seeds, reference):
+        p, _ = metrics.psnr_ssim(generate(seed).float(), ref)
+        psnr += p
+        seed_means.append(statistics.mean(p))
+        skipped.append(skipped_share())
+    return {"skipped": statistics.mean(skipped), "psnr_mean": statistics.mean(psnr), "psnr_worst": min(psnr),
+            "psnr_seed_means": seed_means}
+
+
 def measure(model: Any, sampler: Any, options: dict[str, Any], labels: list[int], steps: int, seeds: list[int],
             reference: list[torch.Tensor]) -> dict[str, Any]:
+    """Ours with ``options`` (eager lowering): the skipped share from the runtime's counts."""
     own = copy.deepcopy(model)
     lab_methods.own_forward(lab_methods.transformer_of(own))
     compiled = torch.compile(lab_methods.transformer_of(own), backend="adacorr", options={**options, "lowering": "eager"})
     fn = lab_methods.with_transformer(own, compiled)
-    psnr, skipped, seed_means = [], [], []
-    for seed, ref in zip(seeds, reference):
+
+    def generate(seed: int) -> torch.Tensor:
         bench._reset(fn)
-        got = sampler(fn, labels, num_steps=steps, seed=seed).float()
-        p, _ = metrics.psnr_ssim(got, ref)
-        psnr += p
-        seed_means.append(statistics.mean(p))
+        return sampler(fn, labels, num_steps=steps, seed=seed)
+
+    def skipped_share() -> float:
         totals = bench._stats_of(fn)["totals"]
-        skipped.append(totals["reuses"] / max(1, totals["calls"]))
-    return {"skipped": statistics.mean(skipped), "psnr_mean": statistics.mean(psnr), "psnr_worst": min(psnr),
-            "psnr_seed_means": seed_means}
+        return totals["reuses"] / max(1, totals["calls"])
+
+    return _score_seeds(generate, skipped_share, seeds, reference)
 
 
 def measure_peer(make: Any, model: Any, sampler: Any, labels: list[int], steps: int, seeds: list[int],
                  reference: list[torch.Tensor]) -> dict[str, Any]:
+    """An eager peer: the skipped share from hooks counting the blocks it runs."""
     own = copy.deepcopy(model)
     fn = make("peer", False).build(own)
     counter = lab_methods.BlockCounter(lab_methods.transformer_of(own))
-    psnr, skipped, seed_means = [], [], []
-    for seed, ref in zip(seeds, reference):
+
+    def generate(seed: int) -> torch.Tensor:
         counter.count = 0
-        p, _ = metrics.psnr_ssim(sampler(fn, labels, num_steps=steps, seed=seed).float(), ref)
-        psnr += p
-        seed_means.append(statistics.mean(p))
-        skipped.append(1.0 - counter.count / (len(counter.handles) * steps))
-    counter.close()
-    return {"skipped": statistics.mean(skipped), "psnr_mean": statistics.mean(psnr), "psnr_worst": min(psnr),
-            "psnr_seed_means": seed_means}
+        return sampler(fn, labels, num_steps=steps, seed=seed)
+
+    try:
+        return _score_seeds(generate, lambda: 1.0 - counter.count / (len(counter.handles) * steps), seeds, reference)
+    finally:
+        counter.close()
 
 
 def main() -> int:
